@@ -1,0 +1,215 @@
+"""The serving runtimes: a model directory written by `encoder_service.train` turned into `embed(batch)`.
+
+- `LiteRTRuntime` runs `encoder.tflite` with LiteRT (`ai_edge_litert`), no TensorFlow needed: the default.
+- `TensorFlowRuntime` runs `encoder.keras` through a `tf.function` traced once for [None, 28, 28, 1].
+
+Both read `card.json` for the model version and are safe to call from many threads at once. This module
+imports neither LiteRT nor TensorFlow until a runtime of that kind is created.
+
+    runtime = load_runtime(DEFAULT_MODEL_DIR)          # or load_runtime(path, "tensorflow")
+    vectors = runtime.embed(images)                    # float32 [N, 28, 28] in [0, 1] -> float32 [N, 128]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+CARD_FILE = "card.json"
+TFLITE_FILE = "encoder.tflite"
+KERAS_FILE = "encoder.keras"
+DEFAULT_MAX_CHUNK = 256
+
+
+class Runtime(ABC):
+    """An encoder loaded from a model directory.
+
+    Attributes: `name` ("litert" or "tensorflow"), `model_version` (the card's content hash),
+    `dim` (embedding size, 128), `input_shape` ((28, 28, 1): height, width, channels),
+    `card` (card.json as a dict), `model_dir`."""
+
+    name: str
+    model_version: str
+    dim: int
+    input_shape: tuple[int, int, int]
+    card: dict[str, Any]
+    model_dir: Path
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.card = read_card(self.model_dir)
+        self.model_version = str(self.card["model_version"])
+        self.dim = int(self.card.get("embedding_dim", 128))
+        height, width, channels = (int(v) for v in self.card.get("input_shape", (28, 28, 1)))
+        self.input_shape = (height, width, channels)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """Embeds float32 [N, H, W] (or [N, H, W, 1]) images in [0, 1]: returns C-contiguous float32 [N, dim].
+
+        Raises ValueError for a batch of another shape. N = 0 gives a [0, dim] array."""
+        x = self._as_input(batch)
+        if len(x) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        vectors = np.ascontiguousarray(self._embed(x), dtype=np.float32)
+        if vectors.shape != (len(x), self.dim):
+            raise RuntimeError(f"the model returned shape {vectors.shape}, expected {(len(x), self.dim)}")
+        return vectors
+
+    @abstractmethod
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        """Embeds a non-empty float32 C-contiguous [N, H, W, C] batch."""
+
+    def _as_input(self, batch: np.ndarray) -> np.ndarray:
+        x = np.asarray(batch)
+        height, width, channels = self.input_shape
+        if x.ndim == 3 and channels == 1 and x.shape[1:] == (height, width):
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[1:] != self.input_shape:
+            raise ValueError(
+                f"batch must be [N, {height}, {width}] or [N, {height}, {width}, {channels}], "
+                f"got shape {x.shape}"
+            )
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.model_dir)!r}, model_version={self.model_version!r})"
+
+
+class LiteRTRuntime(Runtime):
+    """Runs `encoder.tflite` with LiteRT. Each calling thread gets its own Interpreter (an Interpreter
+    is not thread-safe); it is resized and reallocated only when that thread's batch size changes.
+
+    `num_threads`: LiteRT's CPU threads per call (None: LiteRT's default). `max_chunk`: larger batches run
+    in chunks of this many images, which bounds each thread's tensor arena (about 0.2 MB per image of
+    the largest batch it has seen) at no cost in throughput; shrinking the batch size is cheap, only
+    growing it past a thread's largest so far costs about one extra inference."""
+
+    name = "litert"
+
+    def __init__(
+        self, model_dir: str | Path, *, num_threads: int | None = None, max_chunk: int = DEFAULT_MAX_CHUNK
+    ) -> None:
+        super().__init__(model_dir)
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk must be at least 1, got {max_chunk}")
+        self.max_chunk = max_chunk
+        path = self.model_dir / TFLITE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no LiteRT model {TFLITE_FILE} in {self.model_dir} ({path})")
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter_class = Interpreter
+        self._model = path.read_bytes()
+        self._num_threads = num_threads
+        self._local = threading.local()
+        state = self._state()  # load once here, so a bad file fails at startup and not on the first call
+        details = state.interpreter.get_output_details()[0]
+        if int(details["shape_signature"][-1]) != self.dim:
+            raise ValueError(f"{path} outputs {details['shape_signature']}, the card says dim {self.dim}")
+
+    def _state(self) -> _InterpreterState:
+        state: _InterpreterState | None = getattr(self._local, "state", None)
+        if state is None:
+            interpreter = self._interpreter_class(model_content=self._model, num_threads=self._num_threads)
+            state = _InterpreterState(interpreter)
+            self._local.state = state
+        return state
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        if len(x) <= self.max_chunk:
+            return self._invoke(x)
+        out = np.empty((len(x), self.dim), np.float32)
+        for start in range(0, len(x), self.max_chunk):
+            out[start : start + self.max_chunk] = self._invoke(x[start : start + self.max_chunk])
+        return out
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
+        state = self._state()
+        interpreter = state.interpreter
+        if state.batch_size != len(x):
+            interpreter.resize_tensor_input(state.input_index, list(x.shape), strict=True)
+            interpreter.allocate_tensors()
+            state.batch_size = len(x)
+        interpreter.set_tensor(state.input_index, x)
+        interpreter.invoke()
+        return np.array(interpreter.get_tensor(state.output_index))  # a copy: the buffer is reused
+
+
+class _InterpreterState:
+    """One thread's Interpreter and the batch size its tensors are allocated for."""
+
+    def __init__(self, interpreter: Any) -> None:
+        self.interpreter = interpreter
+        self.input_index: int = interpreter.get_input_details()[0]["index"]
+        self.output_index: int = interpreter.get_output_details()[0]["index"]
+        self.batch_size = -1
+
+
+class TensorFlowRuntime(Runtime):
+    """Runs `encoder.keras` through a `tf.function` with input signature float32 [None, H, W, C]: traced
+    once, never `Model.predict` per request. Needs TensorFlow (the `train` extra)."""
+
+    name = "tensorflow"
+
+    def __init__(self, model_dir: str | Path) -> None:
+        super().__init__(model_dir)
+        path = self.model_dir / KERAS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no Keras model {KERAS_FILE} in {self.model_dir} ({path})")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+
+        self._model = keras.saving.load_model(path, compile=False)
+        model = self._model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *self.input_shape], tf.float32)])
+        def encode(x: Any) -> Any:
+            return model(x, training=False)
+
+        self._encode = encode
+        out = self._encode(tf.zeros([1, *self.input_shape], tf.float32))  # trace now, not on the first call
+        if tuple(out.shape) != (1, self.dim):
+            raise ValueError(f"{path} outputs shape {tuple(out.shape)[1:]}, the card says dim {self.dim}")
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        return self._encode(x).numpy()
+
+
+RUNTIMES: dict[str, type[Runtime]] = {"litert": LiteRTRuntime, "tensorflow": TensorFlowRuntime}
+
+
+def load_runtime(model_dir: str | Path = DEFAULT_MODEL_DIR, name: str = "litert") -> Runtime:
+    """The runtime `name` ("litert" or "tensorflow") for a model directory.
+
+    Raises ValueError for an unknown name or a bad card, FileNotFoundError (naming the path) for a
+    missing directory or file."""
+    try:
+        runtime_class = RUNTIMES[name]
+    except KeyError:
+        raise ValueError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}") from None
+    return runtime_class(model_dir)
+
+
+def read_card(model_dir: str | Path) -> dict[str, Any]:
+    """The model directory's card.json as a dict; it must hold a `model_version`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    path = model_dir / CARD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CARD_FILE} in model directory {model_dir} ({path})")
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(card, dict) or not card.get("model_version"):
+        raise ValueError(f"{path} has no model_version")
+    return card

@@ -1,0 +1,112 @@
+"""The encoder service assembled: a model runtime, its servicer, a gRPC server. Holds no state."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from encoder_service.runtime import DEFAULT_MODEL_DIR, load_runtime
+from encoder_service.servicer import EncoderServicer
+from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
+from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
+
+log = logging.getLogger("encoder_service")
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    server: ServerSettings
+    model_dir: Path
+    runtime: str
+    max_batch: int
+    max_image_bytes: int
+    max_image_pixels: int
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
+    """Returns the configuration from flags, each defaulting to an env var."""
+    parser = argparse.ArgumentParser(
+        prog="python -m encoder_service",
+        description="The imgsearch encoder service (images to 128-d vectors).",
+    )
+    add_server_flags(parser, env_prefix="IMGSEARCH_ENCODER", default_port=DEFAULT_PORT)
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=env_or("IMGSEARCH_MODEL_DIR", DEFAULT_MODEL_DIR),
+        help="a directory written by `imgsearch train` (env IMGSEARCH_MODEL_DIR, default: the shipped model)",
+    )
+    parser.add_argument(
+        "--runtime",
+        choices=["litert", "tensorflow"],
+        default=env_or("IMGSEARCH_RUNTIME", "litert"),
+        help="litert runs encoder.tflite (no TensorFlow needed); tensorflow runs encoder.keras through a "
+        "compiled tf.function (env IMGSEARCH_RUNTIME, default litert)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=env_or("IMGSEARCH_ENCODER_MAX_BATCH", 1024),
+        help="most images in one Embed call (env IMGSEARCH_ENCODER_MAX_BATCH, default 1024)",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=env_or("IMGSEARCH_MAX_IMAGE_BYTES", 16 * 1024 * 1024),
+        help="largest encoded image (env IMGSEARCH_MAX_IMAGE_BYTES, default 16 MiB)",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=env_or("IMGSEARCH_MAX_IMAGE_PIXELS", 40_000_000),
+        help="largest image in pixels, checked before decoding (env IMGSEARCH_MAX_IMAGE_PIXELS, default 40M)",
+    )
+    args = parser.parse_args(argv)
+    if min(args.max_batch, args.max_image_bytes, args.max_image_pixels) < 1:
+        parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")
+    return EncoderConfig(
+        server_settings(args),
+        args.model_dir,
+        args.runtime,
+        args.max_batch,
+        args.max_image_bytes,
+        args.max_image_pixels,
+    )
+
+
+class EncoderService:
+    def __init__(self, config: EncoderConfig) -> None:
+        self.config = config
+        try:
+            self.runtime = load_runtime(config.model_dir, config.runtime)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"encoder_service: cannot load the model: {error}") from error
+        log.info(
+            "model %s (dim %d, input %s) on the %s runtime",
+            self.runtime.model_version,
+            self.runtime.dim,
+            self.runtime.input_shape,
+            self.runtime.name,
+        )
+        servicer = EncoderServicer(
+            self.runtime,
+            max_batch=config.max_batch,
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+        )
+        self.server = GrpcServer(
+            config.server,
+            [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name],
+            lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
+        )
+
+    def start(self) -> int:
+        return self.server.start()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.server.stop(grace_s)

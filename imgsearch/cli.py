@@ -1,0 +1,216 @@
+"""The `imgsearch` command: index folders of images, search by image or id, evaluate, draw, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX, ImageSearch, Match, ServiceError
+from imgsearch.evaluate import retrieval_quality
+from imgsearch.ingest import DEFAULT_BATCH_SIZE, collect_images, embed_files, index_images
+
+
+def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", disable=not enabled, file=sys.stderr)
+
+
+def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
+    files, skipped = collect_images(args.paths)
+    with _progress(len(files), "indexing", args.progress) as bar:
+        report = index_images(search, files, args.batch_size, on_batch=bar.update)
+    report.skipped[:0] = skipped
+    print(f"indexed {report.indexed} images; the index now holds {report.count}")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)}:")
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}")
+    return 0
+
+
+def _print_results(query: str, matches: Sequence[Match], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"query": query, "results": [m.as_dict() for m in matches]}))
+        return
+    print(f"{query}")
+    print(f"  {'rank':>4}  {'distance':>9}  {'label':<8} id")
+    for rank, match in enumerate(matches, start=1):
+        print(f"  {rank:>4}  {match.distance:>9.4f}  {match.metadata.get('label', ''):<8} {match.id}")
+
+
+def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
+    if args.id:
+        for item_id, matches in zip(args.id, search.search_by_id(args.id, args.k), strict=True):
+            _print_results(item_id, matches, args.json)
+        return 0
+    if not args.images:
+        raise SystemExit("imgsearch search: give image files, or --id ID")
+    files, skipped = collect_images(args.images)
+    for path, reason in skipped:
+        print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
+    kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size)
+    for path, reason in bad:
+        print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
+    results = search.index.search(vectors, args.k, version) if kept else []
+    for image, matches in zip(kept, results, strict=True):
+        _print_results(str(image.path), matches, args.json)
+    return 0 if not (skipped or bad) else 1
+
+
+def cmd_delete(search: ImageSearch, args: argparse.Namespace) -> int:
+    deleted, missing = search.index.delete(args.ids)
+    print(f"deleted {deleted}" + (f"; {missing} not found" if missing else ""))
+    return 0
+
+
+def cmd_stats(search: ImageSearch, args: argparse.Namespace) -> int:
+    stats = search.index.stats()
+    if args.json:
+        print(json.dumps(stats.__dict__))
+    else:
+        print(f"count          {stats.count}")
+        print(f"dim            {stats.dim}")
+        print(f"model version  {stats.model_version or '-'}")
+        print(f"bytes used     {stats.bytes_used}")
+    return 0
+
+
+def cmd_info(search: ImageSearch, args: argparse.Namespace) -> int:
+    print(json.dumps(search.encoder.info(), indent=2))
+    return 0
+
+
+def cmd_eval(search: ImageSearch, args: argparse.Namespace) -> int:
+    files, _ = collect_images([args.folder])
+    with _progress(len(files), "embedding queries", args.progress) as bar:
+        kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size, on_batch=bar.update)
+    if not kept:
+        raise SystemExit(f"imgsearch eval: no usable images under {args.folder}")
+    results = []
+    for start in range(0, len(kept), args.batch_size):
+        results += search.index.search(vectors[start : start + args.batch_size], args.k, version)
+    quality = retrieval_quality(
+        [f.label for f in kept], [[m.metadata.get("label", "") for m in row] for row in results], args.k
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {**quality.__dict__, "per_class": {c: q.__dict__ for c, q in quality.per_class.items()}}
+            )
+        )
+        return 0
+    print(f"queries {quality.queries} (skipped {len(bad)}), k = {quality.k}")
+    print(f"P@1    {quality.p_at_1:.4f}")
+    print(f"P@{quality.k:<5}{quality.p_at_k:.4f}")
+    print(f"mAP@{quality.k:<3}{quality.map_at_k:.4f}")
+    print(f"{'class':<10}{'queries':>8}{'P@1':>8}{f'P@{quality.k}':>8}{f'mAP@{quality.k}':>9}")
+    for label, q in quality.per_class.items():
+        print(f"{label:<10}{q.queries:>8}{q.p_at_1:>8.4f}{q.p_at_k:>8.4f}{q.map_at_k:>9.4f}")
+    return 0
+
+
+def cmd_show(search: ImageSearch, args: argparse.Namespace) -> int:
+    from imgsearch.show import draw_similar
+
+    files, _ = collect_images(args.images)
+    kept, vectors, version, bad = embed_files(search.encoder, files)
+    for path, reason in bad:
+        print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
+    if not kept:
+        raise SystemExit("imgsearch show: no usable query images")
+    results = search.index.search(vectors, args.k, version)
+    output = draw_similar([(str(f.path), f.path.read_bytes()) for f in kept], results, args.output)
+    print(f"wrote {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__)
+    parser.add_argument(
+        "--encoder",
+        default=os.environ.get("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
+        help="encoder address: host:port, dns:///host:port, or a comma list "
+        f"(env IMGSEARCH_ENCODER, default {DEFAULT_ENCODER})",
+    )
+    parser.add_argument(
+        "--index",
+        default=os.environ.get("IMGSEARCH_INDEX", DEFAULT_INDEX),
+        help=f"index address (env IMGSEARCH_INDEX, default {DEFAULT_INDEX})",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=float(os.environ.get("IMGSEARCH_TIMEOUT_S", "60")),
+        help="deadline of each call in seconds (env IMGSEARCH_TIMEOUT_S, default 60)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def batch_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per call")
+        sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    sub = command("index", cmd_index, "index image files and folders (recursively)")
+    sub.add_argument("paths", nargs="+", metavar="PATH")
+    batch_flags(sub)
+    sub = command("search", cmd_search, "find the stored images most similar to images, or to stored ids")
+    sub.add_argument("images", nargs="*", metavar="IMAGE")
+    sub.add_argument(
+        "--id", nargs="+", metavar="ID", help="search by stored ids instead (excluding each itself)"
+    )
+    sub.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    sub.add_argument("--json", action="store_true", help="one JSON object per query")
+    batch_flags(sub)
+    sub = command("delete", cmd_delete, "remove ids from the index")
+    sub.add_argument("ids", nargs="+", metavar="ID")
+    sub = command("stats", cmd_stats, "the index's count, dim, model version and memory")
+    sub.add_argument("--json", action="store_true")
+    command("info", cmd_info, "the encoder's model: version, dim, runtime, training card")
+    sub = command("eval", cmd_eval, "retrieval quality of the index for a folder of labelled queries")
+    sub.add_argument("folder", metavar="QUERY_FOLDER", help="queries in subfolders named by their label")
+    sub.add_argument("-k", type=int, default=10)
+    sub.add_argument("--json", action="store_true")
+    batch_flags(sub)
+    sub = command("show", cmd_show, "draw each query beside its nearest neighbours into a PNG")
+    sub.add_argument("images", nargs="+", metavar="IMAGE")
+    sub.add_argument("-k", type=int, default=3, help="neighbours per query (default 3)")
+    sub.add_argument("-o", "--output", default="similar.png", help="the PNG to write (default similar.png)")
+    commands.add_parser(
+        "train",
+        help="train an autoencoder (python -m encoder_service.train; needs TensorFlow)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from encoder_service.train import main as train_main
+
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        with ImageSearch(args.encoder, args.index, args.timeout_s) as search:
+            return int(args.handler(search, args))
+    except ServiceError as error:
+        print(f"imgsearch: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgsearch: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as error:
+        print(f"imgsearch: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

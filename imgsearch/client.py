@@ -1,0 +1,306 @@
+"""The Python API: clients for the encoder and the index services, and `ImageSearch`, which uses both.
+
+The client is the only place that knows both services.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from imgsearch import vectors as wire
+from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
+
+DEFAULT_ENCODER = "localhost:50051"
+DEFAULT_INDEX = "localhost:50052"
+DEFAULT_TIMEOUT_S = 60.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+BAD_IMAGE_KEY = "imgsearch-bad-image"
+
+# round_robin spreads calls over every address a target resolves to (scaled encoder replicas);
+# a call that finds a replica gone (UNAVAILABLE) is retried, on another one where there is one.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "imgsearch.v1.Encoder"}, {"service": "imgsearch.v1.Index"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+
+
+class ServiceError(Exception):
+    """A call that failed; the message is one line that names the service, its address and the cause."""
+
+    def __init__(self, service: str, address: str, code: grpc.StatusCode | None, details: str) -> None:
+        self.service, self.address, self.code, self.details = service, address, code, details
+        if code == grpc.StatusCode.UNAVAILABLE:
+            text = f"the {service} service at {address} is not reachable ({details})"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            text = f"the {service} service at {address} did not answer in time"
+        else:
+            name = code.name if code else "?"
+            text = f"the {service} service at {address} refused the call: {name}: {details}"
+        super().__init__(text)
+
+
+class BadImage(ServiceError):
+    """The encoder could not use one image of a batch; `position` says which."""
+
+    def __init__(self, address: str, details: str, position: int) -> None:
+        super().__init__("encoder", address, grpc.StatusCode.INVALID_ARGUMENT, details)
+        self.position = position
+
+
+def channel_target(address: str) -> str:
+    """Returns a gRPC target: a comma list of host:port becomes one `ipv4:`/`ipv6:` target with every
+    address, so round_robin spreads calls over them; anything else (host:port, dns:///...) is kept."""
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return address.strip()
+    resolved = []
+    for part in parts:
+        host, _, port = part.rpartition(":")
+        host = host.strip("[]")
+        for family, *_, sockaddr in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM):
+            ip = sockaddr[0]
+            resolved.append(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+            break
+    scheme = "ipv6" if all(r.startswith("[") for r in resolved) else "ipv4"
+    if scheme == "ipv4" and any(r.startswith("[") for r in resolved):
+        raise ValueError(f"cannot mix IPv4 and IPv6 addresses in one target: {address}")
+    return f"{scheme}:" + ",".join(resolved)
+
+
+def open_channel(address: str) -> grpc.Channel:
+    """Returns a channel with round_robin, retries on UNAVAILABLE and large message limits."""
+    return grpc.insecure_channel(
+        channel_target(address),
+        options=[
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    distance: float
+    metadata: dict[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "distance": self.distance, "metadata": self.metadata}
+
+
+@dataclass(frozen=True)
+class Embedding:
+    vectors: np.ndarray  # float32 [count, dim]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    count: int
+    dim: int
+    model_version: str
+    bytes_used: int
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    id: str
+    metadata: dict[str, str]
+    vector: np.ndarray | None = field(default=None, compare=False)
+
+
+class _Client:
+    service = ""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = open_channel(address)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        try:
+            yield
+        except grpc.RpcError as error:
+            raise ServiceError(self.service, self.address, error.code(), error.details() or "") from None
+
+
+class EncoderClient(_Client):
+    """Calls the encoder service: images (encoded bytes or 28x28 uint8 arrays) to vectors."""
+
+    service = "encoder"
+
+    def __init__(self, address: str = DEFAULT_ENCODER, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(address, timeout_s)
+        self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
+
+    def embed(self, images: Sequence[bytes | np.ndarray]) -> Embedding:
+        """Returns one vector per image; raises BadImage naming the first image it could not use."""
+        request = encoder_pb2.EmbedRequest(images=[_image_message(i) for i in images])
+        try:
+            reply = self.stub.Embed(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            trailing: dict[str, Any] = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and BAD_IMAGE_KEY in trailing:
+                raise BadImage(self.address, error.details() or "", int(trailing[BAD_IMAGE_KEY])) from None
+            raise ServiceError(self.service, self.address, error.code(), error.details() or "") from None
+        return Embedding(wire.unpack(reply.vectors, expected_count=len(images)), reply.model_version)
+
+    def info(self) -> dict[str, Any]:
+        with self._call():
+            reply = self.stub.Info(encoder_pb2.InfoRequest(), timeout=self.timeout_s)
+        return {
+            "model_version": reply.model_version,
+            "dim": reply.dim,
+            "input_shape": list(reply.input_shape),
+            "runtime": reply.runtime,
+            "card": json.loads(reply.card_json) if reply.card_json else {},
+            "images_embedded": reply.images_embedded,
+        }
+
+
+def _image_message(image: bytes | np.ndarray) -> encoder_pb2.Image:
+    if isinstance(image, bytes | bytearray | memoryview):
+        return encoder_pb2.Image(encoded=bytes(image))
+    pixels = np.ascontiguousarray(image, dtype=np.uint8)
+    if pixels.ndim != 2:
+        raise ValueError(f"raw pixels must be a 2-D uint8 array, got shape {pixels.shape}")
+    return encoder_pb2.Image(
+        raw=encoder_pb2.RawPixels(height=pixels.shape[0], width=pixels.shape[1], pixels=pixels.tobytes())
+    )
+
+
+class IndexClient(_Client):
+    """Calls the index service."""
+
+    service = "index"
+
+    def __init__(self, address: str = DEFAULT_INDEX, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        super().__init__(address, timeout_s)
+        self.stub = index_pb2_grpc.IndexStub(self.channel)
+
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, str]] = (),
+        model_version: str = "",
+    ) -> int:
+        """Stores or replaces the batch; returns the count stored after it."""
+        request = index_pb2.UpsertRequest(
+            ids=list(ids),
+            vectors=wire.pack(vectors),
+            metadata=[index_pb2.Metadata(entries=m) for m in metadata],
+            model_version=model_version,
+        )
+        with self._call():
+            return int(self.stub.Upsert(request, timeout=self.timeout_s).count)
+
+    def delete(self, ids: Sequence[str]) -> tuple[int, int]:
+        """Returns (deleted, missing)."""
+        with self._call():
+            reply = self.stub.Delete(index_pb2.DeleteRequest(ids=list(ids)), timeout=self.timeout_s)
+        return reply.deleted, reply.missing
+
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
+        """Returns (the stored items found, the ids missing)."""
+        with self._call():
+            reply = self.stub.Get(
+                index_pb2.GetRequest(ids=list(ids), with_vectors=with_vectors), timeout=self.timeout_s
+            )
+        vectors = wire.unpack(reply.vectors) if with_vectors else None
+        items = [
+            StoredItem(item.id, dict(item.metadata), None if vectors is None else vectors[n])
+            for n, item in enumerate(reply.items)
+        ]
+        return items, list(reply.missing_ids)
+
+    def search(self, queries: np.ndarray, k: int = 10, model_version: str = "") -> list[list[Match]]:
+        request = index_pb2.SearchRequest(queries=wire.pack(queries), k=k, model_version=model_version)
+        with self._call():
+            return _matches(self.stub.Search(request, timeout=self.timeout_s))
+
+    def search_by_id(self, ids: Sequence[str], k: int = 10) -> list[list[Match]]:
+        with self._call():
+            return _matches(
+                self.stub.SearchById(index_pb2.SearchByIdRequest(ids=list(ids), k=k), timeout=self.timeout_s)
+            )
+
+    def stats(self) -> IndexStats:
+        with self._call():
+            reply = self.stub.Stats(index_pb2.StatsRequest(), timeout=self.timeout_s)
+        return IndexStats(reply.count, reply.dim, reply.model_version, reply.bytes_used)
+
+
+def _matches(reply: index_pb2.SearchResponse) -> list[list[Match]]:
+    return [[Match(m.id, float(m.distance), dict(m.metadata)) for m in row.matches] for row in reply.results]
+
+
+class ImageSearch:
+    """Similar-image search through both services: embed with the encoder, store and search in the index."""
+
+    def __init__(
+        self,
+        encoder: str | None = None,
+        index: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.encoder = EncoderClient(
+            encoder or os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER, timeout_s
+        )
+        self.index = IndexClient(index or os.environ.get("IMGSEARCH_INDEX") or DEFAULT_INDEX, timeout_s)
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.index.close()
+
+    def __enter__(self) -> ImageSearch:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def add(
+        self,
+        ids: Sequence[str],
+        images: Sequence[bytes | np.ndarray],
+        metadata: Sequence[Mapping[str, str]] = (),
+    ) -> int:
+        """Embeds and stores the images under the ids; returns the count stored after it."""
+        embedding = self.encoder.embed(images)
+        return self.index.upsert(ids, embedding.vectors, metadata, embedding.model_version)
+
+    def search(self, images: Sequence[bytes | np.ndarray], k: int = 10) -> list[list[Match]]:
+        """Returns the k most similar stored images of each query image, nearest first."""
+        embedding = self.encoder.embed(images)
+        return self.index.search(embedding.vectors, k, embedding.model_version)
+
+    def search_by_id(self, ids: Sequence[str], k: int = 10) -> list[list[Match]]:
+        return self.index.search_by_id(ids, k)

@@ -1,0 +1,48 @@
+"""Maps plain exceptions to gRPC status codes in servicers, so the work modules need no gRPC."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+class RequestError(Exception):
+    """A refused request: the status code and the message the caller sees."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()):
+        super().__init__(message)
+        self.code = code
+        self.trailing = trailing
+
+
+def grpc_errors(mapping: dict[type[Exception], grpc.StatusCode]) -> Callable[[Handler], Handler]:
+    """Decorates a servicer method: exceptions in `mapping` (and RequestError) abort the call with
+    their status and message; anything else is logged and becomes INTERNAL."""
+
+    def decorate(method: Handler) -> Handler:
+        @functools.wraps(method)
+        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return method(self, request, context)
+            except RequestError as error:
+                if error.trailing:
+                    context.set_trailing_metadata(error.trailing)
+                context.abort(error.code, str(error))
+            except tuple(mapping) as error:
+                code = next(c for kind, c in mapping.items() if isinstance(error, kind))
+                context.abort(code, str(error))
+            except Exception:
+                log.exception("%s failed", method.__name__)
+                context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed; see the service log")
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -1,0 +1,69 @@
+"""Retrieval quality by label agreement: P@1, P@k and mAP@k, overall and per class."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClassQuality:
+    queries: int
+    p_at_1: float
+    p_at_k: float
+    map_at_k: float
+
+
+@dataclass(frozen=True)
+class Quality:
+    queries: int
+    k: int
+    p_at_1: float
+    p_at_k: float
+    map_at_k: float
+    per_class: dict[str, ClassQuality]
+
+
+def average_precision_at_k(relevant: Sequence[bool], k: int) -> float:
+    """AP@k: the mean of P@i over the ranks i <= k that hold a relevant result (0 when none do)."""
+    hits, total = 0, 0.0
+    for rank, is_relevant in enumerate(relevant[:k], start=1):
+        if is_relevant:
+            hits += 1
+            total += hits / rank
+    return total / hits if hits else 0.0
+
+
+def retrieval_quality(query_labels: Sequence[str], result_labels: Sequence[Sequence[str]], k: int) -> Quality:
+    """Returns the figures for queries whose results carry labels; a result counts when its label matches.
+
+    P@k divides by k even when fewer than k results came back."""
+    if len(query_labels) != len(result_labels):
+        raise ValueError(f"{len(query_labels)} query labels for {len(result_labels)} result lists")
+    rows: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    for label, results in zip(query_labels, result_labels, strict=True):
+        relevant = [r == label for r in results[:k]]
+        rows[label].append(
+            (
+                float(bool(relevant[:1] and relevant[0])),
+                sum(relevant) / k,
+                average_precision_at_k(relevant, k),
+            )
+        )
+
+    def mean(values: list[tuple[float, float, float]], column: int) -> float:
+        return sum(v[column] for v in values) / len(values) if values else 0.0
+
+    every = [row for values in rows.values() for row in values]
+    return Quality(
+        queries=len(every),
+        k=k,
+        p_at_1=mean(every, 0),
+        p_at_k=mean(every, 1),
+        map_at_k=mean(every, 2),
+        per_class={
+            label: ClassQuality(len(values), mean(values, 0), mean(values, 1), mean(values, 2))
+            for label, values in sorted(rows.items())
+        },
+    )

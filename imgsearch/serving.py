@@ -1,0 +1,211 @@
+"""What both gRPC services share: flags with env defaults, logging, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("imgsearch")
+
+
+def env_or(name: str, default: Any) -> Any:
+    """Returns the env var `name` (as a string, argparse converts it) or the default."""
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a gRPC server listens; shared by both services."""
+
+    host: str
+    port: int
+    workers: int
+    max_message_bytes: int
+    grace_s: float
+    log_format: str
+    log_level: str
+
+
+def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
+    """Adds the flags every service takes; each defaults to an env var, then to a built-in value."""
+    parser.add_argument(
+        "--host",
+        default=env_or("IMGSEARCH_HOST", "[::]"),
+        help="address to listen on (env IMGSEARCH_HOST, default [::], all interfaces)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=env_or(f"{env_prefix}_PORT", default_port),
+        help=f"port to listen on, 0 picks a free one (env {env_prefix}_PORT, default {default_port})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=env_or(f"{env_prefix}_WORKERS", 8),
+        help=f"gRPC worker threads (env {env_prefix}_WORKERS, default 8)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=env_or("IMGSEARCH_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
+        help="largest request or reply in bytes (env IMGSEARCH_MAX_MESSAGE_BYTES, default 64 MiB)",
+    )
+    parser.add_argument(
+        "--grace-s",
+        type=float,
+        default=env_or("IMGSEARCH_GRACE_S", 10.0),
+        help="on SIGTERM/SIGINT, seconds in-flight calls get to finish (env IMGSEARCH_GRACE_S, default 10)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=env_or("IMGSEARCH_LOG_FORMAT", "text"),
+        help="log lines as text or JSON (env IMGSEARCH_LOG_FORMAT, default text)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env_or("IMGSEARCH_LOG_LEVEL", "INFO"),
+        help="log level (env IMGSEARCH_LOG_LEVEL, default INFO)",
+    )
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """Returns the server part of parsed flags, checked."""
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_message_bytes=args.max_message_bytes,
+        grace_s=args.grace_s,
+        log_format=args.log_format,
+        log_level=args.log_level.upper(),
+    )
+    if not 0 <= settings.port <= 65535:
+        raise SystemExit(f"--port must be 0 to 65535, got {settings.port}")
+    if settings.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {settings.workers}")
+    if settings.max_message_bytes < 1024:
+        raise SystemExit(f"--max-message-bytes must be at least 1024, got {settings.max_message_bytes}")
+    return settings
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "severity": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
+    """Sends logs to stderr, one event per line, as text or JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class GrpcServer:
+    """A grpc.Server with health and reflection, started on a port and stopped gracefully."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        service_names: Sequence[str],
+        register: Callable[[grpc.Server], None],
+    ) -> None:
+        self.settings = settings
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on a port in use must fail, not share it
+            ],
+        )
+        register(self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names = list(service_names)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        self.port = 0
+
+    def start(self) -> int:
+        """Binds, starts serving, reports SERVING; returns the bound port."""
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise SystemExit(f"cannot listen on {address}: {error}") from error
+        self._server.start()
+        self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Reports NOT_SERVING, refuses new calls, lets in-flight calls finish within the grace period."""
+        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        self._server.stop(grace).wait()
+
+    def _set_status(self, status: int) -> None:
+        for name in ["", *self._service_names]:
+            self._health.set(name, status)  # type: ignore[arg-type]
+
+
+def run_until_signal(server: GrpcServer, name: str, on_stopped: Callable[[], None] | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully and runs `on_stopped` (e.g. a snapshot)."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info(
+            "%s: received %s, draining for up to %.1f s",
+            name,
+            signal.Signals(signum).name,
+            server.settings.grace_s,
+        )
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    port = server.start()
+    log.info("%s: serving on %s:%d", name, server.settings.host, port)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    if on_stopped is not None:
+        on_stopped()
+    log.info("%s: stopped", name)
+
+
+def describe(config: object) -> str:
+    """Returns the effective configuration as one JSON line for the start-up log."""
+    values = asdict(config) if hasattr(config, "__dataclass_fields__") else vars(config)  # type: ignore[call-overload]
+    return json.dumps(values, default=str, sort_keys=True)

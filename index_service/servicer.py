@@ -1,0 +1,94 @@
+"""The Index gRPC servicer: protobuf in, plain calls on the VectorStore, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from imgsearch import vectors as wire
+from imgsearch.errors import RequestError, grpc_errors
+from imgsearch.v1 import index_pb2, index_pb2_grpc
+from index_service.store import FailedPrecondition, InvalidArgument, Match, NotFound, VectorStore
+
+ERRORS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
+    return index_pb2.SearchResponse(
+        results=[
+            index_pb2.Neighbors(
+                matches=[index_pb2.Match(id=m.id, distance=m.distance, metadata=m.metadata) for m in row]
+            )
+            for row in results
+        ]
+    )
+
+
+class IndexServicer(index_pb2_grpc.IndexServicer):
+    def __init__(self, store: VectorStore, max_batch: int) -> None:
+        self.store = store
+        self.max_batch = max_batch
+
+    def _check_batch(self, count: int, what: str) -> None:
+        if count > self.max_batch:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{count} {what} in one call; the limit is {self.max_batch} (--max-batch)",
+            )
+
+    @grpc_errors(ERRORS)
+    def Upsert(
+        self, request: index_pb2.UpsertRequest, context: grpc.ServicerContext
+    ) -> index_pb2.UpsertResponse:
+        self._check_batch(len(request.ids), "ids")
+        vectors = wire.unpack(request.vectors, expected_count=len(request.ids))
+        metadata = [m.entries for m in request.metadata]
+        count = self.store.upsert(list(request.ids), vectors, metadata, request.model_version)
+        return index_pb2.UpsertResponse(upserted=len(request.ids), count=count)
+
+    @grpc_errors(ERRORS)
+    def Delete(
+        self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext
+    ) -> index_pb2.DeleteResponse:
+        self._check_batch(len(request.ids), "ids")
+        deleted, missing = self.store.delete(list(request.ids))
+        return index_pb2.DeleteResponse(deleted=deleted, missing=missing, count=self.store.stats().count)
+
+    @grpc_errors(ERRORS)
+    def Get(self, request: index_pb2.GetRequest, context: grpc.ServicerContext) -> index_pb2.GetResponse:
+        self._check_batch(len(request.ids), "ids")
+        items, vectors, missing = self.store.get(list(request.ids))
+        reply = index_pb2.GetResponse(
+            items=[index_pb2.Item(id=i, metadata=m) for i, m in items], missing_ids=missing
+        )
+        if request.with_vectors:
+            reply.vectors.CopyFrom(wire.pack(vectors))
+        return reply
+
+    @grpc_errors(ERRORS)
+    def Search(
+        self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
+    ) -> index_pb2.SearchResponse:
+        queries = wire.unpack(request.queries)
+        self._check_batch(queries.shape[0], "queries")
+        return _neighbors(self.store.search(queries, request.k, request.model_version))
+
+    @grpc_errors(ERRORS)
+    def SearchById(
+        self, request: index_pb2.SearchByIdRequest, context: grpc.ServicerContext
+    ) -> index_pb2.SearchResponse:
+        self._check_batch(len(request.ids), "ids")
+        return _neighbors(self.store.search_by_id(list(request.ids), request.k))
+
+    @grpc_errors(ERRORS)
+    def Stats(
+        self, request: index_pb2.StatsRequest, context: grpc.ServicerContext
+    ) -> index_pb2.StatsResponse:
+        stats = self.store.stats()
+        return index_pb2.StatsResponse(
+            count=stats.count, dim=stats.dim, model_version=stats.model_version, bytes_used=stats.bytes_used
+        )

@@ -1,0 +1,321 @@
+"""The vector store: ids, metadata and vectors in a FAISS exact-L2 index, with no gRPC in it.
+
+Every change goes through `VectorStore._commit`, the one write path: it checks an operation
+against the current state and applies it under the write lock. A write-ahead log hooks in
+there (append and fsync the operation before applying it); recovery replays operations
+through `_apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from index_service.rwlock import ReadWriteLock
+
+MAX_ID_BYTES = 256
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_BYTES = 256
+MAX_METADATA_VALUE_BYTES = 4096
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message says what was wrong. Nothing was changed."""
+
+
+class InvalidArgument(StoreError):
+    """The request itself is malformed (bad id, dim, NaN, k...)."""
+
+
+class NotFound(StoreError):
+    """An id the request needs is not stored."""
+
+
+class FailedPrecondition(StoreError):
+    """The request is well formed but does not fit the index (another model version)."""
+
+
+@dataclass(frozen=True)
+class Upsert:
+    ids: tuple[str, ...]
+    vectors: np.ndarray  # float32 [len(ids), dim], owned by the operation
+    metadata: tuple[dict[str, str], ...]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    ids: tuple[str, ...]
+
+
+Operation = Upsert | Delete
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    distance: float  # Euclidean, not squared
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Stats:
+    count: int
+    dim: int
+    model_version: str
+    bytes_used: int
+
+
+@dataclass
+class StoreState:
+    """Everything the store holds, in plain arrays: what a snapshot writes and reads."""
+
+    dim: int = 0
+    model_version: str = ""
+    ids: list[str] = field(default_factory=list)
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+
+def check_ids(ids: Sequence[str], *, unique: bool = True) -> tuple[str, ...]:
+    """Returns the ids as a tuple; raises InvalidArgument naming the first bad one."""
+    seen: set[str] = set()
+    for position, item_id in enumerate(ids):
+        size = len(item_id.encode("utf-8"))
+        if not 1 <= size <= MAX_ID_BYTES:
+            raise InvalidArgument(
+                f"id {position} is {size} bytes of UTF-8; ids must be 1 to {MAX_ID_BYTES} bytes"
+            )
+        if unique:
+            if item_id in seen:
+                raise InvalidArgument(f"id {position} ({item_id!r}) appears twice in the batch")
+            seen.add(item_id)
+    return tuple(ids)
+
+
+def check_metadata(metadata: Sequence[Mapping[str, str]], count: int) -> tuple[dict[str, str], ...]:
+    """Returns one dict per item (empty when none were sent); raises InvalidArgument."""
+    if not metadata:
+        return tuple({} for _ in range(count))
+    if len(metadata) != count:
+        raise InvalidArgument(
+            f"got {len(metadata)} metadata entries for {count} ids; send none or one per id"
+        )
+    checked = []
+    for position, entries in enumerate(metadata):
+        if len(entries) > MAX_METADATA_ENTRIES:
+            raise InvalidArgument(
+                f"metadata {position} has {len(entries)} keys; at most {MAX_METADATA_ENTRIES} are allowed"
+            )
+        for key, value in entries.items():
+            if not 1 <= len(key.encode("utf-8")) <= MAX_METADATA_KEY_BYTES:
+                raise InvalidArgument(
+                    f"metadata {position}: keys must be 1 to {MAX_METADATA_KEY_BYTES} bytes"
+                )
+            if len(value.encode("utf-8")) > MAX_METADATA_VALUE_BYTES:
+                raise InvalidArgument(
+                    f"metadata {position}: the value of {key!r} is over {MAX_METADATA_VALUE_BYTES} bytes"
+                )
+        checked.append(dict(entries))
+    return tuple(checked)
+
+
+def check_vectors(vectors: np.ndarray, what: str = "vector") -> np.ndarray:
+    """Returns a C-contiguous float32 copy; raises InvalidArgument on NaN or Inf."""
+    array = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    if array.ndim != 2:
+        raise InvalidArgument(f"{what}s must be a 2-D batch, got shape {array.shape}")
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise InvalidArgument(f"{what} {bad} has a NaN or infinite value")
+    return array
+
+
+class VectorStore:
+    """Exact-L2 k-NN over string ids with metadata; thread-safe (concurrent reads, exclusive writes)."""
+
+    def __init__(self, state: StoreState | None = None, *, max_k: int = 1000) -> None:
+        self.max_k = max_k
+        self._lock = ReadWriteLock()
+        self._dim = 0
+        self._model_version = ""
+        self._index: faiss.IndexIDMap2 | None = None
+        self._label_of: dict[str, int] = {}
+        self._id_of: dict[int, str] = {}
+        self._metadata: dict[str, dict[str, str]] = {}
+        self._next_label = 0
+        self._text_bytes = 0
+        if state is not None:
+            self._load(state)
+
+    # ---- writes -------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, str]] = (),
+        model_version: str = "",
+    ) -> int:
+        """Inserts or replaces a batch, all or nothing; returns the count stored after it."""
+        checked_ids = check_ids(ids)
+        array = check_vectors(vectors)
+        if array.shape[0] != len(checked_ids):
+            raise InvalidArgument(f"got {array.shape[0]} vectors for {len(checked_ids)} ids")
+        if array.shape[1] == 0 and checked_ids:
+            raise InvalidArgument("vectors have dim 0")
+        operation = Upsert(checked_ids, array, check_metadata(metadata, len(checked_ids)), model_version)
+        with self._lock.write():
+            self._commit(operation)
+            return len(self._label_of)
+
+    def delete(self, ids: Sequence[str]) -> tuple[int, int]:
+        """Removes ids; returns (deleted, missing)."""
+        checked_ids = check_ids(list(dict.fromkeys(ids)))
+        with self._lock.write():
+            present = tuple(i for i in checked_ids if i in self._label_of)
+            if present:
+                self._commit(Delete(present))
+            return len(present), len(checked_ids) - len(present)
+
+    def _commit(self, operation: Operation) -> None:
+        """The one write path: check the operation against the state, then apply it. Holds the write lock."""
+        if isinstance(operation, Upsert) and operation.ids:
+            dim = operation.vectors.shape[1]
+            if self._label_of and dim != self._dim:
+                raise InvalidArgument(f"vectors have dim {dim}, the index holds dim {self._dim}")
+            if self._label_of and operation.model_version != self._model_version:
+                raise FailedPrecondition(
+                    f"vectors are from model version {operation.model_version!r}, the index holds "
+                    f"{self._model_version!r}; re-index into a fresh index to change models"
+                )
+        self._apply(operation)
+
+    def _apply(self, operation: Operation) -> None:
+        """Changes the state; the only code that does. Assumes the operation was checked."""
+        if isinstance(operation, Delete):
+            self._remove(operation.ids)
+            return
+        if not operation.ids:
+            return
+        if self._index is None or not self._label_of:
+            self._reset(operation.vectors.shape[1], operation.model_version)
+        assert self._index is not None
+        self._remove(tuple(i for i in operation.ids if i in self._label_of))
+        labels = np.arange(self._next_label, self._next_label + len(operation.ids), dtype=np.int64)
+        self._next_label += len(operation.ids)
+        self._index.add_with_ids(operation.vectors, labels)
+        for item_id, label, entries in zip(operation.ids, labels.tolist(), operation.metadata, strict=True):
+            self._label_of[item_id] = label
+            self._id_of[label] = item_id
+            self._metadata[item_id] = entries
+            self._text_bytes += _text_size(item_id, entries)
+
+    def _remove(self, ids: Sequence[str]) -> None:
+        if not ids or self._index is None:
+            return
+        labels = np.array([self._label_of[i] for i in ids], dtype=np.int64)
+        self._index.remove_ids(labels)  # type: ignore[arg-type]  # the SWIG wrapper takes an array
+        for item_id, label in zip(ids, labels.tolist(), strict=True):
+            del self._label_of[item_id]
+            del self._id_of[label]
+            self._text_bytes -= _text_size(item_id, self._metadata.pop(item_id))
+
+    def _reset(self, dim: int, model_version: str) -> None:
+        self._dim = dim
+        self._model_version = model_version
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+
+    def _load(self, state: StoreState) -> None:
+        if state.dim:
+            self._reset(state.dim, state.model_version)
+        if state.ids:
+            self._apply(Upsert(tuple(state.ids), state.vectors, tuple(state.metadata), state.model_version))
+
+    # ---- reads --------------------------------------------------------------------------
+
+    def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]:
+        """Returns (found items in request order, their vectors, missing ids)."""
+        checked_ids = check_ids(ids, unique=False)
+        with self._lock.read():
+            found = [i for i in checked_ids if i in self._label_of]
+            missing = [i for i in checked_ids if i not in self._label_of]
+            vectors = self._vectors_of(found)
+            return [(i, dict(self._metadata[i])) for i in found], vectors, missing
+
+    def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]:
+        """Returns the k nearest stored items of each query, nearest first."""
+        self._check_k(k)
+        array = check_vectors(queries, "query")
+        with self._lock.read():
+            if model_version and self._model_version and model_version != self._model_version:
+                raise FailedPrecondition(
+                    f"queries are from model version {model_version!r}, "
+                    f"the index holds {self._model_version!r}"
+                )
+            if self._dim and array.shape[0] and array.shape[1] != self._dim:
+                raise InvalidArgument(f"queries have dim {array.shape[1]}, the index holds dim {self._dim}")
+            return self._search(array, k, exclude=None)
+
+    def search_by_id(self, ids: Sequence[str], k: int) -> list[list[Match]]:
+        """Returns the k nearest items to each stored id, the item itself excluded."""
+        self._check_k(k)
+        checked_ids = check_ids(ids, unique=False)
+        with self._lock.read():
+            missing = [i for i in checked_ids if i not in self._label_of]
+            if missing:
+                raise NotFound(f"id {missing[0]!r} is not in the index")
+            vectors = self._vectors_of(list(checked_ids))
+            return self._search(vectors, k, exclude=[self._label_of[i] for i in checked_ids])
+
+    def stats(self) -> Stats:
+        with self._lock.read():
+            count = len(self._label_of)
+            vector_bytes = count * self._dim * 4 + count * 8  # vectors and the FAISS id map
+            return Stats(count, self._dim, self._model_version, vector_bytes + self._text_bytes)
+
+    def state(self) -> StoreState:
+        """Returns a consistent copy of everything stored (for a snapshot)."""
+        with self._lock.read():
+            ids = list(self._label_of)
+            return StoreState(
+                dim=self._dim,
+                model_version=self._model_version,
+                ids=ids,
+                metadata=[dict(self._metadata[i]) for i in ids],
+                vectors=self._vectors_of(ids),
+            )
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise InvalidArgument(f"k must be 1 to {self.max_k}, got {k}")
+
+    def _vectors_of(self, ids: Sequence[str]) -> np.ndarray:
+        if not ids or self._index is None:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        return np.stack([self._index.reconstruct(self._label_of[i]) for i in ids]).astype(np.float32)
+
+    def _search(self, queries: np.ndarray, k: int, exclude: list[int] | None) -> list[list[Match]]:
+        count = len(self._label_of)
+        if self._index is None or count == 0 or queries.shape[0] == 0:
+            return [[] for _ in range(queries.shape[0])]
+        fetch = min(k + (1 if exclude is not None else 0), count)
+        squared, labels = self._index.search(queries, fetch)
+        results = []
+        for row, (row_squared, row_labels) in enumerate(zip(squared, labels, strict=True)):
+            matches = []
+            for d2, label in zip(row_squared.tolist(), row_labels.tolist(), strict=True):
+                if label < 0 or (exclude is not None and label == exclude[row]):
+                    continue
+                item_id = self._id_of[label]
+                matches.append(Match(item_id, float(np.sqrt(max(d2, 0.0))), self._metadata[item_id]))
+            results.append(matches[:k])
+        return results
+
+
+def _text_size(item_id: str, metadata: Mapping[str, str]) -> int:
+    return len(item_id.encode()) + sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())

@@ -1,0 +1,188 @@
+"""Training (`encoder_service.train`), the architectures (`encoder_service.model`) and the datasets."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder_service import train
+from encoder_service.datasets import SAMPLE_PATH, load_dataset, read_idx
+
+TINY = 256
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256 digits of the shipped sample's training split, and 64 of its test split, as an .npz."""
+    with np.load(SAMPLE_PATH) as data:
+        x, y = data["x"], data["y"]
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x[:TINY], y=y[:TINY], x_test=x[-64:], y_test=y[-64:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory written by the CLI: 1 epoch on the tiny dataset."""
+    output = tmp_path_factory.mktemp("models") / "tiny"
+    argv = ["--dataset", str(tiny_npz), "--epochs", "1", "--batch-size", "64", "--seed", "3"]
+    assert train.main([*argv, "--output", str(output)]) == 0
+    return output
+
+
+def test_writes_the_model_files_and_nothing_else(trained: Path) -> None:
+    assert sorted(p.name for p in trained.iterdir()) == sorted(train.MODEL_FILES)
+    for name in train.MODEL_FILES:
+        size = (trained / name).stat().st_size
+        assert 0 < size < 1_000_000, (name, size)
+    leftovers = [p.name for p in trained.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], "temporary directories left behind"
+
+
+def test_card_fields(trained: Path, tiny_npz: Path) -> None:
+    card = json.loads((trained / "card.json").read_text())
+    assert card["dataset"] == str(tiny_npz)
+    assert card["architecture"] == "tutorial"
+    assert (card["epochs"], card["batch_size"], card["seed"]) == (1, 64, 3)
+    assert card["train_size"] + card["validation_size"] == TINY
+    assert card["validation_size"] == int(TINY * 0.1)
+    assert card["test_size"] == 64
+    assert card["input_shape"] == [28, 28, 1]
+    assert card["embedding_dim"] == 128
+    for key in ("final_train_loss", "final_val_loss", "test_loss"):
+        assert 0.0 < card[key] < 1.0, key
+    assert card["model_version"].startswith("tutorial-")
+    assert len(card["model_version"]) == len("tutorial-") + 12
+    assert card["created"].endswith("+00:00")
+    assert card["tflite_max_abs_diff"] is not None and card["tflite_max_abs_diff"] < 1e-4
+
+
+def test_version_is_the_hash_of_the_weights(trained: Path) -> None:
+    import keras
+
+    from encoder_service.model import build_autoencoder, model_version, weights_digest
+
+    card = json.loads((trained / "card.json").read_text())
+    encoder = keras.saving.load_model(trained / "encoder.keras", compile=False)
+    assert model_version("tutorial", encoder) == card["model_version"]
+
+    # The same weights in a freshly built model hash the same; other weights do not.
+    _, fresh = build_autoencoder("tutorial")
+    assert weights_digest(fresh) != weights_digest(encoder)
+    fresh.set_weights(encoder.get_weights())
+    assert weights_digest(fresh) == weights_digest(encoder)
+
+
+def test_same_seed_same_version(trained: Path, tiny_npz: Path, tmp_path: Path) -> None:
+    argv = ["--dataset", str(tiny_npz), "--epochs", "1", "--batch-size", "64", "--seed", "3"]
+    assert train.main([*argv, "--output", str(tmp_path / "again")]) == 0
+    first = json.loads((trained / "card.json").read_text())
+    again = json.loads((tmp_path / "again" / "card.json").read_text())
+    assert again["model_version"] == first["model_version"]
+    assert again["final_train_loss"] == pytest.approx(first["final_train_loss"], rel=1e-5)
+
+
+def test_retraining_replaces_the_directory_whole(trained: Path, tiny_npz: Path, tmp_path: Path) -> None:
+    output = tmp_path / "model"
+    argv = ["--dataset", str(tiny_npz), "--epochs", "1", "--batch-size", "128", "--validation-split", "0"]
+    assert train.main([*argv, "--output", str(output)]) == 0
+    first = json.loads((output / "card.json").read_text())
+    assert first["final_val_loss"] is None and first["validation_size"] == 0
+    assert train.main([*argv, "--seed", "1", "--output", str(output)]) == 0
+    second = json.loads((output / "card.json").read_text())
+    assert second["seed"] == 1 and second["model_version"] != first["model_version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_refuses_an_output_directory_with_other_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert train.main(["--output", str(tmp_path), "--epochs", "1"]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match=r"unknown dataset 'no-such-data'.*mnist-sample"):
+        load_dataset("no-such-data")
+    assert train.main(["--dataset", "no-such-data", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: unknown dataset 'no-such-data'" in err
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "data.csv"
+    bad.write_text("1,2,3")
+    with pytest.raises(ValueError, match=r"not an \.npz"):
+        load_dataset(str(bad))
+    np.savez(tmp_path / "nox.npz", images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="no x, y"):
+        load_dataset(str(tmp_path / "nox.npz"))
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert train.main(["--model", "resnet9000", "--output", str(tmp_path / "out")]) == 2
+    assert "unknown model architecture 'resnet9000'; known: tutorial" in capsys.readouterr().err
+
+
+def test_architecture_shapes() -> None:
+    from encoder_service.model import build_autoencoder
+
+    autoencoder, encoder = build_autoencoder()
+    assert autoencoder.input_shape == (None, 28, 28, 1)
+    assert autoencoder.output_shape == (None, 28, 28, 1)
+    assert encoder.output_shape == (None, 128)
+    assert {id(w) for w in encoder.weights} <= {id(w) for w in autoencoder.weights}, "layers are shared"
+
+
+def test_mnist_sample_split() -> None:
+    dataset = load_dataset("mnist-sample")
+    with np.load(SAMPLE_PATH) as data:
+        x = data["x"]
+    assert dataset.x_train.shape == (8000, 28, 28) and dataset.x_train.dtype == np.uint8
+    assert dataset.x_test.shape == (2000, 28, 28)
+    assert np.array_equal(dataset.x_test, x[-2000:]), "the test split is the last 2,000"
+    assert np.array_equal(dataset.x_train, x[:8000])
+    assert len(dataset.y_train) == 8000 and len(dataset.y_test) == 2000
+
+
+def test_npz_without_test_split(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((5, 28, 28, 1)).astype(np.float32)  # floats in [0, 1] are accepted
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(5))
+    dataset = load_dataset(str(tmp_path / "d.npz"))
+    assert dataset.x_train.shape == (5, 28, 28) and dataset.x_train.dtype == np.uint8
+    assert np.array_equal(dataset.x_train, np.round(x[..., 0] * 255).astype(np.uint8))
+    assert dataset.x_test.shape == (0, 28, 28) and not dataset.has_test
+
+
+def test_folder_of_images_labels_from_subfolders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with np.load(SAMPLE_PATH) as data:
+        x = data["x"][:6]
+    for i, label in enumerate(["cat", "cat", "dog", "dog", "dog", "emu"]):
+        folder = tmp_path / label
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(x[i]).save(folder / f"{i}.png")
+    (tmp_path / "emu" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "stray.png").write_bytes((tmp_path / "cat" / "0.png").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="encoder_service.datasets"):
+        dataset = load_dataset(str(tmp_path))
+    assert dataset.class_names == ("cat", "dog", "emu")
+    assert dataset.y_train.tolist() == [0, 0, 1, 1, 1, 2]
+    assert dataset.x_train.shape == (6, 28, 28) and dataset.x_train.dtype == np.uint8
+    assert dataset.x_train.max() > 200, "ink stays ink"
+    assert not dataset.has_test
+    assert "broken.png" in caplog.text and "stray.png" in caplog.text
+
+
+def test_read_idx(tmp_path: Path) -> None:
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    header = bytes([0, 0, 0x08, 3]) + np.array([2, 28, 28], ">u4").tobytes()
+    with gzip.open(tmp_path / "images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    assert np.array_equal(read_idx(tmp_path / "images-idx3-ubyte.gz"), images)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad")
