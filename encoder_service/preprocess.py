@@ -79,14 +79,16 @@ def _decode_gray(data: bytes, max_pixels: int) -> np.ndarray:
 
 def _load_first_frame(data: bytes, max_pixels: int) -> Image.Image:
     """Open the image, refuse it if its header size is over max_pixels, then load its first frame."""
+    # Pillow's own bomb check runs in Image.open: only the header read needs the warning filter (and so
+    # the lock); the expensive decode below runs outside it, in parallel with other requests.
     with _PILLOW_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: reads the header only
-            _check_size(image.size, max_pixels)
-            image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"image refused as a possible decompression bomb: {exc}") from exc
+    _check_size(image.size, max_pixels)
+    image.load()
     return image
 
 
