@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 import numpy as np
 
-from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch
+from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch, ServiceError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_BATCH_SIZE = 256
+DEFAULT_PATIENCE_S = 60.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,36 @@ def embed_images(
     return [], None
 
 
+def _embed_batch(
+    encoder: EncoderClient, files: list[ImageFile], datas: list[bytes]
+) -> tuple[list[ImageFile], Embedding | None, list[tuple[str, str]]]:
+    """embed_images with its own list of skipped files, so a retried batch reports them once."""
+    skipped: list[tuple[str, str]] = []
+    kept, embedding = embed_images(encoder, files, datas, skipped)
+    return kept, embedding, skipped
+
+
 def batches(items: Sequence[ImageFile], size: int) -> list[Sequence[ImageFile]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def patiently(call: Callable[[], T], patience_s: float, on_wait: Callable[[str], None] | None = None) -> T:
+    """Returns call(), retried with backoff while the service is unreachable, for up to patience_s.
+
+    Only for idempotent calls (embedding, upserting by id): a call that reached the service before
+    it went away may have been applied, and running it again must change nothing."""
+    deadline = time.monotonic() + patience_s
+    pause = 0.2
+    while True:
+        try:
+            return call()
+        except ServiceError as error:
+            if error.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > deadline:
+                raise
+            if on_wait is not None:
+                on_wait(f"{error}; retrying for up to {deadline - time.monotonic():.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def index_images(
@@ -98,16 +132,29 @@ def index_images(
     files: Sequence[ImageFile],
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    patience_s: float = DEFAULT_PATIENCE_S,
+    on_wait: Callable[[str], None] | None = None,
 ) -> IngestReport:
-    """Embeds and upserts the files in batches; returns what was indexed and what was skipped."""
+    """Embeds and upserts the files in batches; returns what was indexed and what was skipped.
+
+    A service that goes away mid-ingest (a restart, a replica removed) is waited for up to
+    patience_s per batch; upserts are by id, so a batch sent twice is stored once."""
     report = IngestReport()
     for batch in batches(files, batch_size):
         readable, datas = read_images(batch, report.skipped)
-        kept, embedding = embed_images(search.encoder, readable, datas, report.skipped)
+        kept, embedding, bad = patiently(
+            partial(_embed_batch, search.encoder, readable, datas), patience_s, on_wait
+        )
+        report.skipped += bad
         if embedding is not None:
-            report.count = search.index.upsert(
-                [f.id for f in kept], embedding.vectors, [f.metadata for f in kept], embedding.model_version
+            upsert = partial(
+                search.index.upsert,
+                [f.id for f in kept],
+                embedding.vectors,
+                [f.metadata for f in kept],
+                embedding.model_version,
             )
+            report.count = patiently(upsert, patience_s, on_wait)
             report.indexed += len(kept)
         if on_batch is not None:
             on_batch(len(batch))

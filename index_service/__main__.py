@@ -15,7 +15,8 @@ def main() -> None:
     configure_logging(config.server.log_format, config.server.log_level)
     log.info("index_service starting with %s", describe(config))
     service = IndexService(config)
-    run_until_signal(service.server, "index_service", on_stopped=service.snapshot)
+    service.durable.start_snapshots()
+    run_until_signal(service.server, "index_service", on_stopped=service.close)
 
 
 if __name__ == "__main__":

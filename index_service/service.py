@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
-from imgsearch.v1 import index_pb2, index_pb2_grpc
+from imgsearch.v1 import index_pb2
+from index_service.durable import DataDirError, DurableStore
 from index_service.servicer import IndexServicer
-from index_service.snapshot import SnapshotError, read_snapshot, write_snapshot
-from index_service.store import VectorStore
 
 log = logging.getLogger("index_service")
 
@@ -26,6 +25,8 @@ class IndexConfig:
     data_dir: Path
     max_k: int
     max_batch: int
+    snapshot_every_ops: int
+    snapshot_every_s: float
 
 
 def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
@@ -52,53 +53,73 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         default=env_or("IMGSEARCH_INDEX_MAX_BATCH", 10000),
         help="most ids or queries in one call (env IMGSEARCH_INDEX_MAX_BATCH, default 10000)",
     )
+    parser.add_argument(
+        "--snapshot-every-ops",
+        type=int,
+        default=env_or("IMGSEARCH_SNAPSHOT_EVERY_OPS", 10000),
+        help="snapshot after this many logged writes (env IMGSEARCH_SNAPSHOT_EVERY_OPS, default 10000)",
+    )
+    parser.add_argument(
+        "--snapshot-every-s",
+        type=float,
+        default=env_or("IMGSEARCH_SNAPSHOT_EVERY_S", 300.0),
+        help="snapshot this often when there were writes (env IMGSEARCH_SNAPSHOT_EVERY_S, default 300)",
+    )
     args = parser.parse_args(argv)
-    if args.max_k < 1 or args.max_batch < 1:
-        parser.error("--max-k and --max-batch must be at least 1")
-    return IndexConfig(server_settings(args), args.data_dir, args.max_k, args.max_batch)
+    if min(args.max_k, args.max_batch, args.snapshot_every_ops) < 1 or args.snapshot_every_s <= 0:
+        parser.error("--max-k, --max-batch, --snapshot-every-ops and --snapshot-every-s must be positive")
+    return IndexConfig(
+        server_settings(args),
+        args.data_dir,
+        args.max_k,
+        args.max_batch,
+        args.snapshot_every_ops,
+        args.snapshot_every_s,
+    )
 
 
 class IndexService:
-    """Loads the newest snapshot at start, serves, and writes a snapshot when stopped."""
+    """Recovers the data dir at start, serves, and on stop drains calls, snapshots and unlocks."""
 
     def __init__(self, config: IndexConfig) -> None:
         self.config = config
-        started = time.monotonic()
         try:
-            state = read_snapshot(config.data_dir)
-        except (SnapshotError, OSError) as error:
-            raise SystemExit(f"index_service: cannot load the index: {error}") from error
-        self.store = VectorStore(state, max_k=config.max_k)
-        stats = self.store.stats()
-        log.info(
-            "loaded %d vectors of dim %d (model %r) from %s in %.3f s",
-            stats.count,
-            stats.dim,
-            stats.model_version,
-            config.data_dir,
-            time.monotonic() - started,
-        )
+            self.durable = DurableStore(
+                config.data_dir,
+                max_k=config.max_k,
+                snapshot_every_ops=config.snapshot_every_ops,
+                snapshot_every_s=config.snapshot_every_s,
+            )
+        except (DataDirError, OSError) as error:
+            raise SystemExit(f"index_service: {error}") from error
+        self.store = self.durable.store
         servicer = IndexServicer(self.store, config.max_batch)
-        self.server = GrpcServer(
-            config.server,
-            [index_pb2.DESCRIPTOR.services_by_name["Index"].full_name],
-            lambda server: index_pb2_grpc.add_IndexServicer_to_server(servicer, server),
-        )
+        service = index_pb2.DESCRIPTOR.services_by_name["Index"]
+        try:
+            self.server = GrpcServer(
+                config.server, [service.full_name], lambda server: add_servicer(server, servicer, service)
+            )
+        except BaseException:
+            self.durable.close(snapshot=False)
+            raise
 
     def start(self) -> int:
-        return self.server.start()
+        try:
+            port = self.server.start()
+        except BaseException:
+            self.durable.close(snapshot=False)
+            raise
+        self.durable.start_snapshots()
+        return port
 
     def snapshot(self) -> None:
-        started = time.monotonic()
-        path = write_snapshot(self.store.state(), self.config.data_dir)
-        log.info(
-            "snapshot of %d vectors written to %s in %.3f s",
-            self.store.stats().count,
-            path,
-            time.monotonic() - started,
-        )
+        self.durable.snapshot()
+
+    def close(self) -> None:
+        """After the server stopped: a last snapshot, then the data dir is released."""
+        self.durable.close()
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drains in-flight calls, then snapshots, so every acknowledged write is in the snapshot."""
+        """Drains in-flight calls, then snapshots and releases the data dir."""
         self.server.stop(grace_s)
-        self.snapshot()
+        self.close()

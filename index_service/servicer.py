@@ -7,13 +7,23 @@ import grpc
 from imgsearch import vectors as wire
 from imgsearch.errors import RequestError, grpc_errors
 from imgsearch.v1 import index_pb2, index_pb2_grpc
-from index_service.store import FailedPrecondition, InvalidArgument, Match, NotFound, VectorStore
+from index_service.store import (
+    FailedPrecondition,
+    InvalidArgument,
+    Match,
+    NotFound,
+    StorageFull,
+    StorageUnavailable,
+    VectorStore,
+)
 
 ERRORS: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

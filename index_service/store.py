@@ -8,7 +8,7 @@ through `_apply`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -36,6 +36,14 @@ class NotFound(StoreError):
 
 class FailedPrecondition(StoreError):
     """The request is well formed but does not fit the index (another model version)."""
+
+
+class StorageFull(StoreError):
+    """The write could not be made durable because the disk is full; nothing was changed."""
+
+
+class StorageUnavailable(StoreError):
+    """The write could not be made durable (read-only or failing disk); nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class StoreState:
     ids: list[str] = field(default_factory=list)
     metadata: list[dict[str, str]] = field(default_factory=list)
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    lsn: int = 0  # the last logged operation this state includes
 
 
 def check_ids(ids: Sequence[str], *, unique: bool = True) -> tuple[str, ...]:
@@ -138,8 +147,16 @@ def check_vectors(vectors: np.ndarray, what: str = "vector") -> np.ndarray:
 class VectorStore:
     """Exact-L2 k-NN over string ids with metadata; thread-safe (concurrent reads, exclusive writes)."""
 
-    def __init__(self, state: StoreState | None = None, *, max_k: int = 1000) -> None:
+    def __init__(
+        self,
+        state: StoreState | None = None,
+        *,
+        max_k: int = 1000,
+        journal: Callable[[Operation], int] | None = None,
+    ) -> None:
         self.max_k = max_k
+        self.journal = journal  # makes an operation durable before it is applied; returns its lsn
+        self.lsn = 0
         self._lock = ReadWriteLock()
         self._dim = 0
         self._model_version = ""
@@ -151,6 +168,7 @@ class VectorStore:
         self._text_bytes = 0
         if state is not None:
             self._load(state)
+            self.lsn = state.lsn
 
     # ---- writes -------------------------------------------------------------------------
 
@@ -163,6 +181,7 @@ class VectorStore:
     ) -> int:
         """Inserts or replaces a batch, all or nothing; returns the count stored after it."""
         checked_ids = check_ids(ids)
+        _check_not_empty(len(checked_ids), "ids")
         array = check_vectors(vectors)
         if array.shape[0] != len(checked_ids):
             raise InvalidArgument(f"got {array.shape[0]} vectors for {len(checked_ids)} ids")
@@ -176,6 +195,7 @@ class VectorStore:
     def delete(self, ids: Sequence[str]) -> tuple[int, int]:
         """Removes ids; returns (deleted, missing)."""
         checked_ids = check_ids(list(dict.fromkeys(ids)))
+        _check_not_empty(len(checked_ids), "ids")
         with self._lock.write():
             present = tuple(i for i in checked_ids if i in self._label_of)
             if present:
@@ -183,7 +203,10 @@ class VectorStore:
             return len(present), len(checked_ids) - len(present)
 
     def _commit(self, operation: Operation) -> None:
-        """The one write path: check the operation against the state, then apply it. Holds the write lock."""
+        """The one write path: check the operation against the state, log it, then apply it.
+
+        Runs under the write lock. The journal (the write-ahead log) raises StorageFull or
+        StorageUnavailable when it cannot make the operation durable: then nothing is applied."""
         if isinstance(operation, Upsert) and operation.ids:
             dim = operation.vectors.shape[1]
             if self._label_of and dim != self._dim:
@@ -193,7 +216,15 @@ class VectorStore:
                     f"vectors are from model version {operation.model_version!r}, the index holds "
                     f"{self._model_version!r}; re-index into a fresh index to change models"
                 )
+        if self.journal is not None:
+            self.lsn = self.journal(operation)
         self._apply(operation)
+
+    def replay(self, operation: Operation, lsn: int) -> None:
+        """Applies an operation read back from the log at recovery (it was checked before it was logged)."""
+        with self._lock.write():
+            self._apply(operation)
+            self.lsn = lsn
 
     def _apply(self, operation: Operation) -> None:
         """Changes the state; the only code that does. Assumes the operation was checked."""
@@ -241,6 +272,7 @@ class VectorStore:
     def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]:
         """Returns (found items in request order, their vectors, missing ids)."""
         checked_ids = check_ids(ids, unique=False)
+        _check_not_empty(len(checked_ids), "ids")
         with self._lock.read():
             found = [i for i in checked_ids if i in self._label_of]
             missing = [i for i in checked_ids if i not in self._label_of]
@@ -251,6 +283,7 @@ class VectorStore:
         """Returns the k nearest stored items of each query, nearest first."""
         self._check_k(k)
         array = check_vectors(queries, "query")
+        _check_not_empty(array.shape[0], "queries")
         with self._lock.read():
             if model_version and self._model_version and model_version != self._model_version:
                 raise FailedPrecondition(
@@ -265,6 +298,7 @@ class VectorStore:
         """Returns the k nearest items to each stored id, the item itself excluded."""
         self._check_k(k)
         checked_ids = check_ids(ids, unique=False)
+        _check_not_empty(len(checked_ids), "ids")
         with self._lock.read():
             missing = [i for i in checked_ids if i not in self._label_of]
             if missing:
@@ -278,21 +312,39 @@ class VectorStore:
             vector_bytes = count * self._dim * 4 + count * 8  # vectors and the FAISS id map
             return Stats(count, self._dim, self._model_version, vector_bytes + self._text_bytes)
 
-    def state(self) -> StoreState:
-        """Returns a consistent copy of everything stored (for a snapshot)."""
+    def state(self, while_consistent: Callable[[], None] | None = None) -> StoreState:
+        """Returns a consistent copy of everything stored (for a snapshot).
+
+        `while_consistent` runs while writers are still held off, so what it does (rotating the
+        log) happens exactly at the copy's lsn."""
         with self._lock.read():
             ids = list(self._label_of)
-            return StoreState(
+            state = StoreState(
                 dim=self._dim,
                 model_version=self._model_version,
                 ids=ids,
                 metadata=[dict(self._metadata[i]) for i in ids],
-                vectors=self._vectors_of(ids),
+                vectors=self._all_vectors(ids),
+                lsn=self.lsn,
             )
+            if while_consistent is not None:
+                while_consistent()
+            return state
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:
             raise InvalidArgument(f"k must be 1 to {self.max_k}, got {k}")
+
+    def _all_vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Returns every stored vector in the order of `ids` (all the stored ids), in one pass."""
+        if not ids or self._index is None:
+            return np.zeros((0, self._dim), dtype=np.float32)
+        flat = faiss.downcast_index(self._index.index)
+        xb = flat.get_xb()  # type: ignore[attr-defined]  # downcast gives the IndexFlat, which has it
+        vectors = faiss.rev_swig_ptr(xb, flat.ntotal * self._dim).reshape(flat.ntotal, self._dim)
+        labels = faiss.vector_to_array(self._index.id_map)
+        row_of = {label: row for row, label in enumerate(labels.tolist())}
+        return np.array(vectors[[row_of[self._label_of[i]] for i in ids]], dtype=np.float32)
 
     def _vectors_of(self, ids: Sequence[str]) -> np.ndarray:
         if not ids or self._index is None:
@@ -315,6 +367,11 @@ class VectorStore:
                 matches.append(Match(item_id, float(np.sqrt(max(d2, 0.0))), self._metadata[item_id]))
             results.append(matches[:k])
         return results
+
+
+def _check_not_empty(count: int, what: str) -> None:
+    if count == 0:
+        raise InvalidArgument(f"the batch is empty: send at least one of the {what}")
 
 
 def _text_size(item_id: str, metadata: Mapping[str, str]) -> int:

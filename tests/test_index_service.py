@@ -193,7 +193,7 @@ def test_sigterm_drains_snapshots_and_exits_zero(tmp_path: Path) -> None:
         client.upsert(ids, vectors, metadata, "m1")
         client.close()
         assert service.stop() == 0
-        assert (tmp_path / "snapshot.bin").exists()
+        assert list(tmp_path.glob("snapshot-*.bin"))
         log = (tmp_path / "log.txt").read_text()
         assert "received SIGTERM" in log and "snapshot of 50 vectors" in log
     finally:

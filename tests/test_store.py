@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from index_service.snapshot import SnapshotError, read_snapshot, write_snapshot
+from index_service.snapshot import SnapshotError, newest_valid_snapshot, read_snapshot, write_snapshot
 from index_service.store import FailedPrecondition, InvalidArgument, NotFound, VectorStore
 
 
@@ -145,21 +146,35 @@ def test_empty_index_searches_to_nothing_and_takes_any_model() -> None:
 
 
 def test_snapshot_round_trip_and_damage(tmp_path: Path) -> None:
-    store, vectors, _ids = filled(500, 16)
+    store, vectors, _ = filled(500, 16)
     store.upsert(["ünïcode/ключ"], np.ones((1, 16), np.float32), [{"label": "ß"}], "v1")
-    write_snapshot(store.state(), tmp_path)
-    restored = VectorStore(read_snapshot(tmp_path))
+    path = write_snapshot(store.state(), tmp_path)
+    restored = VectorStore(read_snapshot(path))
     assert restored.stats() == store.stats()
     queries = vectors[:10]
     assert restored.search(queries, 7) == store.search(queries, 7)
     assert restored.get(["ünïcode/ключ"])[0] == [("ünïcode/ключ", {"label": "ß"})]
-    path = tmp_path / "snapshot.bin"
     raw = bytearray(path.read_bytes())
     raw[100] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(SnapshotError, match=r"snapshot\.bin is damaged"):
-        read_snapshot(tmp_path)
-    assert read_snapshot(tmp_path / "none") is None
+    with pytest.raises(SnapshotError, match=re.escape(f"{path} is damaged")):
+        read_snapshot(path)
+    with pytest.raises(SnapshotError, match="no readable snapshot"):
+        newest_valid_snapshot(tmp_path)
+    assert newest_valid_snapshot(tmp_path / "none") is None
+
+
+def test_a_damaged_snapshot_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    store, _, _ = filled(50, 4)
+    older = store.state()
+    older.lsn = 10
+    write_snapshot(older, tmp_path)
+    newer = store.state()
+    newer.lsn = 20
+    path = write_snapshot(newer, tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    state = newest_valid_snapshot(tmp_path)
+    assert state is not None and state.lsn == 10 and len(state.ids) == 50
 
 
 def test_searches_never_see_half_a_batch() -> None:

@@ -1,0 +1,214 @@
+"""A VectorStore that keeps its promises on disk: the lock, recovery, the log and snapshots.
+
+Layout of a data dir:
+    LOCK                      held (flock) by the one index process using the dir
+    snapshot-<lsn>.bin        the two newest snapshots (the older one is the fallback)
+    wal-<first lsn>.log       log segments since the older snapshot
+
+Start: take the lock, load the newest readable snapshot, replay the log after it, begin a new
+segment. Write: the store checks the operation, `journal` appends and fsyncs it, then the store
+applies it, all under the store's write lock, so nothing is acknowledged before it is durable.
+Snapshot (every N operations or T seconds, and on close): copy the state and rotate the log at the
+same lsn, write the snapshot atomically, then drop what two snapshots make unneeded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from index_service.snapshot import newest_valid_snapshot, remove_older_snapshots, write_snapshot
+from index_service.store import Operation, StorageFull, StorageUnavailable, VectorStore
+from index_service.wal import LogWriteError, RecoveryError, WriteAheadLog, recover
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "LOCK"
+
+
+class DataDirError(Exception):
+    """The data dir cannot be used (locked by another process, unreadable, inconsistent)."""
+
+
+class DirectoryLock:
+    """An exclusive flock on data_dir/LOCK, released when closed or when the process dies."""
+
+    def __init__(self, data_dir: Path) -> None:
+        path = data_dir / LOCK_NAME
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            self._fd = os.open(path, os.O_RDONLY)  # a read-only data dir can still be locked
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            owner = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            if error.errno in (errno.EAGAIN, errno.EACCES):
+                raise DataDirError(
+                    f"{data_dir} is in use by another index process (pid {owner}); "
+                    "one data dir serves one index process"
+                ) from None
+            raise
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # read-only: the lock holds all the same
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class DurableStore:
+    """Owns a data dir: recovers it at open, logs every write, snapshots now and then."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        max_k: int = 1000,
+        snapshot_every_ops: int = 10_000,
+        snapshot_every_s: float = 300.0,
+    ) -> None:
+        self.data_dir = data_dir
+        self.snapshot_every_ops = snapshot_every_ops
+        self.snapshot_every_s = snapshot_every_s
+        started = time.monotonic()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DataDirError(f"cannot create the data dir {data_dir}: {error.strerror or error}") from error
+        self._lock_file = DirectoryLock(data_dir)
+        try:
+            self.store, replayed = self._recover(max_k)
+            self.wal: WriteAheadLog | None = None
+            self.read_only_reason = ""
+            try:
+                self.wal = WriteAheadLog(data_dir, self.store.lsn + 1)
+            except OSError as error:
+                self.read_only_reason = f"the data dir {data_dir} is not writable ({error.strerror or error})"
+                log.error("%s: serving reads only", self.read_only_reason)
+            self.store.journal = self._journal
+        except BaseException:
+            self._lock_file.close()
+            raise
+        for stale in data_dir.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        stats = self.store.stats()
+        log.info(
+            "recovered %d vectors (dim %d, model %r) from %s: snapshot at lsn %d, %d log records replayed, "
+            "in %.3f s",
+            stats.count,
+            stats.dim,
+            stats.model_version,
+            data_dir,
+            self.store.lsn - replayed,
+            replayed,
+            time.monotonic() - started,
+        )
+        self._ops_since_snapshot = replayed
+        self._last_snapshot = time.monotonic()
+        self._snapshot_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _recover(self, max_k: int) -> tuple[VectorStore, int]:
+        try:
+            state = newest_valid_snapshot(self.data_dir)
+            store = VectorStore(state, max_k=max_k)
+            replayed = 0
+            for lsn, operation in recover(self.data_dir, store.lsn):
+                store.replay(operation, lsn)
+                replayed += 1
+        except (RecoveryError, OSError) as error:
+            raise DataDirError(f"cannot recover {self.data_dir}: {error}") from error
+        except Exception as error:  # a SnapshotError names its file
+            raise DataDirError(str(error)) from error
+        return store, replayed
+
+    def _journal(self, operation: Operation) -> int:
+        """Appends and fsyncs one operation (called by the store under its write lock)."""
+        if self.wal is None:
+            raise StorageUnavailable(f"writes are refused: {self.read_only_reason}")
+        try:
+            lsn = self.wal.append(operation)
+        except LogWriteError as error:
+            if error.disk_full:
+                raise StorageFull(f"the disk holding {self.data_dir} is full: {error}") from error
+            raise StorageUnavailable(f"writes are refused: {error}") from error
+        self._ops_since_snapshot += 1
+        return lsn
+
+    # ---- snapshots ----------------------------------------------------------------------
+
+    def snapshot(self) -> Path | None:
+        """Writes a snapshot at the current lsn and drops the log it makes unneeded; returns its path."""
+        if self.wal is None:
+            return None
+        wal = self.wal
+        with self._snapshot_lock:
+            started = time.monotonic()
+
+            def rotate() -> None:  # runs with writers held off: the new segment begins at state.lsn + 1
+                wal.rotate()
+                self._ops_since_snapshot = 0
+
+            state = self.store.state(while_consistent=rotate)
+            self._last_snapshot = time.monotonic()
+            path = write_snapshot(state, self.data_dir)
+            oldest_kept = remove_older_snapshots(self.data_dir, keep=2)
+            if oldest_kept is not None:
+                wal.remove_through(oldest_kept)
+            log.info(
+                "snapshot of %d vectors at lsn %d written to %s in %.3f s",
+                len(state.ids),
+                state.lsn,
+                path,
+                time.monotonic() - started,
+            )
+            return path
+
+    def _snapshot_due(self) -> bool:
+        if self._ops_since_snapshot == 0:
+            return False
+        return (
+            self._ops_since_snapshot >= self.snapshot_every_ops
+            or time.monotonic() - self._last_snapshot >= self.snapshot_every_s
+        )
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            if self._snapshot_due():
+                try:
+                    self.snapshot()
+                except OSError as error:  # disk full: the log still holds everything; try again later
+                    log.error("snapshot failed, the log keeps every write: %s", error)
+                    self._last_snapshot = time.monotonic()
+
+    def start_snapshots(self) -> None:
+        """Starts the background thread that snapshots every N operations or T seconds."""
+        self._thread = threading.Thread(target=self._snapshot_loop, name="snapshots", daemon=True)
+        self._thread.start()
+
+    def close(self, snapshot: bool = True) -> None:
+        """Stops the snapshot thread, writes a last snapshot (unless told not to), releases the dir."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if snapshot and self._ops_since_snapshot:
+                self.snapshot()
+        except OSError as error:
+            log.error("final snapshot failed, the log keeps every write: %s", error)
+        finally:
+            if self.wal is not None:
+                self.wal.close()
+            self._lock_file.close()

@@ -1,0 +1,280 @@
+"""The write-ahead log: every Upsert and Delete, checksummed and fsync'd before it is acknowledged.
+
+The log is a series of segment files `wal-<first lsn>.log` in the data dir. A record is
+
+    payload length (uint32 LE) | CRC-32 of lsn + payload (uint32 LE) | lsn (uint64 LE) | payload
+
+where lsn (log sequence number) counts records from 1, one more for each, and payload is an operation:
+kind (1 byte, U = upsert, D = delete) | JSON length (uint32 LE) | JSON | vectors (float32 LE, upserts).
+
+A segment is closed (and a new one begun) when a snapshot is taken, so whole segments can be removed
+once a snapshot covers them. Reading stops at the first record that is torn, fails its checksum or
+breaks the lsn sequence: everything before it is kept, everything from it on is dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index_service.store import Delete, Operation, Upsert
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<IIQ")  # payload length, crc32, lsn
+MAX_RECORD_BYTES = 1 << 31
+SEGMENT_PREFIX, SEGMENT_SUFFIX = "wal-", ".log"
+
+
+class LogWriteError(Exception):
+    """A record could not be made durable; nothing of it counts. `errno` tells disk full from other faults."""
+
+    def __init__(self, message: str, error_number: int | None) -> None:
+        super().__init__(message)
+        self.errno = error_number
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{SEGMENT_PREFIX}{first_lsn:020d}{SEGMENT_SUFFIX}"
+
+
+def segments(directory: Path) -> list[tuple[int, Path]]:
+    """Returns the log segments in the directory as (first lsn, path), oldest first."""
+    found = []
+    for path in directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"):
+        digits = path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
+        if digits.isdigit():
+            found.append((int(digits), path))
+    return sorted(found)
+
+
+def encode(operation: Operation) -> bytes:
+    """Returns the payload of a record for the operation."""
+    if isinstance(operation, Delete):
+        header = json.dumps({"ids": list(operation.ids)}, ensure_ascii=False).encode()
+        return b"D" + struct.pack("<I", len(header)) + header
+    header = json.dumps(
+        {
+            "ids": list(operation.ids),
+            "metadata": list(operation.metadata),
+            "model_version": operation.model_version,
+            "dim": int(operation.vectors.shape[1]),
+        },
+        ensure_ascii=False,
+    ).encode()
+    vectors = np.ascontiguousarray(operation.vectors, dtype="<f4").tobytes()
+    return b"U" + struct.pack("<I", len(header)) + header + vectors
+
+
+def decode(payload: bytes) -> Operation:
+    """Returns the operation in a payload; ValueError when it is not one."""
+    kind = payload[:1]
+    (length,) = struct.unpack_from("<I", payload, 1)
+    header = json.loads(payload[5 : 5 + length].decode("utf-8"))
+    if kind == b"D":
+        return Delete(tuple(header["ids"]))
+    if kind != b"U":
+        raise ValueError(f"unknown operation kind {kind!r}")
+    ids, dim = tuple(header["ids"]), int(header["dim"])
+    vectors = np.frombuffer(payload, dtype="<f4", offset=5 + length).astype(np.float32)
+    if vectors.size != len(ids) * dim:
+        raise ValueError(f"{vectors.size} floats for {len(ids)} vectors of dim {dim}")
+    return Upsert(ids, vectors.reshape(len(ids), dim), tuple(header["metadata"]), header["model_version"])
+
+
+@dataclass(frozen=True)
+class Damage:
+    path: Path
+    offset: int
+    reason: str
+
+
+def read_segment(path: Path, expected_lsn: int | None) -> tuple[list[tuple[int, Operation]], Damage | None]:
+    """Returns the segment's valid records in order, and where and why reading stopped early (if it did)."""
+    data = path.read_bytes()
+    records: list[tuple[int, Operation]] = []
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < HEADER.size:
+            return records, Damage(path, offset, "a torn record header")
+        length, crc, lsn = HEADER.unpack_from(data, offset)
+        end = offset + HEADER.size + length
+        if length > MAX_RECORD_BYTES or end > len(data):
+            return records, Damage(path, offset, "a torn record")
+        body = data[offset + 8 : end]  # lsn + payload
+        if zlib.crc32(body) != crc:
+            return records, Damage(path, offset, "a checksum mismatch")
+        if expected_lsn is not None and lsn != expected_lsn:
+            return records, Damage(path, offset, f"lsn {lsn} where {expected_lsn} was expected")
+        try:
+            operation = decode(data[offset + HEADER.size : end])
+        except (ValueError, KeyError, UnicodeDecodeError, struct.error) as error:
+            return records, Damage(path, offset, f"an unreadable operation ({error})")
+        records.append((lsn, operation))
+        expected_lsn = lsn + 1
+        offset = end
+    return records, None
+
+
+def recover(directory: Path, after_lsn: int) -> Iterator[tuple[int, Operation]]:
+    """Yields every logged operation with lsn > after_lsn (the snapshot's), in order, across segments.
+
+    At the first damaged record it logs a warning naming the file and offset, cuts that segment there
+    and sets the later segments aside (renamed *.damaged), so new records follow the last good one.
+    Raises RecoveryError when the log does not continue the snapshot."""
+    expected: int | None = None
+    last = after_lsn
+    listed = segments(directory)
+    for position, (_, path) in enumerate(listed):
+        records, damage = read_segment(path, expected)
+        for lsn, operation in records:
+            expected = lsn + 1
+            if lsn <= after_lsn:
+                continue
+            if lsn != last + 1:
+                raise RecoveryError(
+                    f"{path} continues at lsn {lsn} but the snapshot ends at lsn {after_lsn}: "
+                    f"records {last + 1} to {lsn - 1} are missing"
+                )
+            yield lsn, operation
+            last = lsn
+        if damage is not None:
+            _set_damage_aside(damage, len(records), listed[position + 1 :])
+            return
+
+
+def _set_damage_aside(damage: Damage, kept: int, later: list[tuple[int, Path]]) -> None:
+    dropped = damage.path.stat().st_size - damage.offset
+    log.warning(
+        "write-ahead log %s: %s at byte offset %d; keeping the %d records before it, dropping %d bytes%s",
+        damage.path,
+        damage.reason,
+        damage.offset,
+        kept,
+        dropped,
+        " and the later segments" if later else "",
+    )
+    try:
+        with open(damage.path, "r+b") as file:
+            file.truncate(damage.offset)
+            os.fsync(file.fileno())
+        for _, path in later:
+            path.rename(path.with_suffix(path.suffix + ".damaged"))
+        fsync_dir(damage.path.parent)
+    except OSError as error:
+        log.error("write-ahead log: cannot cut the damaged part of %s: %s", damage.path, error)
+
+
+class RecoveryError(Exception):
+    """The data dir cannot be brought back to a consistent state; the message says why."""
+
+
+class WriteAheadLog:
+    """Appends records to the current segment, each fsync'd before `append` returns.
+
+    Not thread-safe on its own: the store calls it under its write lock."""
+
+    def __init__(self, directory: Path, next_lsn: int) -> None:
+        self.directory = directory
+        self.next_lsn = next_lsn
+        self.broken: str | None = None  # set after an I/O failure that leaves the file's state unknown
+        self._fd = -1
+        self._offset = 0
+        self._open_segment(next_lsn)
+
+    @property
+    def last_lsn(self) -> int:
+        return self.next_lsn - 1
+
+    def _open_segment(self, first_lsn: int) -> None:
+        """Begins the segment for first_lsn; the current one stays in use if that fails."""
+        path = self.directory / segment_name(first_lsn)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fsync_dir(self.directory)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._offset = descriptor, 0
+
+    def append(self, operation: Operation) -> int:
+        """Makes the operation durable; returns its lsn. On LogWriteError nothing of it stays behind."""
+        if self.broken:
+            raise LogWriteError(
+                f"the write-ahead log is unusable since an earlier I/O error ({self.broken}); "
+                "restart the index service",
+                errno.EIO,
+            )
+        lsn = self.next_lsn
+        payload = encode(operation)
+        body = struct.pack("<Q", lsn) + payload
+        record = memoryview(struct.pack("<II", len(payload), zlib.crc32(body)) + body)
+        start = self._offset
+        try:
+            while record:
+                written = os.write(self._fd, record)
+                record = record[written:]
+                self._offset += written
+        except OSError as error:
+            self._undo(start, error)
+            raise LogWriteError(
+                f"cannot write the write-ahead log: {error.strerror or error}", error.errno
+            ) from error
+        try:
+            os.fsync(self._fd)
+        except OSError as error:
+            # After a failed fsync the kernel may have dropped the dirty pages: the file's content is unknown.
+            self.broken = f"fsync failed: {error.strerror or error}"
+            raise LogWriteError(
+                f"cannot make the write-ahead log durable: {error.strerror or error}", error.errno
+            ) from error
+        self.next_lsn += 1
+        return lsn
+
+    def _undo(self, start: int, error: OSError) -> None:
+        """Cuts a partly written record off the end, so the next record follows the last good one."""
+        try:
+            os.ftruncate(self._fd, start)
+            os.lseek(self._fd, start, os.SEEK_SET)
+            self._offset = start
+        except OSError as undo_error:
+            self.broken = f"{error.strerror or error}, then could not cut the partial record: {undo_error}"
+            log.error("write-ahead log: %s", self.broken)
+
+    def rotate(self) -> None:
+        """Begins a new segment at the next lsn and closes the current one."""
+        self._open_segment(self.next_lsn)
+
+    def remove_through(self, lsn: int) -> None:
+        """Removes the segments whose every record has an lsn <= lsn (a durable snapshot holds them)."""
+        listed = segments(self.directory)
+        for (_, path), (next_first, _) in itertools.pairwise(listed):
+            if next_first - 1 <= lsn:
+                path.unlink(missing_ok=True)
+        fsync_dir(self.directory)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes a directory's entries (creations, renames, removals) durable."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
