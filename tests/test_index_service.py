@@ -69,6 +69,17 @@ def packed(array: np.ndarray) -> vectors_pb2.Vectors:
     return vectors_pb2.Vectors(dim=array.shape[1], data=array.astype("<f4").tobytes())
 
 
+def upsert_one(
+    vectors: np.ndarray, ids: list[str] | None = None, metadata: dict[str, str] | None = None
+) -> index_pb2.UpsertRequest:
+    return index_pb2.UpsertRequest(
+        ids=ids or ["a"],
+        vectors=packed(vectors),
+        model_version="m1",
+        metadata=[index_pb2.Metadata(entries=metadata)] if metadata is not None else [],
+    )
+
+
 @pytest.mark.parametrize(
     "method,request_message,code,words",
     [
@@ -123,6 +134,37 @@ def packed(array: np.ndarray) -> vectors_pb2.Vectors:
             "dim 3",
         ),
         ("SearchById", index_pb2.SearchByIdRequest(ids=["missing"], k=2), "NOT_FOUND", "'missing'"),
+        ("Upsert", upsert_one(np.array([[0, 0, np.inf, 0]])), "INVALID_ARGUMENT", "infinite"),
+        ("Upsert", upsert_one(np.zeros((1, 4)), ids=["é" * 129]), "INVALID_ARGUMENT", "258 bytes"),
+        ("Upsert", upsert_one(np.zeros((2, 4)), ids=["a", "a"]), "INVALID_ARGUMENT", "appears twice"),
+        (
+            "Upsert",
+            upsert_one(np.zeros((1, 4)), metadata={"k": "v" * 5000}),
+            "INVALID_ARGUMENT",
+            "over 4096 bytes",
+        ),
+        (
+            "Upsert",
+            upsert_one(np.zeros((1, 4)), metadata={f"k{n}": "" for n in range(65)}),
+            "INVALID_ARGUMENT",
+            "at most 64",
+        ),
+        ("Upsert", index_pb2.UpsertRequest(model_version="m1"), "INVALID_ARGUMENT", "the batch is empty"),
+        ("Delete", index_pb2.DeleteRequest(), "INVALID_ARGUMENT", "the batch is empty"),
+        ("Get", index_pb2.GetRequest(), "INVALID_ARGUMENT", "the batch is empty"),
+        (
+            "Search",
+            index_pb2.SearchRequest(queries=vectors_pb2.Vectors(dim=4), k=3),
+            "INVALID_ARGUMENT",
+            "the batch is empty",
+        ),
+        ("SearchById", index_pb2.SearchByIdRequest(k=3), "INVALID_ARGUMENT", "the batch is empty"),
+        (
+            "Search",
+            index_pb2.SearchRequest(queries=packed(np.zeros((1, 4))), k=1001),
+            "INVALID_ARGUMENT",
+            "k must be",
+        ),
         (
             "Upsert",
             index_pb2.UpsertRequest(ids=[f"x{n}" for n in range(11)], vectors=packed(np.zeros((11, 4)))),
@@ -150,6 +192,23 @@ def test_bad_requests_get_a_status_and_change_nothing(
         client.close()
     finally:
         service.stop(0)
+
+
+def test_an_id_that_is_not_utf8_is_invalid_argument(index_service: IndexService) -> None:
+    good = index_pb2.DeleteRequest(ids=["abc"]).SerializeToString()
+    bad = good.replace(b"abc", b"a\xffc")
+    with grpc.insecure_channel(f"127.0.0.1:{index_service.server.port}") as channel:
+        delete = channel.unary_unary("/imgsearch.v1.Index/Delete")
+        with pytest.raises(grpc.RpcError) as caught:
+            delete(bad, timeout=10)
+        assert delete(good, timeout=10) is not None  # the service is fine afterwards
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot be parsed" in (caught.value.details() or "") and "UTF-8" in (caught.value.details() or "")
+
+
+def test_search_on_an_empty_index_finds_nothing(index_client: IndexClient) -> None:
+    assert index_client.search(np.zeros((2, 4), np.float32), 5) == [[], []]
+    assert index_client.stats().count == 0
 
 
 def test_restart_keeps_everything(tmp_path: Path) -> None:
