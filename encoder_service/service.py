@@ -10,8 +10,9 @@ from pathlib import Path
 
 from encoder_service.runtime import DEFAULT_MODEL_DIR, load_runtime
 from encoder_service.servicer import EncoderServicer
+from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
-from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch.v1 import encoder_pb2
 
 log = logging.getLogger("encoder_service")
 
@@ -99,10 +100,11 @@ class EncoderService:
             max_image_bytes=config.max_image_bytes,
             max_image_pixels=config.max_image_pixels,
         )
+        service = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
         self.server = GrpcServer(
             config.server,
-            [encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name],
-            lambda server: encoder_pb2_grpc.add_EncoderServicer_to_server(servicer, server),
+            [service.full_name],
+            lambda server: add_servicer(server, servicer, service),
         )
 
     def start(self) -> int:

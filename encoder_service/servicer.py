@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import grpc
@@ -11,10 +12,12 @@ import numpy as np
 from encoder_service.preprocess import ImageError, decode_image, from_raw_pixels
 from encoder_service.runtime import Runtime
 from imgsearch import vectors as wire
-from imgsearch.errors import RequestError, grpc_errors
+from imgsearch.errors import RequestError, call_gone, grpc_errors
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
 
 BAD_IMAGE_KEY = "imgsearch-bad-image"  # trailing metadata: the position of the image that failed
+
+log = logging.getLogger(__name__)
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -26,7 +29,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self._embedded = 0
-        self._embedded_lock = threading.Lock()
+        self._abandoned = 0
+        self._counts_lock = threading.Lock()
 
     def _decode(self, position: int, image: encoder_pb2.Image) -> np.ndarray:
         try:
@@ -60,11 +64,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         height, width, _ = self.runtime.input_shape
         batch = np.empty((count, height, width), dtype=np.float32)
         for position, image in enumerate(request.images):
+            self._give_up_if_gone(context, f"after decoding {position} of {count} images")
             batch[position] = self._decode(position, image)
+        self._give_up_if_gone(context, f"after decoding {count} images, before the model")
         vectors = self.runtime.embed(batch)
-        with self._embedded_lock:
+        with self._counts_lock:
             self._embedded += count
         return encoder_pb2.EmbedResponse(vectors=wire.pack(vectors), model_version=self.runtime.model_version)
+
+    def _give_up_if_gone(self, context: grpc.ServicerContext, where: str) -> None:
+        """Stops work nobody waits for, so a timed-out or abandoned batch frees its worker."""
+        code = call_gone(context)
+        if code is None:
+            return
+        with self._counts_lock:
+            self._abandoned += 1
+        log.info("Embed abandoned %s: %s", where, code.name)
+        raise RequestError(code, f"abandoned {where}: {code.name.lower().replace('_', ' ')}")
 
     @grpc_errors({})
     def Info(
@@ -77,4 +93,5 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             runtime=self.runtime.name,
             card_json=json.dumps(self.runtime.card, sort_keys=True),
             images_embedded=self._embedded,
+            calls_abandoned=self._abandoned,
         )

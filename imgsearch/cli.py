@@ -8,9 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+import grpc
+
+from imgsearch import security
 from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX, ImageSearch, Match, ServiceError
 from imgsearch.evaluate import retrieval_quality
-from imgsearch.ingest import DEFAULT_BATCH_SIZE, collect_images, embed_files, index_images
+from imgsearch.ingest import DEFAULT_BATCH_SIZE, DEFAULT_PATIENCE_S, collect_images, embed_files, index_images
 
 
 def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
@@ -22,7 +25,14 @@ def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-u
 def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
     files, skipped = collect_images(args.paths)
     with _progress(len(files), "indexing", args.progress) as bar:
-        report = index_images(search, files, args.batch_size, on_batch=bar.update)
+        report = index_images(
+            search,
+            files,
+            args.batch_size,
+            on_batch=bar.update,
+            patience_s=args.patience_s,
+            on_wait=lambda note: bar.write(f"imgsearch: {note}", file=sys.stderr),
+        )
     report.skipped[:0] = skipped
     print(f"indexed {report.indexed} images; the index now holds {report.count}")
     if report.skipped:
@@ -147,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(os.environ.get("IMGSEARCH_TIMEOUT_S", "60")),
         help="deadline of each call in seconds (env IMGSEARCH_TIMEOUT_S, default 60)",
     )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("IMGSEARCH_TLS_CA") or None,
+        help="CA certificate (PEM) that signed the services' certificates; turns on TLS "
+        "(env IMGSEARCH_TLS_CA)",
+    )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        help="bearer token sent on every call; prefer the env var, which `ps` does not show "
+        "(env IMGSEARCH_TOKEN)",
+    )
+    token.add_argument(
+        "--token-file",
+        help="read the token from this file, e.g. a Docker secret (env IMGSEARCH_TOKEN_FILE)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
@@ -160,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("index", cmd_index, "index image files and folders (recursively)")
     sub.add_argument("paths", nargs="+", metavar="PATH")
+    sub.add_argument(
+        "--patience-s",
+        type=float,
+        default=DEFAULT_PATIENCE_S,
+        help="while a service is unreachable (restarting, a replica gone), retry each batch for up to "
+        f"this long before giving up (default {DEFAULT_PATIENCE_S:.0f}; 0 fails at once)",
+    )
     batch_flags(sub)
     sub = command("search", cmd_search, "find the stored images most similar to images, or to stored ids")
     sub.add_argument("images", nargs="*", metavar="IMAGE")
@@ -191,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """Returns the bearer token: --token, --token-file, IMGSEARCH_TOKEN, IMGSEARCH_TOKEN_FILE, first wins."""
+    if args.token or args.token_file:
+        return args.token or security.read_token_file(args.token_file)
+    if os.environ.get("IMGSEARCH_TOKEN"):
+        return os.environ["IMGSEARCH_TOKEN"]
+    path = os.environ.get("IMGSEARCH_TOKEN_FILE")
+    return security.read_token_file(path) if path else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
@@ -199,10 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        with ImageSearch(args.encoder, args.index, args.timeout_s) as search:
+        token = _token(args)
+        with ImageSearch(args.encoder, args.index, args.timeout_s, tls_ca=args.tls_ca, token=token) as search:
             return int(args.handler(search, args))
     except ServiceError as error:
-        print(f"imgsearch: {error}", file=sys.stderr)
+        hint = ""
+        if error.code == grpc.StatusCode.UNAUTHENTICATED:
+            hint = "; set IMGSEARCH_TOKEN (or --token) to the services' token"
+        print(f"imgsearch: {error}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("imgsearch: interrupted", file=sys.stderr)

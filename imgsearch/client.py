@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from imgsearch import security
 from imgsearch import vectors as wire
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 
@@ -55,6 +56,8 @@ class ServiceError(Exception):
             text = f"the {service} service at {address} is not reachable ({details})"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             text = f"the {service} service at {address} did not answer in time"
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details:
+            text = f"the {service} service at {address} is busy (too many calls in flight); try again"
         else:
             name = code.name if code else "?"
             text = f"the {service} service at {address} refused the call: {name}: {details}"
@@ -89,9 +92,10 @@ def channel_target(address: str) -> str:
     return f"{scheme}:" + ",".join(resolved)
 
 
-def open_channel(address: str) -> grpc.Channel:
-    """Returns a channel with round_robin, retries on UNAVAILABLE and large message limits."""
-    return grpc.insecure_channel(
+def open_channel(address: str, tls_ca: security.PathLike | None = None) -> grpc.Channel:
+    """Returns a channel with round_robin, retries on UNAVAILABLE and large message limits; TLS that
+    trusts the CA file `tls_ca` when given, else plaintext."""
+    return security.open_channel(
         channel_target(address),
         options=[
             ("grpc.service_config", _SERVICE_CONFIG),
@@ -99,6 +103,7 @@ def open_channel(address: str) -> grpc.Channel:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
+        tls_ca=tls_ca,
     )
 
 
@@ -136,10 +141,18 @@ class StoredItem:
 class _Client:
     service = ""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls_ca: security.PathLike | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, tls_ca)
+        self._metadata = security.call_metadata(token)  # sent on every call
 
     def close(self) -> None:
         self.channel.close()
@@ -157,15 +170,22 @@ class EncoderClient(_Client):
 
     service = "encoder"
 
-    def __init__(self, address: str = DEFAULT_ENCODER, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        super().__init__(address, timeout_s)
+    def __init__(
+        self,
+        address: str = DEFAULT_ENCODER,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls_ca: security.PathLike | None = None,
+        token: str | None = None,
+    ) -> None:
+        super().__init__(address, timeout_s, tls_ca=tls_ca, token=token)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
 
     def embed(self, images: Sequence[bytes | np.ndarray]) -> Embedding:
         """Returns one vector per image; raises BadImage naming the first image it could not use."""
         request = encoder_pb2.EmbedRequest(images=[_image_message(i) for i in images])
         try:
-            reply = self.stub.Embed(request, timeout=self.timeout_s)
+            reply = self.stub.Embed(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             trailing: dict[str, Any] = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT and BAD_IMAGE_KEY in trailing:
@@ -175,7 +195,7 @@ class EncoderClient(_Client):
 
     def info(self) -> dict[str, Any]:
         with self._call():
-            reply = self.stub.Info(encoder_pb2.InfoRequest(), timeout=self.timeout_s)
+            reply = self.stub.Info(encoder_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
         return {
             "model_version": reply.model_version,
             "dim": reply.dim,
@@ -183,6 +203,7 @@ class EncoderClient(_Client):
             "runtime": reply.runtime,
             "card": json.loads(reply.card_json) if reply.card_json else {},
             "images_embedded": reply.images_embedded,
+            "calls_abandoned": reply.calls_abandoned,
         }
 
 
@@ -202,8 +223,15 @@ class IndexClient(_Client):
 
     service = "index"
 
-    def __init__(self, address: str = DEFAULT_INDEX, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        super().__init__(address, timeout_s)
+    def __init__(
+        self,
+        address: str = DEFAULT_INDEX,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls_ca: security.PathLike | None = None,
+        token: str | None = None,
+    ) -> None:
+        super().__init__(address, timeout_s, tls_ca=tls_ca, token=token)
         self.stub = index_pb2_grpc.IndexStub(self.channel)
 
     def upsert(
@@ -221,19 +249,23 @@ class IndexClient(_Client):
             model_version=model_version,
         )
         with self._call():
-            return int(self.stub.Upsert(request, timeout=self.timeout_s).count)
+            return int(self.stub.Upsert(request, timeout=self.timeout_s, metadata=self._metadata).count)
 
     def delete(self, ids: Sequence[str]) -> tuple[int, int]:
         """Returns (deleted, missing)."""
         with self._call():
-            reply = self.stub.Delete(index_pb2.DeleteRequest(ids=list(ids)), timeout=self.timeout_s)
+            reply = self.stub.Delete(
+                index_pb2.DeleteRequest(ids=list(ids)), timeout=self.timeout_s, metadata=self._metadata
+            )
         return reply.deleted, reply.missing
 
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
         """Returns (the stored items found, the ids missing)."""
         with self._call():
             reply = self.stub.Get(
-                index_pb2.GetRequest(ids=list(ids), with_vectors=with_vectors), timeout=self.timeout_s
+                index_pb2.GetRequest(ids=list(ids), with_vectors=with_vectors),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
             )
         vectors = wire.unpack(reply.vectors) if with_vectors else None
         items = [
@@ -245,17 +277,21 @@ class IndexClient(_Client):
     def search(self, queries: np.ndarray, k: int = 10, model_version: str = "") -> list[list[Match]]:
         request = index_pb2.SearchRequest(queries=wire.pack(queries), k=k, model_version=model_version)
         with self._call():
-            return _matches(self.stub.Search(request, timeout=self.timeout_s))
+            return _matches(self.stub.Search(request, timeout=self.timeout_s, metadata=self._metadata))
 
     def search_by_id(self, ids: Sequence[str], k: int = 10) -> list[list[Match]]:
         with self._call():
             return _matches(
-                self.stub.SearchById(index_pb2.SearchByIdRequest(ids=list(ids), k=k), timeout=self.timeout_s)
+                self.stub.SearchById(
+                    index_pb2.SearchByIdRequest(ids=list(ids), k=k),
+                    timeout=self.timeout_s,
+                    metadata=self._metadata,
+                )
             )
 
     def stats(self) -> IndexStats:
         with self._call():
-            reply = self.stub.Stats(index_pb2.StatsRequest(), timeout=self.timeout_s)
+            reply = self.stub.Stats(index_pb2.StatsRequest(), timeout=self.timeout_s, metadata=self._metadata)
         return IndexStats(reply.count, reply.dim, reply.model_version, reply.bytes_used)
 
 
@@ -264,18 +300,38 @@ def _matches(reply: index_pb2.SearchResponse) -> list[list[Match]]:
 
 
 class ImageSearch:
-    """Similar-image search through both services: embed with the encoder, store and search in the index."""
+    """Similar-image search through both services: embed with the encoder, store and search in the index.
+
+    Each argument left out comes from its env var (IMGSEARCH_ENCODER, IMGSEARCH_INDEX, IMGSEARCH_TLS_CA,
+    IMGSEARCH_TOKEN), as in the CLI; `tls_ca` turns on TLS, `token` is sent on every call."""
 
     def __init__(
         self,
         encoder: str | None = None,
         index: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        tls_ca: security.PathLike | None = None,
+        token: str | None = None,
     ) -> None:
+        tls_ca = tls_ca or os.environ.get("IMGSEARCH_TLS_CA") or None
+        token = token or os.environ.get("IMGSEARCH_TOKEN") or None
         self.encoder = EncoderClient(
-            encoder or os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER, timeout_s
+            encoder or os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER,
+            timeout_s,
+            tls_ca=tls_ca,
+            token=token,
         )
-        self.index = IndexClient(index or os.environ.get("IMGSEARCH_INDEX") or DEFAULT_INDEX, timeout_s)
+        try:
+            self.index = IndexClient(
+                index or os.environ.get("IMGSEARCH_INDEX") or DEFAULT_INDEX,
+                timeout_s,
+                tls_ca=tls_ca,
+                token=token,
+            )
+        except BaseException:
+            self.encoder.close()
+            raise
 
     def close(self) -> None:
         self.encoder.close()

@@ -23,6 +23,17 @@ class RequestError(Exception):
         self.trailing = trailing
 
 
+def call_gone(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """Returns why nobody awaits this call any more (its deadline passed, or the caller cancelled or
+    went away), or None while it is still wanted."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if not context.is_active():
+        return grpc.StatusCode.CANCELLED
+    return None
+
+
 def grpc_errors(mapping: dict[type[Exception], grpc.StatusCode]) -> Callable[[Handler], Handler]:
     """Decorates a servicer method: exceptions in `mapping` (and RequestError) abort the call with
     their status and message; anything else is logged and becomes INTERNAL."""

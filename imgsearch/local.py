@@ -15,6 +15,8 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from imgsearch import security
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -23,12 +25,15 @@ def free_port() -> int:
 
 
 def wait_healthy(
-    address: str, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None
+    address: str,
+    timeout_s: float = 60.0,
+    process: subprocess.Popen[bytes] | None = None,
+    tls_ca: security.PathLike | None = None,
 ) -> None:
-    """Returns once the service at `address` reports SERVING; raises RuntimeError after the timeout
-    or as soon as its process exits."""
+    """Returns once the service at `address` reports SERVING (over TLS when `tls_ca` is given); raises
+    RuntimeError after the timeout or as soon as its process exits."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with security.open_channel(address, tls_ca=tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -70,8 +75,8 @@ class ServiceProcess:
             log.close()
         return self
 
-    def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        wait_healthy(self.address, timeout_s, self.process)
+    def wait_healthy(self, timeout_s: float = 60.0, tls_ca: security.PathLike | None = None) -> None:
+        wait_healthy(self.address, timeout_s, self.process, tls_ca)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL if it has not exited in time; returns the exit code."""
@@ -118,8 +123,9 @@ class LocalServices:
         try:
             self.encoder.start()
             self.index.start()
-            self.encoder.wait_healthy()
-            self.index.wait_healthy()
+            tls_ca = os.environ.get("IMGSEARCH_TLS_CA") or None  # services started with TLS settings
+            self.encoder.wait_healthy(tls_ca=tls_ca)
+            self.index.wait_healthy(tls_ca=tls_ca)
         except BaseException:
             self.stop()
             raise

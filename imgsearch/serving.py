@@ -1,4 +1,5 @@
-"""What both gRPC services share: flags with env defaults, logging, health, reflection, graceful stop."""
+"""What both gRPC services share: flags with env defaults, logging, health, reflection, graceful stop,
+TLS, token auth and the bound on calls in flight."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from imgsearch import security
 
 log = logging.getLogger("imgsearch")
 
@@ -39,6 +42,16 @@ class ServerSettings:
     grace_s: float
     log_format: str
     log_level: str
+    max_concurrent_rpcs: int = 64
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the server speaks only TLS
+    tls_key: str | None = None
+    auth_token: security.Secret | None = None  # when set, every call but health needs it
+
+    def security_summary(self) -> str:
+        """Returns e.g. "TLS, bearer token" for the start-up line."""
+        return ", ".join(
+            ["TLS" if self.tls_cert else "plaintext", "bearer token" if self.auth_token else "no auth"]
+        )
 
 
 def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
@@ -83,10 +96,67 @@ def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, defaul
         default=env_or("IMGSEARCH_LOG_LEVEL", "INFO"),
         help="log level (env IMGSEARCH_LOG_LEVEL, default INFO)",
     )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=env_or("IMGSEARCH_MAX_CONCURRENT_RPCS", 64),
+        help="calls in flight (running or queued) past which a call is refused at once with "
+        "RESOURCE_EXHAUSTED (env IMGSEARCH_MAX_CONCURRENT_RPCS, default 64)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=env_or("IMGSEARCH_TLS_CERT", None),
+        help="PEM certificate chain; with --tls-key the service speaks only TLS (env IMGSEARCH_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=env_or("IMGSEARCH_TLS_KEY", None),
+        help="PEM private key of --tls-cert (env IMGSEARCH_TLS_KEY)",
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=env_or("IMGSEARCH_AUTH_TOKEN", None),
+        help="require `authorization: Bearer TOKEN` on every call but health (env IMGSEARCH_AUTH_TOKEN)",
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        default=env_or("IMGSEARCH_AUTH_TOKEN_FILE", None),
+        help="read the token from this file, e.g. a Docker secret (env IMGSEARCH_AUTH_TOKEN_FILE)",
+    )
+
+
+def _auth_token(args: argparse.Namespace) -> security.Secret | None:
+    """Returns the token from --auth-token or --auth-token-file; empty strings mean off."""
+    if args.auth_token and args.auth_token_file:
+        raise SystemExit("give --auth-token or --auth-token-file, not both")
+    if args.auth_token_file:
+        try:
+            return security.Secret(security.read_token_file(args.auth_token_file))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--auth-token-file: {error}") from None
+    token = (args.auth_token or "").strip()
+    return security.Secret(token) if token else None
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """Returns (cert, key): both or neither, each readable."""
+    cert, key = args.tls_cert or None, args.tls_key or None
+    if (cert is None) != (key is None):
+        raise SystemExit(
+            "TLS needs both --tls-cert and --tls-key (env IMGSEARCH_TLS_CERT, IMGSEARCH_TLS_KEY), "
+            f"got only {'--tls-cert' if cert else '--tls-key'}"
+        )
+    if cert is not None and key is not None:
+        try:
+            security.server_credentials(cert, key)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"TLS: {error}") from None
+    return cert, key
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
-    """Returns the server part of parsed flags, checked."""
+    """Returns the server part of parsed flags, checked; a bad TLS or token setting fails here."""
+    tls_cert, tls_key = _tls_files(args)
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -95,6 +165,10 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         grace_s=args.grace_s,
         log_format=args.log_format,
         log_level=args.log_level.upper(),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        auth_token=_auth_token(args),
     )
     if not 0 <= settings.port <= 65535:
         raise SystemExit(f"--port must be 0 to 65535, got {settings.port}")
@@ -102,6 +176,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         raise SystemExit(f"--workers must be at least 1, got {settings.workers}")
     if settings.max_message_bytes < 1024:
         raise SystemExit(f"--max-message-bytes must be at least 1024, got {settings.max_message_bytes}")
+    if settings.max_concurrent_rpcs < 1:
+        raise SystemExit(f"--max-concurrent-rpcs must be at least 1, got {settings.max_concurrent_rpcs}")
     return settings
 
 
@@ -132,7 +208,8 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
 
 
 class GrpcServer:
-    """A grpc.Server with health and reflection, started on a port and stopped gracefully."""
+    """A grpc.Server with health and reflection, started on a port and stopped gracefully; TLS, token
+    auth and the bound on calls in flight as the settings say."""
 
     def __init__(
         self,
@@ -141,13 +218,20 @@ class GrpcServer:
         register: Callable[[grpc.Server], None],
     ) -> None:
         self.settings = settings
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = (
+            [security.BearerTokenInterceptor(settings.auth_token.value)] if settings.auth_token else []
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on a port in use must fail, not share it
             ],
+            # Past this many calls in flight, gRPC answers RESOURCE_EXHAUSTED at once instead of
+            # queueing without bound behind the workers.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         register(self._server)
         self._health = health.HealthServicer()
@@ -162,7 +246,16 @@ class GrpcServer:
         """Binds, starts serving, reports SERVING; returns the bound port."""
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            credentials = None
+            if self.settings.tls_cert and self.settings.tls_key:
+                credentials = security.server_credentials(self.settings.tls_cert, self.settings.tls_key)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"TLS: {error}") from None
+        try:
+            if credentials is not None:
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError as error:
             raise SystemExit(f"cannot listen on {address}: {error}") from error
         self._server.start()
@@ -196,7 +289,11 @@ def run_until_signal(server: GrpcServer, name: str, on_stopped: Callable[[], Non
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     port = server.start()
-    log.info("%s: serving on %s:%d", name, server.settings.host, port)
+    log.info(
+        "%s: serving on %s:%d (%s)", name, server.settings.host, port, server.settings.security_summary()
+    )
+    if server.settings.auth_token and not server.settings.tls_cert:
+        log.warning("%s: the bearer token travels in clear text; add --tls-cert and --tls-key", name)
     while not stop.wait(0.5):
         pass
     server.stop()

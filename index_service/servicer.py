@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from imgsearch import vectors as wire
-from imgsearch.errors import RequestError, grpc_errors
+from imgsearch.errors import RequestError, call_gone, grpc_errors
 from imgsearch.v1 import index_pb2, index_pb2_grpc
 from index_service.store import (
     FailedPrecondition,
@@ -42,6 +42,13 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     def __init__(self, store: VectorStore, max_batch: int) -> None:
         self.store = store
         self.max_batch = max_batch
+
+    @staticmethod
+    def _skip_if_gone(context: grpc.ServicerContext) -> None:
+        """A search that waited in the queue past its deadline is not worth running."""
+        code = call_gone(context)
+        if code is not None:
+            raise RequestError(code, f"abandoned before searching: {code.name.lower().replace('_', ' ')}")
 
     def _check_batch(self, count: int, what: str) -> None:
         if count > self.max_batch:
@@ -85,6 +92,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     ) -> index_pb2.SearchResponse:
         queries = wire.unpack(request.queries)
         self._check_batch(queries.shape[0], "queries")
+        self._skip_if_gone(context)
         return _neighbors(self.store.search(queries, request.k, request.model_version))
 
     @grpc_errors(ERRORS)
@@ -92,6 +100,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self, request: index_pb2.SearchByIdRequest, context: grpc.ServicerContext
     ) -> index_pb2.SearchResponse:
         self._check_batch(len(request.ids), "ids")
+        self._skip_if_gone(context)
         return _neighbors(self.store.search_by_id(list(request.ids), request.k))
 
     @grpc_errors(ERRORS)

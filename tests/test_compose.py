@@ -22,6 +22,7 @@ from imgsearch import healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+SECURE_FILE = ROOT / "docker-compose.secure.yml"
 HEALTHCHECK_MODULE = "imgsearch.healthcheck"
 # service -> (the pip extra its image installs, the container port it listens on; None for the CLI)
 SERVICES: dict[str, tuple[str, int | None]] = {
@@ -31,12 +32,21 @@ SERVICES: dict[str, tuple[str, int | None]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    with COMPOSE_FILE.open() as f:
+def load(path: Path) -> dict[str, Any]:
+    with path.open() as f:
         loaded = yaml.safe_load(f)
     assert isinstance(loaded, dict)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def secure() -> dict[str, Any]:
+    return load(SECURE_FILE)
 
 
 def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
@@ -187,18 +197,98 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     assert {".venv", ".git", "imgsearch/v1"} <= patterns
 
 
-def test_docker_compose_accepts_the_file() -> None:
+@pytest.mark.parametrize("files", [[COMPOSE_FILE], [COMPOSE_FILE, SECURE_FILE]], ids=["base", "secure"])
+def test_docker_compose_accepts_the_file(files: list[Path]) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("no docker-compose on PATH")
     result = subprocess.run(
-        [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
+        [binary, *(arg for path in files for arg in ("-f", str(path))), "config"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    merged = yaml.safe_load(result.stdout)
+    if SECURE_FILE in files:
+        environment = merged["services"]["index"]["environment"]
+        assert environment["IMGSEARCH_TLS_CERT"] == "/run/secrets/imgsearch_tls_cert"
+        assert environment["IMGSEARCH_DATA_DIR"] == "/data"  # the base's settings survive the merge
+        assert {s["source"] for s in merged["services"]["encoder"]["secrets"]} >= {"imgsearch_tls_key"}
+
+
+# TLS, tokens and the bound on calls in flight: passed through empty (off) in the base file.
+
+SERVER_PASS_THROUGH = [
+    "IMGSEARCH_TLS_CERT",
+    "IMGSEARCH_TLS_KEY",
+    "IMGSEARCH_TLS_CA",
+    "IMGSEARCH_TLS_SERVER_NAME",
+    "IMGSEARCH_AUTH_TOKEN",
+    "IMGSEARCH_AUTH_TOKEN_FILE",
+    "IMGSEARCH_MAX_CONCURRENT_RPCS",
+]
+
+
+@pytest.mark.parametrize(
+    "name,variables",
+    [
+        ("encoder", SERVER_PASS_THROUGH),
+        ("index", SERVER_PASS_THROUGH),
+        ("client", ["IMGSEARCH_TLS_CA", "IMGSEARCH_TOKEN", "IMGSEARCH_TOKEN_FILE"]),
+    ],
+)
+def test_security_settings_pass_through_empty(
+    compose: dict[str, Any], name: str, variables: list[str]
+) -> None:
+    environment = service(compose, name)["environment"]
+    for variable in variables:
+        assert environment[variable] == f"${{{variable}:-}}", variable
+        assert with_defaults(environment[variable]) == ""
+
+
+# docker-compose.secure.yml: both services (and the client) get TLS and the token from Docker secrets.
+
+SECRET_FILES = {
+    "imgsearch_token": "./secrets/token",
+    "imgsearch_tls_cert": "./secrets/tls.crt",
+    "imgsearch_tls_key": "./secrets/tls.key",
+    "imgsearch_tls_ca": "./secrets/ca.crt",
+}
+
+
+def mounted(spec: dict[str, Any]) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in spec.get("secrets", [])}
+
+
+def test_the_override_declares_its_secrets_from_files(secure: dict[str, Any]) -> None:
+    assert {name: spec["file"] for name, spec in secure["secrets"].items()} == SECRET_FILES
+    assert set(secure["services"]) <= set(SERVICES)
+    assert (
+        "secrets" in (ROOT / ".gitignore").read_text() and "secrets" in (ROOT / ".dockerignore").read_text()
+    )
+
+
+@pytest.mark.parametrize("name", ["encoder", "index"])
+def test_the_override_turns_on_tls_and_the_token(secure: dict[str, Any], name: str) -> None:
+    spec = service(secure, name)
+    assert mounted(spec) == set(SECRET_FILES)
+    environment = spec["environment"]
+    assert environment["IMGSEARCH_TLS_CERT"] == "/run/secrets/imgsearch_tls_cert"
+    assert environment["IMGSEARCH_TLS_KEY"] == "/run/secrets/imgsearch_tls_key"
+    assert environment["IMGSEARCH_AUTH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
+    assert environment["IMGSEARCH_AUTH_TOKEN"] == "", "a shell token and the file would clash"
+    # the HEALTHCHECK probe in the container speaks TLS to localhost, checking the certificate's name
+    assert environment["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
+    assert environment["IMGSEARCH_TLS_SERVER_NAME"] == name
+
+
+def test_the_override_gives_the_client_the_ca_and_token(secure: dict[str, Any]) -> None:
+    client = service(secure, "client")
+    assert mounted(client) == {"imgsearch_token", "imgsearch_tls_ca"}, "the client needs no key"
+    assert client["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
+    assert client["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
 
 
 # imgsearch.healthcheck, against an in-process server.
