@@ -31,6 +31,12 @@ class ImageError(ValueError):
     """An input that cannot be turned into a model input; str() says what was wrong."""
 
 
+def quiet_pillow_warnings() -> None:
+    """Ignores Pillow's UserWarnings (corrupt EXIF and the like) process-wide: the image still decodes,
+    and a service should not print a line for every odd file a user sends. Called by the service."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+
 def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> np.ndarray:
     """Decode an encoded image (PNG, JPEG, BMP, GIF, WebP, TIFF) into the model's [28, 28] input."""
     if not data:
@@ -51,9 +57,11 @@ def from_raw_pixels(height: int, width: int, pixels: bytes) -> np.ndarray:
 
 def fit_to_mnist(gray: np.ndarray) -> np.ndarray:
     """Fit a 2-D ink-is-high image in [0, 1] into [28, 28] the MNIST way (a 28x28 input is kept as it is)."""
-    image = np.asarray(gray, dtype=np.float32)
-    if image.ndim != 2 or image.size == 0:
-        raise ImageError(f"expected a non-empty 2-D image, got shape {image.shape}")
+    values = np.asarray(gray)
+    if values.ndim != 2 or values.size == 0:
+        raise ImageError(f"expected a non-empty 2-D image, got shape {values.shape}")
+    # clip before the float32 cast: out-of-range values would overflow it and Lanczos' arithmetic
+    image = np.clip(np.nan_to_num(values.astype(np.float64), nan=0.0), 0.0, 1.0).astype(np.float32)
     if image.shape == (MODEL_SIZE, MODEL_SIZE):
         return np.clip(image, 0.0, 1.0)
     box = _ink_box(image)
