@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/imgsearch/v1/*.proto)
 STUBS := imgsearch/v1/__init__.py
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup proto test lint demo up train clean
+.PHONY: help setup proto test lint demo up train bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -41,7 +41,7 @@ test: setup ## run the test suite
 lint: setup ## ruff (lint and format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy imgsearch encoder_service index_service tests
+	$(VENV)/bin/mypy imgsearch encoder_service index_service bench tests
 
 demo: setup ## index the MNIST sample through both services, evaluate, write out/similar.png
 	$(PY) -m imgsearch.demo
@@ -51,6 +51,10 @@ up: setup ## run both services in the foreground (Ctrl-C stops them)
 
 train: setup ## retrain the shipped default model on the MNIST sample's index split
 	$(PY) -m encoder_service.train --dataset mnist-sample --epochs 10 --output encoder_service/models/default
+
+bench: setup ## the benchmark: services beside in-process references; writes bench/results/REPORT.md
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) -m bench
 
 clean: ## remove the virtualenv, stubs and outputs
 	rm -rf $(VENV) imgsearch/v1 out build *.egg-info
