@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from index_service.memory import release_free_memory
 from index_service.snapshot import newest_valid_snapshot, remove_older_snapshots, write_snapshot
 from index_service.store import Operation, StorageFull, StorageUnavailable, VectorStore
 from index_service.wal import LogWriteError, RecoveryError, WriteAheadLog, recover
@@ -100,6 +101,7 @@ class DurableStore:
         except BaseException:
             self._lock_file.close()
             raise
+        release_free_memory()  # what loading the snapshot and replaying the log left on the heap
         for stale in data_dir.glob("*.tmp"):
             stale.unlink(missing_ok=True)
         stats = self.store.stats()

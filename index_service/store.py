@@ -8,15 +8,21 @@ through `_apply`.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
+from index_service.memory import release_free_memory
 from index_service.rwlock import ReadWriteLock
 
 MAX_ID_BYTES = 256
+BULK_ITEMS = 4096  # an upsert this large may have grown FAISS's storage: give the slack back
+BATCH_THREADS_FROM = 8  # queries in one call from which FAISS gets every core instead of one
+_CORES = len(os.sched_getaffinity(0))
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 256
 MAX_METADATA_VALUE_BYTES = 4096
@@ -145,7 +151,11 @@ def check_vectors(vectors: np.ndarray, what: str = "vector") -> np.ndarray:
 
 
 class VectorStore:
-    """Exact-L2 k-NN over string ids with metadata; thread-safe (concurrent reads, exclusive writes)."""
+    """Exact-L2 k-NN over string ids with metadata; thread-safe (concurrent reads, exclusive writes).
+
+    Memory per item is kept close to its vector: a plain `IndexFlatL2` whose row n belongs to
+    `_ids[n]` (no FAISS id map), an id -> row dict, and metadata as compact JSON bytes (None when
+    empty). A replaced item keeps its row; a deleted one's row is refilled from the last row."""
 
     def __init__(
         self,
@@ -160,11 +170,10 @@ class VectorStore:
         self._lock = ReadWriteLock()
         self._dim = 0
         self._model_version = ""
-        self._index: faiss.IndexIDMap2 | None = None
-        self._label_of: dict[str, int] = {}
-        self._id_of: dict[int, str] = {}
-        self._metadata: dict[str, dict[str, str]] = {}
-        self._next_label = 0
+        self._index: faiss.IndexFlatL2 | None = None
+        self._ids: list[str] = []  # row -> id
+        self._row_of: dict[str, int] = {}  # id -> row
+        self._metadata: list[bytes | None] = []  # row -> JSON of its metadata, None when empty
         self._text_bytes = 0
         if state is not None:
             self._load(state)
@@ -190,14 +199,18 @@ class VectorStore:
         operation = Upsert(checked_ids, array, check_metadata(metadata, len(checked_ids)), model_version)
         with self._lock.write():
             self._commit(operation)
-            return len(self._label_of)
+            count = len(self._ids)
+        if len(checked_ids) >= BULK_ITEMS:
+            del operation, array  # the batch's own copies go first, then their pages too
+            release_free_memory()
+        return count
 
     def delete(self, ids: Sequence[str]) -> tuple[int, int]:
         """Removes ids; returns (deleted, missing)."""
         checked_ids = check_ids(list(dict.fromkeys(ids)))
         _check_not_empty(len(checked_ids), "ids")
         with self._lock.write():
-            present = tuple(i for i in checked_ids if i in self._label_of)
+            present = tuple(i for i in checked_ids if i in self._row_of)
             if present:
                 self._commit(Delete(present))
             return len(present), len(checked_ids) - len(present)
@@ -209,9 +222,9 @@ class VectorStore:
         StorageUnavailable when it cannot make the operation durable: then nothing is applied."""
         if isinstance(operation, Upsert) and operation.ids:
             dim = operation.vectors.shape[1]
-            if self._label_of and dim != self._dim:
+            if self._ids and dim != self._dim:
                 raise InvalidArgument(f"vectors have dim {dim}, the index holds dim {self._dim}")
-            if self._label_of and operation.model_version != self._model_version:
+            if self._ids and operation.model_version != self._model_version:
                 raise FailedPrecondition(
                     f"vectors are from model version {operation.model_version!r}, the index holds "
                     f"{self._model_version!r}; re-index into a fresh index to change models"
@@ -233,33 +246,59 @@ class VectorStore:
             return
         if not operation.ids:
             return
-        if self._index is None or not self._label_of:
+        if self._index is None or not self._ids:
             self._reset(operation.vectors.shape[1], operation.model_version)
         assert self._index is not None
-        self._remove(tuple(i for i in operation.ids if i in self._label_of))
-        labels = np.arange(self._next_label, self._next_label + len(operation.ids), dtype=np.int64)
-        self._next_label += len(operation.ids)
-        self._index.add_with_ids(operation.vectors, labels)
-        for item_id, label, entries in zip(operation.ids, labels.tolist(), operation.metadata, strict=True):
-            self._label_of[item_id] = label
-            self._id_of[label] = item_id
-            self._metadata[item_id] = entries
-            self._text_bytes += _text_size(item_id, entries)
+        rows = self._rows()
+        new_positions = []
+        for position, (item_id, entries) in enumerate(zip(operation.ids, operation.metadata, strict=True)):
+            encoded = _encode_metadata(entries)
+            row = self._row_of.get(item_id)
+            if row is None:
+                new_positions.append(position)
+                self._row_of[item_id] = len(self._ids)
+                self._ids.append(item_id)
+                self._metadata.append(encoded)
+                self._text_bytes += len(item_id.encode()) + len(encoded or b"")
+            else:
+                rows[row] = operation.vectors[position]
+                self._text_bytes += len(encoded or b"") - len(self._metadata[row] or b"")
+                self._metadata[row] = encoded
+        if new_positions:
+            self._index.add(np.ascontiguousarray(operation.vectors[new_positions]))
 
     def _remove(self, ids: Sequence[str]) -> None:
+        """Deletes rows by moving the last live row into each gap, then cutting the tail off."""
         if not ids or self._index is None:
             return
-        labels = np.array([self._label_of[i] for i in ids], dtype=np.int64)
-        self._index.remove_ids(labels)  # type: ignore[arg-type]  # the SWIG wrapper takes an array
-        for item_id, label in zip(ids, labels.tolist(), strict=True):
-            del self._label_of[item_id]
-            del self._id_of[label]
-            self._text_bytes -= _text_size(item_id, self._metadata.pop(item_id))
+        count = len(self._ids)
+        rows = self._rows()
+        last = count - 1
+        for row in sorted((self._row_of.pop(i) for i in ids), reverse=True):
+            self._text_bytes -= len(self._ids[row].encode()) + len(self._metadata[row] or b"")
+            if row != last:
+                moved = self._ids[last]
+                rows[row] = rows[last]
+                self._ids[row], self._metadata[row] = moved, self._metadata[last]
+                self._row_of[moved] = row
+            self._ids.pop()
+            self._metadata.pop()
+            last -= 1
+        self._index.remove_ids(faiss.IDSelectorRange(last + 1, count))
+
+    def _rows(self) -> np.ndarray:
+        """Returns a writable [count, dim] view of the vectors inside the FAISS index."""
+        assert self._index is not None
+        count = self._index.ntotal
+        if count == 0:
+            return np.zeros((0, self._dim), np.float32)
+        pointer = self._index.get_xb()  # type: ignore[attr-defined]
+        return faiss.rev_swig_ptr(pointer, count * self._dim).reshape(count, self._dim)
 
     def _reset(self, dim: int, model_version: str) -> None:
         self._dim = dim
         self._model_version = model_version
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+        self._index = faiss.IndexFlatL2(dim)
 
     def _load(self, state: StoreState) -> None:
         if state.dim:
@@ -274,10 +313,14 @@ class VectorStore:
         checked_ids = check_ids(ids, unique=False)
         _check_not_empty(len(checked_ids), "ids")
         with self._lock.read():
-            found = [i for i in checked_ids if i in self._label_of]
-            missing = [i for i in checked_ids if i not in self._label_of]
-            vectors = self._vectors_of(found)
-            return [(i, dict(self._metadata[i])) for i in found], vectors, missing
+            found = [i for i in checked_ids if i in self._row_of]
+            missing = [i for i in checked_ids if i not in self._row_of]
+            rows = [self._row_of[i] for i in found]
+            return (
+                [(i, self._metadata_of(r)) for i, r in zip(found, rows, strict=True)],
+                self._copy(rows),
+                missing,
+            )
 
     def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]:
         """Returns the k nearest stored items of each query, nearest first."""
@@ -300,17 +343,16 @@ class VectorStore:
         checked_ids = check_ids(ids, unique=False)
         _check_not_empty(len(checked_ids), "ids")
         with self._lock.read():
-            missing = [i for i in checked_ids if i not in self._label_of]
+            missing = [i for i in checked_ids if i not in self._row_of]
             if missing:
                 raise NotFound(f"id {missing[0]!r} is not in the index")
-            vectors = self._vectors_of(list(checked_ids))
-            return self._search(vectors, k, exclude=[self._label_of[i] for i in checked_ids])
+            rows = [self._row_of[i] for i in checked_ids]
+            return self._search(self._copy(rows), k, exclude=rows)
 
     def stats(self) -> Stats:
         with self._lock.read():
-            count = len(self._label_of)
-            vector_bytes = count * self._dim * 4 + count * 8  # vectors and the FAISS id map
-            return Stats(count, self._dim, self._model_version, vector_bytes + self._text_bytes)
+            count = len(self._ids)
+            return Stats(count, self._dim, self._model_version, count * self._dim * 4 + self._text_bytes)
 
     def state(self, while_consistent: Callable[[], None] | None = None) -> StoreState:
         """Returns a consistent copy of everything stored (for a snapshot).
@@ -318,13 +360,12 @@ class VectorStore:
         `while_consistent` runs while writers are still held off, so what it does (rotating the
         log) happens exactly at the copy's lsn."""
         with self._lock.read():
-            ids = list(self._label_of)
             state = StoreState(
                 dim=self._dim,
                 model_version=self._model_version,
-                ids=ids,
-                metadata=[dict(self._metadata[i]) for i in ids],
-                vectors=self._all_vectors(ids),
+                ids=list(self._ids),
+                metadata=[self._metadata_of(row) for row in range(len(self._ids))],
+                vectors=self._rows().copy() if self._index is not None else np.zeros((0, 0), np.float32),
                 lsn=self.lsn,
             )
             if while_consistent is not None:
@@ -335,44 +376,44 @@ class VectorStore:
         if not 1 <= k <= self.max_k:
             raise InvalidArgument(f"k must be 1 to {self.max_k}, got {k}")
 
-    def _all_vectors(self, ids: Sequence[str]) -> np.ndarray:
-        """Returns every stored vector in the order of `ids` (all the stored ids), in one pass."""
-        if not ids or self._index is None:
-            return np.zeros((0, self._dim), dtype=np.float32)
-        flat = faiss.downcast_index(self._index.index)
-        xb = flat.get_xb()  # type: ignore[attr-defined]  # downcast gives the IndexFlat, which has it
-        vectors = faiss.rev_swig_ptr(xb, flat.ntotal * self._dim).reshape(flat.ntotal, self._dim)
-        labels = faiss.vector_to_array(self._index.id_map)
-        row_of = {label: row for row, label in enumerate(labels.tolist())}
-        return np.array(vectors[[row_of[self._label_of[i]] for i in ids]], dtype=np.float32)
+    def _copy(self, rows: Sequence[int]) -> np.ndarray:
+        if not rows or self._index is None:
+            return np.zeros((len(rows), self._dim), dtype=np.float32)
+        return self._rows()[list(rows)]
 
-    def _vectors_of(self, ids: Sequence[str]) -> np.ndarray:
-        if not ids or self._index is None:
-            return np.zeros((0, self._dim), dtype=np.float32)
-        return np.stack([self._index.reconstruct(self._label_of[i]) for i in ids]).astype(np.float32)
+    def _metadata_of(self, row: int) -> dict[str, str]:
+        encoded = self._metadata[row]
+        return json.loads(encoded) if encoded is not None else {}
 
     def _search(self, queries: np.ndarray, k: int, exclude: list[int] | None) -> list[list[Match]]:
-        count = len(self._label_of)
+        count = len(self._ids)
         if self._index is None or count == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
         fetch = min(k + (1 if exclude is not None else 0), count)
-        squared, labels = self._index.search(queries, fetch)
+        # One query is fastest on one thread; a batch wants every core. OpenMP keeps this per thread.
+        faiss.omp_set_num_threads(1 if queries.shape[0] < BATCH_THREADS_FROM else _CORES)
+        squared, rows = self._index.search(queries, fetch)
+        distances = np.sqrt(np.maximum(squared, 0.0))
         results = []
-        for row, (row_squared, row_labels) in enumerate(zip(squared, labels, strict=True)):
+        for query, (row_distances, row_rows) in enumerate(
+            zip(distances.tolist(), rows.tolist(), strict=True)
+        ):
             matches = []
-            for d2, label in zip(row_squared.tolist(), row_labels.tolist(), strict=True):
-                if label < 0 or (exclude is not None and label == exclude[row]):
+            for distance, row in zip(row_distances, row_rows, strict=True):
+                if row < 0 or (exclude is not None and row == exclude[query]):
                     continue
-                item_id = self._id_of[label]
-                matches.append(Match(item_id, float(np.sqrt(max(d2, 0.0))), self._metadata[item_id]))
+                matches.append(Match(self._ids[row], distance, self._metadata_of(row)))
             results.append(matches[:k])
         return results
+
+
+def _encode_metadata(entries: Mapping[str, str]) -> bytes | None:
+    """Returns metadata as compact JSON bytes (a fraction of a dict's memory), None when empty."""
+    if not entries:
+        return None
+    return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _check_not_empty(count: int, what: str) -> None:
     if count == 0:
         raise InvalidArgument(f"the batch is empty: send at least one of the {what}")
-
-
-def _text_size(item_id: str, metadata: Mapping[str, str]) -> int:
-    return len(item_id.encode()) + sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
