@@ -42,7 +42,7 @@ def decode_image(data: bytes, *, max_pixels: int = 40_000_000) -> np.ndarray:
     if not data:
         raise ImageError("empty image")
     gray = _ink_is_high(_decode_gray(bytes(data), max_pixels))
-    return fit_to_mnist(_to_unit(gray))
+    return _fit(_to_unit(gray))  # already float32 in [0, 1]: fit_to_mnist's clipping would change nothing
 
 
 def from_raw_pixels(height: int, width: int, pixels: bytes) -> np.ndarray:
@@ -61,9 +61,13 @@ def fit_to_mnist(gray: np.ndarray) -> np.ndarray:
     if values.ndim != 2 or values.size == 0:
         raise ImageError(f"expected a non-empty 2-D image, got shape {values.shape}")
     # clip before the float32 cast: out-of-range values would overflow it and Lanczos' arithmetic
-    image = np.clip(np.nan_to_num(values.astype(np.float64), nan=0.0), 0.0, 1.0).astype(np.float32)
+    return _fit(np.clip(np.nan_to_num(values.astype(np.float64), nan=0.0), 0.0, 1.0).astype(np.float32))
+
+
+def _fit(image: np.ndarray) -> np.ndarray:
+    """fit_to_mnist of a new 2-D float32 array already in [0, 1] (so a 28x28 one is returned as it is)."""
     if image.shape == (MODEL_SIZE, MODEL_SIZE):
-        return np.clip(image, 0.0, 1.0)
+        return image
     box = _ink_box(image)
     if box is None:
         return np.clip(_resize(image, MODEL_SIZE, MODEL_SIZE, Image.Resampling.BOX), 0.0, 1.0)
@@ -75,7 +79,8 @@ def _decode_gray(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode the first frame into 8-bit grayscale, turning every decoding failure into ImageError."""
     try:
         with _load_first_frame(data, max_pixels) as image:
-            ImageOps.exif_transpose(image, in_place=True)
+            if _may_have_orientation(image):
+                ImageOps.exif_transpose(image, in_place=True)
             return _to_gray(image)
     except ImageError:
         raise
@@ -100,6 +105,16 @@ def _load_first_frame(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+# Where Pillow's Image.getexif() looks for an Orientation tag: EXIF blocks in `info`, XMP packets in
+# `info`, and a TIFF's own tags. An image with none of them has no orientation to apply, and skipping
+# ImageOps.exif_transpose for it (most images) saves its cost; the result is the same.
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _may_have_orientation(image: Image.Image) -> bool:
+    return hasattr(image, "tag_v2") or any(key in image.info for key in _ORIENTATION_SOURCES)
+
+
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:
     """Refuse an image whose width * height is over max_pixels."""
     width, height = size
@@ -120,7 +135,9 @@ def _to_gray(image: Image.Image) -> np.ndarray:
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
-    if image.mode not in ("L", "RGB", "RGBA", "P", "1"):
+    if image.mode == "L":  # already grayscale: convert("L") would only copy it
+        return np.asarray(image, dtype=np.uint8)
+    if image.mode not in ("RGB", "RGBA", "P", "1"):
         image = image.convert("RGB")  # CMYK, YCbCr, ...
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
@@ -132,9 +149,14 @@ def _round_u8(values: np.ndarray) -> np.ndarray:
 
 def _ink_is_high(gray: np.ndarray) -> np.ndarray:
     """Invert a uint8 image whose outermost 1-pixel frame has a median >= 128 (a light background)."""
-    if np.median(_border(gray)) >= LIGHT_BORDER:
-        return 255 - gray
-    return gray
+    # np.median, exactly, at a tenth of its cost: the middle value, or the mean of the two middle ones.
+    frame = np.sort(_border(gray))
+    middle = len(frame) // 2
+    if len(frame) % 2:
+        light = int(frame[middle]) >= LIGHT_BORDER
+    else:
+        light = len(frame) > 0 and int(frame[middle - 1]) + int(frame[middle]) >= 2 * LIGHT_BORDER
+    return 255 - gray if light else gray
 
 
 def _border(image: np.ndarray) -> np.ndarray:

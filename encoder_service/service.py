@@ -27,6 +27,7 @@ class EncoderConfig:
     max_batch: int
     max_image_bytes: int
     max_image_pixels: int
+    batch_window_ms: float = 0.0
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
@@ -67,9 +68,19 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         default=env_or("IMGSEARCH_MAX_IMAGE_PIXELS", 40_000_000),
         help="largest image in pixels, checked before decoding (env IMGSEARCH_MAX_IMAGE_PIXELS, default 40M)",
     )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=env_or("IMGSEARCH_ENCODER_BATCH_WINDOW_MS", 0.0),
+        help="dynamic batching: the first of several calls in flight waits up to this long to run the "
+        "model once for all of them; 0 turns it off (env IMGSEARCH_ENCODER_BATCH_WINDOW_MS, default 0: "
+        "it does not pay on the shipped model, see bench/results/REPORT.md)",
+    )
     args = parser.parse_args(argv)
     if min(args.max_batch, args.max_image_bytes, args.max_image_pixels) < 1:
         parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")
+    if not 0 <= args.batch_window_ms <= 1000:
+        parser.error("--batch-window-ms must be 0 to 1000")
     return EncoderConfig(
         server_settings(args),
         args.model_dir,
@@ -77,6 +88,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         args.max_batch,
         args.max_image_bytes,
         args.max_image_pixels,
+        args.batch_window_ms,
     )
 
 
@@ -99,6 +111,7 @@ class EncoderService:
             max_batch=config.max_batch,
             max_image_bytes=config.max_image_bytes,
             max_image_pixels=config.max_image_pixels,
+            batch_window_s=config.batch_window_ms / 1000,
         )
         service = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
         self.server = GrpcServer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -16,15 +17,23 @@ from imgsearch.errors import RequestError, call_gone, grpc_errors
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
 
 BAD_IMAGE_KEY = "imgsearch-bad-image"  # trailing metadata: the position of the image that failed
+CHECK_EVERY_S = 0.005  # while decoding a batch, look this often whether its caller still waits
 
 log = logging.getLogger(__name__)
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def __init__(
-        self, runtime: Runtime, *, max_batch: int, max_image_bytes: int, max_image_pixels: int
+        self,
+        runtime: Runtime,
+        *,
+        max_batch: int,
+        max_image_bytes: int,
+        max_image_pixels: int,
+        batch_window_s: float = 0.0,
     ) -> None:
         self.runtime = runtime
+        self.batcher = MicroBatcher(runtime, batch_window_s) if batch_window_s > 0 else None
         self.max_batch = max_batch
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
@@ -39,11 +48,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 return from_raw_pixels(image.raw.height, image.raw.width, image.raw.pixels)
             if kind is None:
                 raise ImageError("empty image: neither encoded bytes nor raw pixels")
-            if len(image.encoded) > self.max_image_bytes:
+            data = image.encoded  # each read of the field makes a new bytes object: read it once
+            if len(data) > self.max_image_bytes:
                 raise ImageError(
-                    f"{len(image.encoded)} bytes, over the limit of {self.max_image_bytes} bytes per image"
+                    f"{len(data)} bytes, over the limit of {self.max_image_bytes} bytes per image"
                 )
-            return decode_image(image.encoded, max_pixels=self.max_image_pixels)
+            return decode_image(data, max_pixels=self.max_image_pixels)
         except ImageError as error:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -61,16 +71,34 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{count} images in one call; the limit is {self.max_batch} (--max-batch)",
             )
-        height, width, _ = self.runtime.input_shape
-        batch = np.empty((count, height, width), dtype=np.float32)
-        for position, image in enumerate(request.images):
-            self._give_up_if_gone(context, f"after decoding {position} of {count} images")
-            batch[position] = self._decode(position, image)
-        self._give_up_if_gone(context, f"after decoding {count} images, before the model")
-        vectors = self.runtime.embed(batch)
+        if self.batcher is None:
+            vectors = self.runtime.embed(self._decode_all(request, context))
+        else:
+            self.batcher.start()
+            try:
+                batch = self._decode_all(request, context)
+            except BaseException:
+                self.batcher.cancel()
+                raise
+            vectors = self.batcher.embed(batch)
         with self._counts_lock:
             self._embedded += count
         return encoder_pb2.EmbedResponse(vectors=wire.pack(vectors), model_version=self.runtime.model_version)
+
+    def _decode_all(self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext) -> np.ndarray:
+        """The request's images as the model's input batch, float32 [N, H, W]."""
+        count = len(request.images)
+        height, width, _ = self.runtime.input_shape
+        batch = np.empty((count, height, width), dtype=np.float32)
+        checked = -CHECK_EVERY_S
+        for position, image in enumerate(request.images):
+            now = time.monotonic()
+            if now - checked >= CHECK_EVERY_S:  # before each image of a slow batch, not of a fast one
+                self._give_up_if_gone(context, f"after decoding {position} of {count} images")
+                checked = now
+            batch[position] = self._decode(position, image)
+        self._give_up_if_gone(context, f"after decoding {count} images, before the model")
+        return batch
 
     def _give_up_if_gone(self, context: grpc.ServicerContext, where: str) -> None:
         """Stops work nobody waits for, so a timed-out or abandoned batch frees its worker."""
@@ -95,3 +123,80 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             images_embedded=self._embedded,
             calls_abandoned=self._abandoned,
         )
+
+
+class MicroBatcher:
+    """Runs the model once for the images of calls that reach it together (dynamic batching, as
+    Triton's): the first call to arrive waits up to `window_s` for the other calls in flight, then
+    embeds every image gathered in one batch and hands each call its rows. A call alone in the
+    service does not wait. Off by default (`--batch-window-ms 0`): measured here, it does not win
+    on this model (bench/encoder.py reports it), whose cost is decoding, not the model."""
+
+    def __init__(self, runtime: Runtime, window_s: float, max_images: int = 256) -> None:
+        self.runtime = runtime
+        self.window_s = window_s
+        self.max_images = max_images
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._waiting: list[_Job] = []
+        self._in_flight = 0  # calls between start() and embed()
+
+    def start(self) -> None:
+        """Counts a call that will reach embed() soon (it is decoding), so the first one waits for it."""
+        with self._lock:
+            self._in_flight += 1
+
+    def cancel(self) -> None:
+        """Uncounts a started call that will not reach embed() (a bad image, an abandoned call)."""
+        with self._arrived:
+            self._in_flight -= 1
+            self._arrived.notify_all()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        job = _Job(batch)
+        with self._arrived:
+            self._in_flight -= 1
+            self._waiting.append(job)
+            leader = len(self._waiting) == 1
+            self._arrived.notify_all()
+            if leader:
+                deadline = time.monotonic() + self.window_s
+                while (
+                    self._in_flight > 0
+                    and sum(len(j.batch) for j in self._waiting) < self.max_images
+                    and (left := deadline - time.monotonic()) > 0
+                ):
+                    self._arrived.wait(left)
+                group, self._waiting = self._waiting, []
+        if not leader:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            assert job.vectors is not None
+            return job.vectors
+        try:
+            vectors = self.runtime.embed(np.concatenate([j.batch for j in group]))
+            start = 0
+            for other in group:
+                other.vectors = vectors[start : start + len(other.batch)]
+                start += len(other.batch)
+        except Exception as error:
+            for other in group:
+                other.error = error
+            raise
+        finally:  # never leave a caller waiting
+            for other in group[1:]:
+                if other.vectors is None and other.error is None:
+                    other.error = RuntimeError("the batch this call was in failed")
+                other.done.set()
+        return vectors[: len(batch)]
+
+
+class _Job:
+    """One call's images waiting in a MicroBatcher, and then its vectors (or the error)."""
+
+    def __init__(self, batch: np.ndarray) -> None:
+        self.batch = batch
+        self.done = threading.Event()
+        self.vectors: np.ndarray | None = None
+        self.error: Exception | None = None

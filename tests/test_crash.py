@@ -173,8 +173,9 @@ def test_an_ingest_survives_the_index_being_killed_under_it(tmp_path: Path) -> N
                 try:
                     if client.stats().count >= threshold:
                         break
-                except ServiceError:
-                    pass
+                except ServiceError:  # a new channel: the old one may wait out a reconnect backoff
+                    client.close()  # while the ingest, back on the restarted index, runs to the end
+                    client = IndexClient(index.address, timeout_s=5)
                 time.sleep(0.05)
             if ingest.poll() is not None:
                 break

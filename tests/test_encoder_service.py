@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -176,3 +177,43 @@ def test_both_runtimes_give_the_same_vectors_through_the_service(client: Encoder
         other.close()
     finally:
         tensorflow.stop(0)
+
+
+def test_a_batching_window_gives_each_concurrent_call_its_own_vectors(client: EncoderClient) -> None:
+    """Dynamic batching (--batch-window-ms, off by default): calls that meet in the window share one
+    model run, and each gets exactly its own rows; a bad image fails only its own call."""
+    batching = start_encoder("--batch-window-ms", "20")
+    try:
+        x, _ = mnist_sample(60, start=8000)
+        calls = [[encode(Image.fromarray(d), "PNG") for d in x[n : n + 1 + n % 4]] for n in range(0, 60, 5)]
+        expected = [client.embed(images).vectors for images in calls]
+        start = threading.Barrier(len(calls) + 1)
+        outcomes: dict[int, np.ndarray | BadImage] = {}
+
+        def call(n: int) -> None:
+            other = EncoderClient(f"127.0.0.1:{batching.server.port}", timeout_s=30)
+            start.wait()
+            try:
+                outcomes[n] = other.embed(calls[n] + ([b"junk"] if n == 3 else [])).vectors
+            except BadImage as bad:
+                outcomes[n] = bad
+            other.close()
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        for thread in threads:
+            thread.join(60)
+        for n, vectors in enumerate(expected):
+            outcome = outcomes[n]
+            if n == 3:
+                assert isinstance(outcome, BadImage) and outcome.position == len(calls[3])
+            else:
+                assert isinstance(outcome, np.ndarray)
+                np.testing.assert_allclose(outcome, vectors, atol=1e-6, rtol=0)
+        lone = EncoderClient(f"127.0.0.1:{batching.server.port}", timeout_s=30)
+        np.testing.assert_allclose(lone.embed(calls[0]).vectors, expected[0], atol=1e-6, rtol=0)
+        lone.close()
+    finally:
+        batching.stop(0)
