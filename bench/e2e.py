@@ -121,7 +121,7 @@ def run(out: Path, quick: bool) -> list[Section]:
         ("Search by image, one call at a time (ms)", _search_table(search, in_process)),
         (
             f"Ingest pipeline depth (batches embedded ahead of the upsert), {plan.depth_images:,} images "
-            "through `index_images`, a fresh index each",
+            "through `index_images`, a fresh index each, one run each",
             _depth_table(depths),
         ),
         (

@@ -344,7 +344,10 @@ def run(out: Path, quick: bool) -> list[Section]:
             _startup_table(services),
         ),
         ("How cost grows with the batch: images/s", _sweep_table(sweep)),
-        ("Dynamic batching (`--batch-window-ms`), LiteRT service, one-image calls", _windows_table(windows)),
+        (
+            "Dynamic batching (`--batch-window-ms`), LiteRT service, one-image calls (medians over rounds)",
+            _windows_table(windows),
+        ),
         ("LiteRT thread and chunk settings, in process, model only", _threads_table(threads)),
     ]
     section.plots = [_plot(sweep, out / "encoder_throughput.png")]
@@ -538,19 +541,38 @@ def _embed_one(client: EncoderClient, images: Images) -> object:
 
 
 def _batch_windows(plan: Plan, images: Images) -> list[tuple[float, ClientRun, ClientRun]]:
-    """(window ms, one client, four clients) of one-image calls, the LiteRT service started with each
-    `--batch-window-ms`."""
-    rows = []
-    for window in plan.batch_windows_ms:
-        service = start_service("litert", 1, ["--batch-window-ms", f"{window:g}"] if window else [])
-        try:
-            warm_up(service, images, (1,))
-            alone = concurrent_clients(service.process.address, images, 1, 1, plan.client_s)
-            together = concurrent_clients(service.process.address, images, 4, 1, plan.client_s)
-        finally:
+    """(window ms, one client, four clients) of one-image calls to the LiteRT service started with each
+    `--batch-window-ms`, all running at once, alternating over the rounds; medians over the rounds."""
+    services = {}
+    try:
+        for window in plan.batch_windows_ms:
+            services[window] = start_service(
+                "litert", 1, ["--batch-window-ms", f"{window:g}"] if window else []
+            )
+            warm_up(services[window], images, (1,))
+        runs: dict[tuple[float, int], list[ClientRun]] = {}
+        for _ in range(max(1, plan.rounds - 2)):
+            for clients in (1, 4):
+                for window, service in services.items():
+                    run = concurrent_clients(service.process.address, images, clients, 1, plan.client_s)
+                    runs.setdefault((window, clients), []).append(run)
+    finally:
+        for service in services.values():
             service.stop()
-        rows.append((window, alone, together))
-    return rows
+    return [(window, _median_run(runs[(window, 1)]), _median_run(runs[(window, 4)])) for window in services]
+
+
+def _median_run(runs: list[ClientRun]) -> ClientRun:
+    def median(values: list[float]) -> float:
+        return float(np.median(values))
+
+    return ClientRun(
+        runs[0].clients,
+        runs[0].batch,
+        median([r.images_per_s for r in runs]),
+        median([r.p50_ms for r in runs]),
+        median([r.p99_ms for r in runs]),
+    )
 
 
 # ---------------------------------------------------------------- the report

@@ -74,7 +74,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         default=env_or("IMGSEARCH_ENCODER_BATCH_WINDOW_MS", 0.0),
         help="dynamic batching: the first of several calls in flight waits up to this long to run the "
         "model once for all of them; 0 turns it off (env IMGSEARCH_ENCODER_BATCH_WINDOW_MS, default 0: "
-        "it does not pay on the shipped model, see bench/results/REPORT.md)",
+        "on the shipped model its gain is within the noise, see bench/results/REPORT.md)",
     )
     args = parser.parse_args(argv)
     if min(args.max_batch, args.max_image_bytes, args.max_image_pixels) < 1:

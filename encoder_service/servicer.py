@@ -129,8 +129,8 @@ class MicroBatcher:
     """Runs the model once for the images of calls that reach it together (dynamic batching, as
     Triton's): the first call to arrive waits up to `window_s` for the other calls in flight, then
     embeds every image gathered in one batch and hands each call its rows. A call alone in the
-    service does not wait. Off by default (`--batch-window-ms 0`): measured here, it does not win
-    on this model (bench/encoder.py reports it), whose cost is decoding, not the model."""
+    service does not wait. Off by default (`--batch-window-ms 0`): on the shipped model, whose cost is
+    decoding and not the model, its gain is within the noise (bench/encoder.py measures it)."""
 
     def __init__(self, runtime: Runtime, window_s: float, max_images: int = 256) -> None:
         self.runtime = runtime

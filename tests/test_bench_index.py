@@ -64,7 +64,9 @@ def test_the_report_and_its_plot(tmp_path: Path) -> None:
         m = index.Measured(n, load_s=n / 60_000, rss_empty_mib=65, rss_loaded_mib=65 + n * 700 / 2**20)
         names = ["echo_request", "echo_reply"] + [key for key, _ in index.SINGLE_SYSTEMS]
         m.single = {name: rng.uniform(0.5, 1.0, 20) * 1e-3 * scale for name in names}
-        m.batch_s = {key: rng.uniform(0.5, 1.0, 3) * 0.05 * scale for key, _ in index.SINGLE_SYSTEMS}
+        m.batch_s = {
+            key: rng.uniform(0.5, 1.0, 3) * 0.05 * scale for key, _ in index.SINGLE_SYSTEMS if key != "store"
+        }
         m.bytes_used = 523 * n
         per_n.append(m)
     results = index.Results(index.NORMAL, per_n, 2e5, 1e4, 1.7e5, 2e3, 5e2, 523, 203)
