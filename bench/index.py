@@ -783,10 +783,12 @@ def plot(results: Results, out: Path) -> Path:
         "service1": "s-.",
         "service2": "s--",
     }
-    for key, title in SINGLE_SYSTEMS:
-        left.plot(sizes, [m.p50_ms(key) for m in results.per_n], styles[key], label=title)
+    for number, (key, title) in enumerate(SINGLE_SYSTEMS):
+        color = f"C{number}"  # the same colour in both panels
+        left.plot(sizes, [m.p50_ms(key) for m in results.per_n], styles[key], color=color, label=title)
         if key in results.per_n[0].batch_s:
-            right.plot(sizes, [m.qps(key, plan.batch) for m in results.per_n], styles[key], label=title)
+            qps = [m.qps(key, plan.batch) for m in results.per_n]
+            right.plot(sizes, qps, styles[key], color=color, label=title)
     left.plot(sizes, [echo_floor_ms(m) for m in results.per_n], ":", color="grey", label="gRPC echo floor")
     for axis in (left, right):
         axis.set_xscale("log")
@@ -798,6 +800,7 @@ def plot(results: Results, out: Path) -> Path:
     right.set_ylabel("queries/s")
     right.set_title(f"Batches of {plan.batch:,} queries: throughput")
     left.legend(fontsize=8)
+    right.legend(fontsize=8)
     figure.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "index_latency_vs_n.png"
