@@ -42,6 +42,41 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reindex(search: ImageSearch, args: argparse.Namespace) -> int:
+    from imgsearch.reindex import ReindexRefused, plan_reindex, run_reindex
+
+    def note(text: str) -> None:
+        print(f"imgsearch: {text}", file=sys.stderr)
+
+    if not args.to.strip():  # an empty address would fall back to IMGSEARCH_INDEX
+        raise SystemExit("imgsearch reindex: --to needs the address of the index to fill, HOST:PORT")
+    with ImageSearch(args.encoder, args.to, args.timeout_s, tls_ca=args.tls_ca, token=_token(args)) as target:
+        try:
+            plan = plan_reindex(search.index, target, args.patience_s, on_wait=note)
+        except ReindexRefused as refused:
+            print(f"imgsearch reindex: {refused}", file=sys.stderr)
+            return 2
+        with _progress(plan.total, "reindexing", args.progress) as bar:
+            bar.update(len(plan.skipped))
+            report = run_reindex(
+                plan,
+                target,
+                args.batch_size,
+                on_batch=bar.update,
+                patience_s=args.patience_s,
+                on_wait=lambda text: bar.write(f"imgsearch: {text}", file=sys.stderr),
+            )
+    if report.skipped:
+        print(f"skipped {len(report.skipped)}:")
+        for item_id, reason in report.skipped:
+            print(f"  {item_id}: {reason}")
+    print(
+        f"reindexed {report.reindexed} of {report.total} items into {args.to} "
+        f"(model version {report.model_version or '-'}); skipped {len(report.skipped)}"
+    )
+    return 1 if report.skipped else 0
+
+
 def _print_results(query: str, matches: Sequence[Match], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"query": query, "results": [m.as_dict() for m in matches]}))
@@ -139,7 +174,9 @@ def cmd_show(search: ImageSearch, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__)
+    # No abbreviated global flags: they would claim the commands' flags too (`reindex --to` would be
+    # taken for an ambiguous `--token`).
+    parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__, allow_abbrev=False)
     parser.add_argument(
         "--encoder",
         default=os.environ.get("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
@@ -184,15 +221,32 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per call")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    def patience_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--patience-s",
+            type=float,
+            default=DEFAULT_PATIENCE_S,
+            help="while a service is unreachable (restarting, a replica gone), retry each batch for up to "
+            f"this long before giving up (default {DEFAULT_PATIENCE_S:.0f}; 0 fails at once)",
+        )
+
     sub = command("index", cmd_index, "index image files and folders (recursively)")
     sub.add_argument("paths", nargs="+", metavar="PATH")
-    sub.add_argument(
-        "--patience-s",
-        type=float,
-        default=DEFAULT_PATIENCE_S,
-        help="while a service is unreachable (restarting, a replica gone), retry each batch for up to "
-        f"this long before giving up (default {DEFAULT_PATIENCE_S:.0f}; 0 fails at once)",
+    patience_flag(sub)
+    batch_flags(sub)
+    sub = command(
+        "reindex",
+        cmd_reindex,
+        "copy every item of the index (--index) into another index service, each image embedded again "
+        "from its `source` path by the encoder: how to change models",
     )
+    sub.add_argument(
+        "--to",
+        required=True,
+        metavar="HOST:PORT",
+        help="the index to fill: a service on a new, empty data dir (or one a reindex already began)",
+    )
+    patience_flag(sub)
     batch_flags(sub)
     sub = command("search", cmd_search, "find the stored images most similar to images, or to stored ids")
     sub.add_argument("images", nargs="*", metavar="IMAGE")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,6 +138,63 @@ class StoredItem:
     id: str
     metadata: dict[str, str]
     vector: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    """One page of `IndexClient.scan`: items in the order the index keeps them."""
+
+    ids: list[str]
+    metadata: list[dict[str, str]]
+    vectors: np.ndarray | None  # float32 [len(ids), dim] when scanned with_vectors, else None
+    total: int  # items in the whole scan
+    model_version: str  # the index's when the scan began
+
+
+class _Stall:
+    """Cancels a streaming call when its next message is awaited for longer than timeout_s.
+
+    A deadline on the whole stream would cut a scan of a big index short however healthy it is;
+    this applies the per-call timeout to each message instead. The clock runs only while the
+    caller waits for the next message, not while it works on the last one."""
+
+    def __init__(self, call: grpc.RpcContext, timeout_s: float) -> None:
+        self._call = call
+        self._timeout_s = timeout_s
+        self._deadline: float | None = None  # None while the caller holds a message
+        self._done = False
+        self.fired = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._watch, name="imgsearch-stream-stall", daemon=True)
+        self._thread.start()
+
+    def waiting(self) -> None:
+        with self._condition:
+            self._deadline = time.monotonic() + self._timeout_s
+            self._condition.notify()
+
+    def received(self) -> None:
+        with self._condition:
+            self._deadline = None
+
+    def close(self) -> None:
+        with self._condition:
+            self._done = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        with self._condition:
+            while not self._done:
+                if self._deadline is None:
+                    self._condition.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    self.fired = True
+                    self._call.cancel()
+                    return
+                self._condition.wait(remaining)
 
 
 class _Client:
@@ -302,6 +361,47 @@ class IndexClient(_Client):
         with self._call():
             reply = self.stub.Stats(index_pb2.StatsRequest(), timeout=self.timeout_s, metadata=self._metadata)
         return IndexStats(reply.count, reply.dim, reply.model_version, reply.bytes_used)
+
+    def scan(self, page_size: int = 0, with_vectors: bool = False) -> Iterator[ScanPage]:
+        """Yields every stored item once, page by page, as the index was when the scan began.
+
+        page_size 0 lets the server choose (1000, or its --max-batch when lower). The stream has no
+        overall deadline, since a big index takes as long as it takes: instead each page must arrive
+        within timeout_s of being asked for (time spent on a page in between does not count). The
+        server holds its copy of the index until the stream ends, so read on; leaving the loop early
+        cancels the call."""
+        if page_size < 0:
+            raise ValueError(f"page_size must be 0 (the server's default) or positive, got {page_size}")
+        request = index_pb2.ScanRequest(page_size=page_size, with_vectors=with_vectors)
+        return self._scan(request)
+
+    def _scan(self, request: index_pb2.ScanRequest) -> Iterator[ScanPage]:
+        call = self.stub.Scan(request, metadata=self._metadata)
+        stall = _Stall(call, self.timeout_s)
+        try:
+            while True:
+                stall.waiting()
+                try:
+                    reply = next(call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as error:
+                    code, details = error.code(), error.details() or ""
+                    if stall.fired:
+                        code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "no scan page in time"
+                    raise ServiceError(self.service, self.address, code, details) from None
+                stall.received()
+                count = len(reply.items)
+                yield ScanPage(
+                    [item.id for item in reply.items],
+                    [dict(item.metadata) for item in reply.items],
+                    wire.unpack(reply.vectors, expected_count=count) if request.with_vectors else None,
+                    reply.total,
+                    reply.model_version,
+                )
+        finally:
+            call.cancel()  # a no-op once the stream has ended; frees the server's copy when left early
+            stall.close()
 
 
 def _matches(reply: index_pb2.SearchResponse) -> list[list[Match]]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -36,23 +37,40 @@ def call_gone(context: grpc.ServicerContext) -> grpc.StatusCode | None:
 
 def grpc_errors(mapping: dict[type[Exception], grpc.StatusCode]) -> Callable[[Handler], Handler]:
     """Decorates a servicer method: exceptions in `mapping` (and RequestError) abort the call with
-    their status and message; anything else is logged and becomes INTERNAL."""
+    their status and message; anything else is logged and becomes INTERNAL.
+
+    A server-streaming method (a generator) is wrapped as a generator, so what it raises while the
+    stream is being sent is mapped too, not only what happens before its first message."""
 
     def decorate(method: Handler) -> Handler:
+        def abort(error: Exception, context: grpc.ServicerContext) -> None:
+            if isinstance(error, RequestError):
+                if error.trailing:
+                    context.set_trailing_metadata(error.trailing)
+                context.abort(error.code, str(error))
+            code = next((c for kind, c in mapping.items() if isinstance(error, kind)), None)
+            if code is not None:
+                context.abort(code, str(error))
+            log.error("%s failed", method.__name__, exc_info=error)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed; see the service log")
+
+        if inspect.isgeneratorfunction(method):
+
+            @functools.wraps(method)
+            def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from method(self, request, context)
+                except Exception as error:
+                    abort(error, context)
+
+            return stream  # type: ignore[return-value]
+
         @functools.wraps(method)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 return method(self, request, context)
-            except RequestError as error:
-                if error.trailing:
-                    context.set_trailing_metadata(error.trailing)
-                context.abort(error.code, str(error))
-            except tuple(mapping) as error:
-                code = next(c for kind, c in mapping.items() if isinstance(error, kind))
-                context.abort(code, str(error))
-            except Exception:
-                log.exception("%s failed", method.__name__)
-                context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed; see the service log")
+            except Exception as error:
+                abort(error, context)
 
         return wrapper  # type: ignore[return-value]
 

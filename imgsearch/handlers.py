@@ -42,14 +42,21 @@ def _guarded(
 
 
 def add_servicer(server: grpc.Server, servicer: object, service: ServiceDescriptor) -> None:
-    """Registers every unary method of `service` on `servicer` with parse errors as INVALID_ARGUMENT."""
+    """Registers every method of `service` on `servicer` (unary, or with a streamed reply) with parse
+    errors as INVALID_ARGUMENT."""
     classes = symbol_database.Default()
-    handlers = {
-        method.name: grpc.unary_unary_rpc_method_handler(
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{service.full_name}.{method.name}: streamed requests are not supported")
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
             _guarded(getattr(servicer, method.name)),
             request_deserializer=_parser(classes.GetSymbol(method.input_type.full_name)),
             response_serializer=lambda reply: reply.SerializeToString(),
         )
-        for method in service.methods
-    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

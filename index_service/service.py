@@ -93,7 +93,7 @@ class IndexService:
         except (DataDirError, OSError) as error:
             raise SystemExit(f"index_service: {error}") from error
         self.store = self.durable.store
-        servicer = IndexServicer(self.store, config.max_batch)
+        servicer = IndexServicer(self.store, config.max_batch, config.server.max_message_bytes)
         service = index_pb2.DESCRIPTOR.services_by_name["Index"]
         try:
             self.server = GrpcServer(

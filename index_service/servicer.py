@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from imgsearch import vectors as wire
@@ -14,8 +16,12 @@ from index_service.store import (
     NotFound,
     StorageFull,
     StorageUnavailable,
+    StoreCopy,
     VectorStore,
 )
+
+DEFAULT_SCAN_PAGE = 1000  # items per Scan page when the request leaves page_size at 0
+ITEM_OVERHEAD_BYTES = 16  # a page's framing per item, beyond the item's own encoded size
 
 ERRORS: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -39,9 +45,11 @@ def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
-    def __init__(self, store: VectorStore, max_batch: int) -> None:
+    def __init__(self, store: VectorStore, max_batch: int, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.store = store
         self.max_batch = max_batch
+        # A Scan page is cut short past this, so that pages of large metadata still fit in a message.
+        self.max_page_bytes = max_message_bytes // 2
 
     @staticmethod
     def _skip_if_gone(context: grpc.ServicerContext) -> None:
@@ -111,3 +119,43 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         return index_pb2.StatsResponse(
             count=stats.count, dim=stats.dim, model_version=stats.model_version, bytes_used=stats.bytes_used
         )
+
+    @grpc_errors(ERRORS)
+    def Scan(
+        self, request: index_pb2.ScanRequest, context: grpc.ServicerContext
+    ) -> Iterator[index_pb2.ScanResponse]:
+        page_size = request.page_size or min(DEFAULT_SCAN_PAGE, self.max_batch)
+        if page_size > self.max_batch:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"page_size {page_size} is over the limit of {self.max_batch} items per page (--max-batch); "
+                "send 0 for the default",
+            )
+        copied = self.store.copy(with_vectors=request.with_vectors)  # the lock is released from here on
+        start = 0
+        while start < len(copied.ids):
+            page = self._page(copied, start, page_size, request.with_vectors)
+            start += len(page.items)
+            yield page
+
+    def _page(
+        self, copied: StoreCopy, start: int, page_size: int, with_vectors: bool
+    ) -> index_pb2.ScanResponse:
+        """Up to page_size items from row `start`, fewer where more would pass max_page_bytes (never none)."""
+        page = index_pb2.ScanResponse(total=len(copied.ids), model_version=copied.model_version)
+        add = page.items.add
+        row_bytes = copied.dim * 4 if with_vectors else 0
+        size = 0
+        stop = min(start + page_size, len(copied.ids))
+        for row, (item_id, metadata) in enumerate(
+            zip(copied.ids[start:stop], copied.metadata(start, stop), strict=True), start
+        ):
+            item = add(id=item_id, metadata=metadata)
+            size += item.ByteSize() + row_bytes + ITEM_OVERHEAD_BYTES
+            if size > self.max_page_bytes and row > start:
+                del page.items[-1]
+                stop = row
+                break
+        if with_vectors:
+            page.vectors.CopyFrom(wire.pack(copied.vectors[start:stop]))
+        return page

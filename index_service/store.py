@@ -26,6 +26,12 @@ _CORES = len(os.sched_getaffinity(0))
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 256
 MAX_METADATA_VALUE_BYTES = 4096
+# Said with every model-version refusal: the way to change models is a fresh index, filled by reindex.
+REINDEX_HINT = (
+    "to change models, start an index service on a new, empty data dir and run "
+    "`imgsearch reindex --to HOST:PORT` (--index: this index; HOST:PORT: the new one), which re-embeds "
+    "every stored item from its `source` path with the current encoder"
+)
 
 
 class StoreError(Exception):
@@ -93,6 +99,29 @@ class StoreState:
     metadata: list[dict[str, str]] = field(default_factory=list)
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     lsn: int = 0  # the last logged operation this state includes
+
+
+@dataclass(frozen=True)
+class StoreCopy:
+    """What the store held at one moment, made under the read lock and read without it.
+
+    Metadata stays encoded until asked for, so a scan decodes one page at a time. `vectors` is
+    [len(ids), dim] when the copy was made with vectors, else [0, dim]."""
+
+    dim: int
+    model_version: str
+    ids: list[str]
+    encoded_metadata: list[bytes | None]
+    vectors: np.ndarray
+    lsn: int
+
+    def metadata(self, start: int = 0, stop: int | None = None) -> list[dict[str, str]]:
+        """The metadata of rows start to stop, decoded."""
+        return [_decode_metadata(encoded) for encoded in self.encoded_metadata[start:stop]]
+
+    def as_state(self) -> StoreState:
+        """The copy as a snapshot writes it (made with vectors)."""
+        return StoreState(self.dim, self.model_version, self.ids, self.metadata(), self.vectors, self.lsn)
 
 
 def check_ids(ids: Sequence[str], *, unique: bool = True) -> tuple[str, ...]:
@@ -227,7 +256,7 @@ class VectorStore:
             if self._ids and operation.model_version != self._model_version:
                 raise FailedPrecondition(
                     f"vectors are from model version {operation.model_version!r}, the index holds "
-                    f"{self._model_version!r}; re-index into a fresh index to change models"
+                    f"{self._model_version!r}; {REINDEX_HINT}"
                 )
         if self.journal is not None:
             self.lsn = self.journal(operation)
@@ -331,7 +360,7 @@ class VectorStore:
             if model_version and self._model_version and model_version != self._model_version:
                 raise FailedPrecondition(
                     f"queries are from model version {model_version!r}, "
-                    f"the index holds {self._model_version!r}"
+                    f"the index holds {self._model_version!r}; {REINDEX_HINT}"
                 )
             if self._dim and array.shape[0] and array.shape[1] != self._dim:
                 raise InvalidArgument(f"queries have dim {array.shape[1]}, the index holds dim {self._dim}")
@@ -359,18 +388,32 @@ class VectorStore:
 
         `while_consistent` runs while writers are still held off, so what it does (rotating the
         log) happens exactly at the copy's lsn."""
+        return self.copy(while_consistent=while_consistent).as_state()
+
+    def copy(
+        self, *, with_vectors: bool = True, while_consistent: Callable[[], None] | None = None
+    ) -> StoreCopy:
+        """Returns a point-in-time copy to read after the lock is released (a snapshot, a scan).
+
+        Under the read lock only lists of references are copied (ids and the encoded metadata never
+        change in place), and the vectors when asked for; decoding waits until after, so writers are
+        held off for as short a time as possible."""
         with self._lock.read():
-            state = StoreState(
+            copied = StoreCopy(
                 dim=self._dim,
                 model_version=self._model_version,
                 ids=list(self._ids),
-                metadata=[self._metadata_of(row) for row in range(len(self._ids))],
-                vectors=self._rows().copy() if self._index is not None else np.zeros((0, 0), np.float32),
+                encoded_metadata=list(self._metadata),
+                vectors=(
+                    self._rows().copy()
+                    if with_vectors and self._index is not None
+                    else np.zeros((0, self._dim), np.float32)
+                ),
                 lsn=self.lsn,
             )
             if while_consistent is not None:
                 while_consistent()
-            return state
+            return copied
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:
@@ -382,8 +425,7 @@ class VectorStore:
         return self._rows()[list(rows)]
 
     def _metadata_of(self, row: int) -> dict[str, str]:
-        encoded = self._metadata[row]
-        return json.loads(encoded) if encoded is not None else {}
+        return _decode_metadata(self._metadata[row])
 
     def _search(self, queries: np.ndarray, k: int, exclude: list[int] | None) -> list[list[Match]]:
         count = len(self._ids)
@@ -412,6 +454,10 @@ def _encode_metadata(entries: Mapping[str, str]) -> bytes | None:
     if not entries:
         return None
     return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _decode_metadata(encoded: bytes | None) -> dict[str, str]:
+    return json.loads(encoded) if encoded is not None else {}
 
 
 def _check_not_empty(count: int, what: str) -> None:

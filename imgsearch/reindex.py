@@ -1,0 +1,172 @@
+"""`imgsearch reindex`: fill a fresh index with the items of another, embedded again by the current encoder.
+
+An index holds the vectors of one model version, so changing models means embedding every image again.
+`imgsearch index` keeps each image's path in the metadata key `source`, so the images can be found
+again: the source index is scanned (ids and metadata; a point-in-time view, read before any embedding so
+the source's server is not held for the whole run), and its items go through `index_images`, the batching,
+pipelining and patient retries of `imgsearch index`, into the target under their old ids with their old
+metadata. Upserts are by id, so a reindex that stopped half way can simply be run again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgsearch.client import ImageSearch, IndexClient
+from imgsearch.ingest import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_PATIENCE_S,
+    ImageFile,
+    index_images,
+    patiently,
+)
+
+SOURCE_KEY = "source"  # the metadata key `imgsearch index` stores each image's path under
+
+
+class ReindexRefused(Exception):
+    """The target cannot take this reindex (it is the source, or holds another model's vectors); nothing
+    was written."""
+
+
+@dataclass(frozen=True, eq=False)
+class StoredImage(ImageFile):
+    """An item of the source index as an ImageFile, so the ingest can take it: the id and metadata are
+    kept exactly as they were, not derived from the path."""
+
+    stored: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.stored)
+
+
+@dataclass
+class ReindexPlan:
+    """What the scan of the source found: the items to embed again, and those that cannot be."""
+
+    model_version: str  # the encoder's, which the target will hold
+    total: int = 0  # items in the source when the scan began
+    images: list[StoredImage] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
+
+
+@dataclass
+class ReindexReport:
+    total: int  # items in the source when the scan began
+    reindexed: int
+    skipped: list[tuple[str, str]]  # (id, why), items with no usable source
+    count: int  # items in the target afterwards
+    model_version: str  # the target's afterwards
+
+
+def plan_reindex(
+    source: IndexClient,
+    target: ImageSearch,
+    patience_s: float = DEFAULT_PATIENCE_S,
+    on_wait: Callable[[str], None] | None = None,
+) -> ReindexPlan:
+    """Checks that the target may take the items of the source and scans the source.
+
+    Raises ReindexRefused when the target is the source itself, or already holds vectors of a model
+    version other than the encoder's (an empty target is fine, and so is one holding the encoder's
+    version: a reindex run again)."""
+    if same_service(source.address, target.index.address):
+        raise ReindexRefused(
+            f"the target {target.index.address} is the index being reindexed (--index {source.address}); "
+            "start an index service on a new, empty data dir and give its address to --to"
+        )
+    version = str(patiently(lambda: target.encoder.info()["model_version"], patience_s, on_wait))
+    held = patiently(target.index.stats, patience_s, on_wait)
+    if held.count and held.model_version != version:
+        raise ReindexRefused(
+            f"the target index at {target.index.address} holds {held.count} vectors of model version "
+            f"{held.model_version!r}, not the encoder's {version!r}; reindex into an index service started "
+            "on a new, empty data dir"
+        )
+    return patiently(lambda: _scan(source, version), patience_s, on_wait)
+
+
+def _scan(source: IndexClient, version: str) -> ReindexPlan:
+    """The whole scan, so that a retry after the source went away starts it over."""
+    plan = ReindexPlan(version)
+    for page in source.scan():
+        plan.total = page.total
+        for item_id, metadata in zip(page.ids, page.metadata, strict=True):
+            path = metadata.get(SOURCE_KEY, "")
+            if not path:
+                plan.skipped.append((item_id, f"no `{SOURCE_KEY}` path in its metadata"))
+                continue
+            plan.images.append(StoredImage(item_id, Path(path), metadata.get("label", ""), metadata))
+    return plan
+
+
+def run_reindex(
+    plan: ReindexPlan,
+    target: ImageSearch,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], None] | None = None,
+    patience_s: float = DEFAULT_PATIENCE_S,
+    on_wait: Callable[[str], None] | None = None,
+    in_flight: int = DEFAULT_IN_FLIGHT,
+) -> ReindexReport:
+    """Embeds the plan's images with the target's encoder and upserts them into the target's index.
+
+    Files that cannot be read or that the encoder refuses are reported by id, with the path and why."""
+    ingest = index_images(target, plan.images, batch_size, on_batch, patience_s, on_wait, in_flight)
+    ids_of: defaultdict[str, deque[str]] = defaultdict(deque)  # the ingest reports paths; users know ids
+    for image in plan.images:
+        ids_of[str(image.path)].append(image.id)
+    skipped = list(plan.skipped)
+    for path, reason in ingest.skipped:
+        ids = ids_of.get(path)
+        skipped.append((ids.popleft() if ids else path, f"{reason} ({path})"))
+    version = plan.model_version
+    if ingest.indexed:
+        version = patiently(target.index.stats, patience_s, on_wait).model_version
+    return ReindexReport(plan.total, ingest.indexed, skipped, ingest.count, version)
+
+
+def same_service(first: str, second: str) -> bool:
+    """Whether two addresses reach the same host and port (names resolved; every loopback and wildcard
+    address counts as one), so that `--to` cannot name the index being read by another spelling."""
+    return bool(_endpoints(first) & _endpoints(second))
+
+
+def _endpoints(address: str) -> set[tuple[str, str]]:
+    """The (host, port) pairs an address names: `host:port`, `dns:///host:port`, `ipv4:a,b` or a comma
+    list, each host as the IP addresses it resolves to. What does not parse is kept as written."""
+    text = address.strip().lower()
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if text.startswith(scheme):
+            text = text[len(scheme) :]
+            break
+    found: set[tuple[str, str]] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        host, colon, port = part.rpartition(":")
+        if not colon or not port.isdigit():
+            found.add((part, ""))
+            continue
+        host = host.strip("[]")
+        try:
+            hosts = {info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)}
+        except (OSError, UnicodeError, ValueError):
+            hosts = {host}
+        found.update((_canonical_host(str(h)), port) for h in hosts)
+    return found
+
+
+def _canonical_host(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return "local" if ip.is_loopback or ip.is_unspecified else str(ip)
