@@ -7,7 +7,7 @@ PROTOS := $(wildcard proto/imgsearch/v1/*.proto)
 STUBS := imgsearch/v1/__init__.py
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup proto test lint demo up train bench clean
+.PHONY: help setup proto test lint demo up train models eval bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -50,7 +50,16 @@ up: setup ## run both services in the foreground (Ctrl-C stops them)
 	$(PY) -m imgsearch.local
 
 train: setup ## retrain the shipped default model on the MNIST sample's index split
-	$(PY) -m encoder_service.train --dataset mnist-sample --epochs 10 --output encoder_service/models/default
+	$(PY) -m encoder_service.train --dataset mnist-sample --output encoder_service/models/default
+
+models: setup ## retrain every shipped model: the default and the tutorial's, on the MNIST sample and Fashion-MNIST
+	$(PY) -m encoder_service.train --dataset mnist-sample --output encoder_service/models/default
+	$(PY) -m encoder_service.train --dataset mnist-sample --model tutorial --output encoder_service/models/tutorial
+	$(PY) -m encoder_service.train --dataset fashion_mnist --output encoder_service/models/fashion
+	$(PY) -m encoder_service.train --dataset fashion_mnist --model tutorial --output encoder_service/models/fashion-tutorial
+
+eval: setup ## retrieval quality of every shipped model and the baselines, through the services: docs/eval/
+	$(PY) -m imgsearch eval --suite
 
 bench: setup ## the benchmark: services beside in-process references; writes bench/results/REPORT.md
 	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[bench]'

@@ -21,7 +21,20 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+SHIPPED_MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL_DIR = SHIPPED_MODELS / "default"
+
+
+def shipped_model(name: str) -> Path:
+    """The directory of a model shipped in encoder_service/models by name (`default`, `tutorial`, ...).
+
+    Raises ValueError naming the shipped models when there is none of that name."""
+    known = sorted(p.name for p in SHIPPED_MODELS.iterdir() if (p / "card.json").is_file())
+    if name not in known:
+        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(known)}")
+    return SHIPPED_MODELS / name
+
+
 CARD_FILE = "card.json"
 TFLITE_FILE = "encoder.tflite"
 KERAS_FILE = "encoder.keras"

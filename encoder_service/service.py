@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder_service.runtime import DEFAULT_MODEL_DIR, load_runtime
+from encoder_service.runtime import load_runtime, shipped_model
 from encoder_service.servicer import EncoderServicer
 from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
@@ -38,10 +38,16 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
     )
     add_server_flags(parser, env_prefix="IMGSEARCH_ENCODER", default_port=DEFAULT_PORT)
     parser.add_argument(
+        "--model",
+        default=env_or("IMGSEARCH_MODEL", "default"),
+        help="a shipped model by name: default (digits), tutorial (the tutorial's, for comparison), "
+        "fashion, fashion-tutorial (env IMGSEARCH_MODEL, default: default)",
+    )
+    parser.add_argument(
         "--model-dir",
         type=Path,
-        default=env_or("IMGSEARCH_MODEL_DIR", DEFAULT_MODEL_DIR),
-        help="a directory written by `imgsearch train` (env IMGSEARCH_MODEL_DIR, default: the shipped model)",
+        default=env_or("IMGSEARCH_MODEL_DIR", None),
+        help="a directory written by `imgsearch train`, instead of a shipped model (env IMGSEARCH_MODEL_DIR)",
     )
     parser.add_argument(
         "--runtime",
@@ -81,6 +87,11 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")
     if not 0 <= args.batch_window_ms <= 1000:
         parser.error("--batch-window-ms must be 0 to 1000")
+    if args.model_dir is None:
+        try:
+            args.model_dir = shipped_model(args.model)
+        except ValueError as error:
+            parser.error(str(error))
     return EncoderConfig(
         server_settings(args),
         args.model_dir,

@@ -261,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("stats", cmd_stats, "the index's count, dim, model version and memory")
     sub.add_argument("--json", action="store_true")
     command("info", cmd_info, "the encoder's model: version, dim, runtime, training card")
-    sub = command("eval", cmd_eval, "retrieval quality of the index for a folder of labelled queries")
+    sub = command(
+        "eval",
+        cmd_eval,
+        "retrieval quality of the index for a folder of labelled queries; `imgsearch eval --suite` "
+        "instead measures every shipped model beside the baselines (`make eval`; --suite --help)",
+    )
     sub.add_argument("folder", metavar="QUERY_FOLDER", help="queries in subfolders named by their label")
     sub.add_argument("-k", type=int, default=10)
     sub.add_argument("--json", action="store_true")
@@ -294,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from encoder_service.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:2] == ["eval", "--suite"]:
+        from imgsearch.quality import main as quality_main
+
+        return quality_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         token = _token(args)

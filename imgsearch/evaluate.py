@@ -1,10 +1,13 @@
-"""Retrieval quality by label agreement: P@1, P@k and mAP@k, overall and per class."""
+"""Retrieval quality by label agreement: P@1, P@k and mAP@k, overall and per class; and exact k-NN in
+process (the fast path training uses; `make eval` measures through the services)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,15 @@ def retrieval_quality(query_labels: Sequence[str], result_labels: Sequence[Seque
             for label, values in sorted(rows.items())
         },
     )
+
+
+def nearest_labels(
+    vectors: np.ndarray, labels: Sequence[str], queries: np.ndarray, k: int
+) -> list[list[str]]:
+    """The labels of each query's k nearest vectors by exact L2 (FAISS IndexFlatL2, as the index service)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, np.float32))
+    _, rows = index.search(np.ascontiguousarray(queries, np.float32), k)
+    return [[labels[n] for n in row if n >= 0] for row in rows]

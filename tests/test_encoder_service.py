@@ -6,6 +6,7 @@ import io
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -217,3 +218,33 @@ def test_a_batching_window_gives_each_concurrent_call_its_own_vectors(client: En
         lone.close()
     finally:
         batching.stop(0)
+
+
+def test_shipped_models_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from encoder_service.runtime import DEFAULT_MODEL_DIR, SHIPPED_MODELS
+
+    assert parse_config([]).model_dir == DEFAULT_MODEL_DIR
+    assert parse_config(["--model", "tutorial"]).model_dir == SHIPPED_MODELS / "tutorial"
+    monkeypatch.setenv("IMGSEARCH_MODEL", "tutorial")
+    assert parse_config([]).model_dir == SHIPPED_MODELS / "tutorial"
+    assert parse_config(["--model-dir", str(tmp_path)]).model_dir == tmp_path, "a directory wins over a name"
+    with pytest.raises(SystemExit):
+        parse_config(["--model", "no-such-model"])
+
+
+def test_the_tutorial_model_serves_beside_the_default() -> None:
+    """Both shipped MNIST models answer; their vectors differ, and only the default's are unit length."""
+    digits = [encode(Image.fromarray(x), "PNG") for x in mnist_sample(4)[0]]
+    vectors = {}
+    for name in ("default", "tutorial"):
+        service = start_encoder("--model", name)
+        try:
+            client = EncoderClient(f"127.0.0.1:{service.server.port}", timeout_s=30)
+            embedding = client.embed(digits)
+            client.close()
+        finally:
+            service.stop(0)
+        assert embedding.model_version.startswith("wide-" if name == "default" else "tutorial-")
+        vectors[name] = embedding.vectors
+    assert np.allclose(np.linalg.norm(vectors["default"], axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(vectors["tutorial"], axis=1), 1.0, atol=1e-2)

@@ -93,7 +93,12 @@ def test_the_cli_end_to_end(services: LocalServices, folders: tuple[Path, Path],
     result = imgsearch(services, "eval", str(queries), "-k", "10", "--json", "--no-progress")
     quality = json.loads(result.stdout)
     assert quality["queries"] == 100 and quality["k"] == 10
-    assert 0.6 < quality["p_at_k"] <= quality["p_at_1"] <= 1.0 and 0.0 < quality["map_at_k"] <= 1.0
+    # P@10 may exceed P@1 on 100 queries; the bar is for the shipped default model.
+    assert (
+        0.85 < quality["p_at_k"] <= 1.0
+        and 0.85 < quality["p_at_1"] <= 1.0
+        and 0.0 < quality["map_at_k"] <= 1.0
+    )
     text = imgsearch(services, "eval", str(queries), "--no-progress")
     assert "P@1 " in text.stdout and "P@10" in text.stdout and "mAP@10" in text.stdout
 

@@ -40,7 +40,7 @@ def test_writes_the_model_files_and_nothing_else(trained: Path) -> None:
     assert sorted(p.name for p in trained.iterdir()) == sorted(train.MODEL_FILES)
     for name in train.MODEL_FILES:
         size = (trained / name).stat().st_size
-        assert 0 < size < 1_000_000, (name, size)
+        assert 0 < size < 3_000_000, (name, size)
     leftovers = [p.name for p in trained.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == [], "temporary directories left behind"
 
@@ -48,17 +48,33 @@ def test_writes_the_model_files_and_nothing_else(trained: Path) -> None:
 def test_card_fields(trained: Path, tiny_npz: Path) -> None:
     card = json.loads((trained / "card.json").read_text())
     assert card["dataset"] == str(tiny_npz)
-    assert card["architecture"] == "tutorial"
+    assert card["architecture"] == "wide"
     assert (card["epochs"], card["batch_size"], card["seed"]) == (1, 64, 3)
+    assert card["recipe"] == {
+        "architecture": "wide",
+        "epochs": 1,
+        "batch_size": 64,
+        "learning_rate": 2e-3,
+        "cosine_decay": True,
+        "augment": "none",  # an .npz of unknown content: no augmentation by default
+        "class_weight": 1.0,
+        "margin": 0.2,
+        "scale": 24.0,
+        "patience": 0,
+    }
+    assert card["command"][:3] == ["python", "-m", "encoder_service.train"]
+    assert set(card["history"]) >= {"loss", "val_loss", "reconstruction_loss", "classes_loss"}
+    retrieval = card["retrieval"]
+    assert retrieval["k"] == 10 and 0.0 < retrieval["p_at_k"] <= retrieval["map_at_k"] <= 1.0
     assert card["train_size"] + card["validation_size"] == TINY
     assert card["validation_size"] == int(TINY * 0.1)
     assert card["test_size"] == 64
     assert card["input_shape"] == [28, 28, 1]
     assert card["embedding_dim"] == 128
-    for key in ("final_train_loss", "final_val_loss", "test_loss"):
-        assert 0.0 < card[key] < 1.0, key
-    assert card["model_version"].startswith("tutorial-")
-    assert len(card["model_version"]) == len("tutorial-") + 12
+    assert 0.0 < card["test_loss"] < 1.0, "the reconstruction's binary cross-entropy"
+    assert card["final_train_loss"] > 0 and card["final_val_loss"] > 0
+    assert card["model_version"].startswith("wide-")
+    assert len(card["model_version"]) == len("wide-") + 12
     assert card["created"].endswith("+00:00")
     assert card["tflite_max_abs_diff"] is not None and card["tflite_max_abs_diff"] < 1e-4
 
@@ -70,10 +86,10 @@ def test_version_is_the_hash_of_the_weights(trained: Path) -> None:
 
     card = json.loads((trained / "card.json").read_text())
     encoder = keras.saving.load_model(trained / "encoder.keras", compile=False)
-    assert model_version("tutorial", encoder) == card["model_version"]
+    assert model_version("wide", encoder) == card["model_version"]
 
     # The same weights in a freshly built model hash the same; other weights do not.
-    _, fresh = build_autoencoder("tutorial")
+    _, fresh = build_autoencoder("wide")
     assert weights_digest(fresh) != weights_digest(encoder)
     fresh.set_weights(encoder.get_weights())
     assert weights_digest(fresh) == weights_digest(encoder)
@@ -125,17 +141,80 @@ def test_unknown_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
 
 def test_unknown_architecture_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert train.main(["--model", "resnet9000", "--output", str(tmp_path / "out")]) == 2
-    assert "unknown model architecture 'resnet9000'; known: tutorial" in capsys.readouterr().err
+    assert "unknown model architecture 'resnet9000'; known: tutorial, wide" in capsys.readouterr().err
 
 
-def test_architecture_shapes() -> None:
+@pytest.mark.parametrize("architecture", ["tutorial", "wide"])
+def test_architecture_shapes(architecture: str) -> None:
     from encoder_service.model import build_autoencoder
 
-    autoencoder, encoder = build_autoencoder()
+    autoencoder, encoder = build_autoencoder(architecture)
     assert autoencoder.input_shape == (None, 28, 28, 1)
     assert autoencoder.output_shape == (None, 28, 28, 1)
     assert encoder.output_shape == (None, 128)
     assert {id(w) for w in encoder.weights} <= {id(w) for w in autoencoder.weights}, "layers are shared"
+
+
+def test_wide_embeddings_are_unit_vectors() -> None:
+    from encoder_service.model import build_autoencoder
+
+    _, encoder = build_autoencoder("wide")
+    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
+    assert np.allclose(np.linalg.norm(np.asarray(encoder(x)), axis=1), 1.0, atol=1e-5)
+
+
+def test_the_tutorial_recipe(tiny_npz: Path, tmp_path: Path) -> None:
+    """The tutorial's model trains as the tutorial did: reconstruction only, no augmentation, Adam 1e-3."""
+    output = tmp_path / "tutorial"
+    assert (
+        train.main(
+            ["--dataset", str(tiny_npz), "--model", "tutorial", "--epochs", "1", "--output", str(output)]
+        )
+        == 0
+    )
+    card = json.loads((output / "card.json").read_text())
+    assert card["model_version"].startswith("tutorial-")
+    recipe = card["recipe"]
+    assert (recipe["class_weight"], recipe["augment"], recipe["learning_rate"]) == (0.0, "none", 1e-3)
+    assert not recipe["cosine_decay"]
+    assert set(card["history"]) == {"loss", "val_loss"}
+    assert 0.0 < card["final_train_loss"] < 1.0
+
+
+def test_recipes_follow_the_data() -> None:
+    assert train.recipe_for("wide", "mnist-sample").augment == "digits"
+    assert (train.recipe_for("wide", "mnist").epochs, train.recipe_for("wide", "mnist").patience) == (40, 3)
+    assert train.recipe_for("wide", "/data/my.npz").patience == 0
+    assert train.recipe_for("wide", "fashion_mnist").augment == "none"
+    assert train.recipe_for("wide", "fashion_mnist").epochs == 7
+    assert train.recipe_for("wide", "/data/my.npz").augment == "none"
+    assert train.recipe_for("tutorial", "mnist-sample").augment == "none"
+
+
+def test_augmentation_keeps_shape_and_range() -> None:
+    import tensorflow as tf
+
+    from encoder_service.augment import augment
+
+    with np.load(SAMPLE_PATH) as data:
+        x = tf.constant(data["x"][:32, :, :, None].astype(np.float32) / 255.0)
+    for preset in ("digits", "clothes", "none"):
+        changed = augment(x, preset).numpy()
+        assert changed.shape == (32, 28, 28, 1), preset
+        assert changed.min() >= 0.0 and changed.max() <= 1.0, preset
+    assert not np.allclose(augment(x, "digits").numpy(), x.numpy()), "digits are moved"
+    assert np.array_equal(augment(x, "none").numpy(), x.numpy())
+    with pytest.raises(ValueError, match="unknown augmentation 'sideways'"):
+        augment(x, "sideways")
+
+
+def test_early_stopping_keeps_the_best_weights(tiny_npz: Path, tmp_path: Path) -> None:
+    output = tmp_path / "early"
+    argv = ["--dataset", str(tiny_npz), "--epochs", "40", "--patience", "1", "--learning-rate", "0.05"]
+    assert train.main([*argv, "--output", str(output)]) == 0
+    card = json.loads((output / "card.json").read_text())
+    assert card["epochs"] < 40, "a rate this high stops improving the validation loss long before"
+    assert card["recipe"]["patience"] == 1
 
 
 def test_mnist_sample_split() -> None:
