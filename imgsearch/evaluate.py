@@ -73,12 +73,19 @@ def retrieval_quality(query_labels: Sequence[str], result_labels: Sequence[Seque
 
 
 def nearest_labels(
-    vectors: np.ndarray, labels: Sequence[str], queries: np.ndarray, k: int
+    vectors: np.ndarray, labels: Sequence[str], queries: np.ndarray, k: int, batch: int = 500
 ) -> list[list[str]]:
-    """The labels of each query's k nearest vectors by exact L2 (FAISS IndexFlatL2, as the index service)."""
+    """The labels of each query's k nearest vectors by exact L2 (FAISS IndexFlatL2, as the index service).
+
+    Queries go in batches of `batch`, as `make eval` sends them to the index service: FAISS switches to
+    a BLAS kernel from (queries x dim) >= 128,000, which can order near-ties differently, so the same
+    batches keep the in-process figures equal to the service's."""
     import faiss
 
     index = faiss.IndexFlatL2(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, np.float32))
-    _, rows = index.search(np.ascontiguousarray(queries, np.float32), k)
-    return [[labels[n] for n in row if n >= 0] for row in rows]
+    found: list[list[str]] = []
+    for start in range(0, len(queries), batch):
+        _, rows = index.search(np.ascontiguousarray(queries[start : start + batch], np.float32), k)
+        found += [[labels[n] for n in row if n >= 0] for row in rows]
+    return found

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "encoder_service" / "models"
 DEFAULT_OUTPUT = REPO / "docs" / "eval"
 K = 10
-BATCH = 500  # images or vectors per call: well inside both services' limits
+BATCH = 500  # images or vectors per call: well inside both services' limits (and nearest_labels' batch)
 
 
 @dataclass(frozen=True)
