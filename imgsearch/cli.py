@@ -13,7 +13,14 @@ import grpc
 from imgsearch import security
 from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX, ImageSearch, Match, ServiceError
 from imgsearch.evaluate import retrieval_quality
-from imgsearch.ingest import DEFAULT_BATCH_SIZE, DEFAULT_PATIENCE_S, collect_images, embed_files, index_images
+from imgsearch.ingest import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PATIENCE_S,
+    collect_images,
+    embed_files,
+    index_images,
+    stored_ids,
+)
 
 
 def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
@@ -24,6 +31,11 @@ def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-u
 
 def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
     files, skipped = collect_images(args.paths)
+    if args.resume:
+        stored = stored_ids(search.index)
+        remaining = [image for image in files if image.id not in stored]
+        print(f"resuming: {len(files) - len(remaining)} of {len(files)} images are already in the index")
+        files = remaining
     with _progress(len(files), "indexing", args.progress) as bar:
         report = index_images(
             search,
@@ -232,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("index", cmd_index, "index image files and folders (recursively)")
     sub.add_argument("paths", nargs="+", metavar="PATH")
+    sub.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip the images whose ids the index already holds (continue an ingest that stopped)",
+    )
     patience_flag(sub)
     batch_flags(sub)
     sub = command(

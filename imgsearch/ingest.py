@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch, ServiceError
+from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch, IndexClient, ServiceError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_BATCH_SIZE = 256
@@ -68,6 +68,11 @@ def collect_images(paths: Sequence[str | Path]) -> tuple[list[ImageFile], list[t
                 label = parent.rpartition("/")[2] if parent else absolute.name
                 found[item_id] = ImageFile(item_id, absolute / item_id, label)
     return list(found.values()), skipped
+
+
+def stored_ids(index: IndexClient) -> set[str]:
+    """Every id the index holds (a point-in-time scan, ids only): what `imgsearch index --resume` skips."""
+    return {item_id for page in index.scan() for item_id in page.ids}
 
 
 def files_under(folder: Path) -> list[str]:

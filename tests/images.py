@@ -31,3 +31,13 @@ def encode(image: Image.Image, format_name: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format_name, **options)
     return buffer.getvalue()
+
+
+def write_digits(folder: Path, count: int, start: int = 0, digits: int = 5) -> Path:
+    """Writes `count` sample digits as folder/<label>/<number>.png (numbered from `start`); returns folder."""
+    x, y = mnist_sample(count, start)
+    for n, (digit, label) in enumerate(zip(x, y, strict=True), start=start):
+        path = folder / str(label) / f"{n:0{digits}d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit).save(path)
+    return folder

@@ -9,7 +9,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from encoder_service.service import EncoderService
 from imgsearch.cli import main
@@ -18,7 +17,7 @@ from imgsearch.ingest import collect_images
 from imgsearch.reindex import same_service
 from index_service.service import IndexService
 from tests.conftest import start_index
-from tests.images import mnist_sample
+from tests.images import write_digits
 from tests.test_encoder_service import start_encoder
 
 OLD = "old-model"
@@ -34,12 +33,7 @@ def encoder() -> Iterator[EncoderService]:
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    root = tmp_path / "digits"
-    x, y = mnist_sample(COUNT)
-    for n, (digit, label) in enumerate(zip(x, y, strict=True)):
-        path = root / str(label) / f"{n:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(digit).save(path)
+    root = write_digits(tmp_path / "digits", COUNT, digits=3)
     (root / "broken.png").write_bytes(b"not an image")
     return root
 
