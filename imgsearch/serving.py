@@ -46,6 +46,10 @@ class ServerSettings:
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the server speaks only TLS
     tls_key: str | None = None
     auth_token: security.Secret | None = None  # when set, every call but health needs it
+    # Connections are closed (GOAWAY) after this long, so clients re-resolve DNS and find replicas added
+    # since; calls in flight get the grace to finish. 0: connections live on.
+    max_connection_age_s: float = 60.0
+    max_connection_age_grace_s: float = 300.0
 
     def security_summary(self) -> str:
         """Returns e.g. "TLS, bearer token" for the start-up line."""
@@ -104,6 +108,20 @@ def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, defaul
         "RESOURCE_EXHAUSTED (env IMGSEARCH_MAX_CONCURRENT_RPCS, default 64)",
     )
     parser.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=env_or("IMGSEARCH_MAX_CONNECTION_AGE_S", 60.0),
+        help="close each client connection after this long (clients reconnect at once and re-resolve "
+        "DNS, finding replicas added since); 0: never (env IMGSEARCH_MAX_CONNECTION_AGE_S, default 60)",
+    )
+    parser.add_argument(
+        "--max-connection-age-grace-s",
+        type=float,
+        default=env_or("IMGSEARCH_MAX_CONNECTION_AGE_GRACE_S", 300.0),
+        help="time calls in flight on a closing connection get to finish, long scans included "
+        "(env IMGSEARCH_MAX_CONNECTION_AGE_GRACE_S, default 300)",
+    )
+    parser.add_argument(
         "--tls-cert",
         default=env_or("IMGSEARCH_TLS_CERT", None),
         help="PEM certificate chain; with --tls-key the service speaks only TLS (env IMGSEARCH_TLS_CERT)",
@@ -154,6 +172,15 @@ def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return cert, key
 
 
+def _connection_age_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    if settings.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+    ]
+
+
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     """Returns the server part of parsed flags, checked; a bad TLS or token setting fails here."""
     tls_cert, tls_key = _tls_files(args)
@@ -169,7 +196,11 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         tls_cert=tls_cert,
         tls_key=tls_key,
         auth_token=_auth_token(args),
+        max_connection_age_s=args.max_connection_age_s,
+        max_connection_age_grace_s=args.max_connection_age_grace_s,
     )
+    if settings.max_connection_age_s < 0 or settings.max_connection_age_grace_s < 0:
+        raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be 0 or more")
     if not 0 <= settings.port <= 65535:
         raise SystemExit(f"--port must be 0 to 65535, got {settings.port}")
     if settings.workers < 1:
@@ -228,6 +259,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a second server on a port in use must fail, not share it
+                *_connection_age_options(settings),
             ],
             # Past this many calls in flight, gRPC answers RESOURCE_EXHAUSTED at once instead of
             # queueing without bound behind the workers.

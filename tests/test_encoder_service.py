@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,3 +249,31 @@ def test_the_tutorial_model_serves_beside_the_default() -> None:
         vectors[name] = embedding.vectors
     assert np.allclose(np.linalg.norm(vectors["default"], axis=1), 1.0, atol=1e-5)
     assert not np.allclose(np.linalg.norm(vectors["tutorial"], axis=1), 1.0, atol=1e-2)
+
+
+def test_connections_are_recycled_without_failing_calls() -> None:
+    """With a maximum connection age the server closes each connection (so clients re-resolve DNS and
+    meet replicas added since); the client reconnects and no call fails."""
+    service = start_encoder("--max-connection-age-s", "0.3", "--max-connection-age-grace-s", "5")
+    client = EncoderClient(f"127.0.0.1:{service.server.port}", timeout_s=30)
+    states: list[grpc.ChannelConnectivity] = []
+    client.channel.subscribe(states.append)
+    digits = [encode(Image.fromarray(x), "PNG") for x in mnist_sample(8)[0]]
+    try:
+        started, calls = time.monotonic(), 0
+        while time.monotonic() - started < 2.0:
+            assert len(client.embed(digits).vectors) == 8
+            calls += 1
+        ready = [n for n, state in enumerate(states) if state == grpc.ChannelConnectivity.READY]
+        assert len(ready) >= 2, f"the connection was never recycled in {calls} calls: {states}"
+    finally:
+        client.close()
+        service.stop(0)
+
+
+def test_connections_live_on_without_an_age() -> None:
+    settings = parse_config(["--max-connection-age-s", "0"]).server
+    assert settings.max_connection_age_s == 0
+    assert parse_config([]).server.max_connection_age_s == 60.0
+    with pytest.raises(SystemExit):
+        parse_config(["--max-connection-age-s", "-1"])
