@@ -16,7 +16,7 @@ setup: $(STAMP) $(STUBS) datasets ## virtualenv with pinned dependencies, gRPC s
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[encoder,index,client,train,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[encoder,index,milvus,client,train,dev]'
 	touch $@
 
 proto: $(STUBS) ## generate the Python gRPC stubs from proto/ into imgsearch/v1

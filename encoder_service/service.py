@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ class EncoderConfig:
     max_image_bytes: int
     max_image_pixels: int
     batch_window_ms: float = 0.0
+    replica_id: str = ""
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
@@ -82,6 +85,12 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         "model once for all of them; 0 turns it off (env IMGSEARCH_ENCODER_BATCH_WINDOW_MS, default 0: "
         "on the shipped model its gain is within the noise, see bench/results/REPORT.md)",
     )
+    parser.add_argument(
+        "--replica-id",
+        default=env_or("IMGSEARCH_REPLICA_ID", default_replica_id()),
+        help="this replica's name in Embed replies and Info, so a client can count what each replica "
+        "served (env IMGSEARCH_REPLICA_ID, default HOSTNAME:PID; a container's hostname is its id)",
+    )
     args = parser.parse_args(argv)
     if min(args.max_batch, args.max_image_bytes, args.max_image_pixels) < 1:
         parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")
@@ -100,7 +109,13 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         args.max_image_bytes,
         args.max_image_pixels,
         args.batch_window_ms,
+        args.replica_id,
     )
+
+
+def default_replica_id() -> str:
+    """HOSTNAME:PID: unique among replicas on one machine and across containers."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class EncoderService:
@@ -123,6 +138,7 @@ class EncoderService:
             max_image_bytes=config.max_image_bytes,
             max_image_pixels=config.max_image_pixels,
             batch_window_s=config.batch_window_ms / 1000,
+            replica_id=config.replica_id or default_replica_id(),
         )
         service = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
         self.server = GrpcServer(

@@ -31,8 +31,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         max_image_bytes: int,
         max_image_pixels: int,
         batch_window_s: float = 0.0,
+        replica_id: str = "",
     ) -> None:
         self.runtime = runtime
+        self.replica_id = replica_id
         self.batcher = MicroBatcher(runtime, batch_window_s) if batch_window_s > 0 else None
         self.max_batch = max_batch
         self.max_image_bytes = max_image_bytes
@@ -83,7 +85,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             vectors = self.batcher.embed(batch)
         with self._counts_lock:
             self._embedded += count
-        return encoder_pb2.EmbedResponse(vectors=wire.pack(vectors), model_version=self.runtime.model_version)
+        return encoder_pb2.EmbedResponse(
+            vectors=wire.pack(vectors), model_version=self.runtime.model_version, replica=self.replica_id
+        )
 
     def _decode_all(self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext) -> np.ndarray:
         """The request's images as the model's input batch, float32 [N, H, W]."""
@@ -122,6 +126,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             card_json=json.dumps(self.runtime.card, sort_keys=True),
             images_embedded=self._embedded,
             calls_abandoned=self._abandoned,
+            replica=self.replica_id,
         )
 
 

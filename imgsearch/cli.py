@@ -6,15 +6,17 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from imgsearch import security
+from imgsearch.addresses import endpoint_count
 from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX, ImageSearch, Match, ServiceError
 from imgsearch.evaluate import retrieval_quality
 from imgsearch.ingest import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_IN_FLIGHT,
     DEFAULT_PATIENCE_S,
     collect_images,
     embed_files,
@@ -27,6 +29,26 @@ def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-u
     from tqdm import tqdm
 
     return tqdm(total=total, desc=description, unit="img", disable=not enabled, file=sys.stderr)
+
+
+def counted(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least`, refused with a message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
+def in_flight_for(encoder: str) -> int:
+    """Batches to keep in flight: enough for every encoder replica to have one while a batch is stored."""
+    return max(DEFAULT_IN_FLIGHT, endpoint_count(encoder) + 1)
 
 
 def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
@@ -44,9 +66,13 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
             on_batch=bar.update,
             patience_s=args.patience_s,
             on_wait=lambda note: bar.write(f"imgsearch: {note}", file=sys.stderr),
+            in_flight=in_flight_for(args.encoder) if args.in_flight is None else args.in_flight,
         )
     report.skipped[:0] = skipped
     print(f"indexed {report.indexed} images; the index now holds {report.count}")
+    if len(report.by_replica) > 1:
+        shares = ", ".join(f"{name} {count}" for name, count in sorted(report.by_replica.items()))
+        print(f"embedded by {len(report.by_replica)} encoder replicas: {shares}")
     if report.skipped:
         print(f"skipped {len(report.skipped)}:")
         for path, reason in report.skipped:
@@ -87,6 +113,44 @@ def cmd_reindex(search: ImageSearch, args: argparse.Namespace) -> int:
         f"(model version {report.model_version or '-'}); skipped {len(report.skipped)}"
     )
     return 1 if report.skipped else 0
+
+
+def cmd_migrate(search: ImageSearch, args: argparse.Namespace) -> int:
+    from imgsearch.client import IndexClient
+    from imgsearch.migrate import MigrateRefused, check_target, migrate
+
+    def note(text: str) -> None:
+        print(f"imgsearch: {text}", file=sys.stderr)
+
+    if not args.to.strip():  # an empty address would fall back to IMGSEARCH_INDEX
+        raise SystemExit("imgsearch migrate: --to needs the address of the index to fill, HOST:PORT")
+    if args.page_size < 1:
+        raise SystemExit(f"imgsearch migrate: --page-size must be positive, got {args.page_size}")
+    target = IndexClient(args.to, args.timeout_s, tls_ca=args.tls_ca, token=_token(args))
+    try:
+        checked = check_target(search.index, target, args.into_nonempty, args.patience_s, note)
+        with _progress(checked[0].count, "migrating", args.progress and checked[0].count > 0) as bar:
+            report = migrate(
+                search.index,
+                target,
+                args.page_size,
+                args.into_nonempty,
+                args.patience_s,
+                on_start=lambda total: bar.reset(total=total),
+                on_page=bar.update,
+                on_wait=lambda text: bar.write(f"imgsearch: {text}", file=sys.stderr),
+                checked=checked,
+            )
+    except MigrateRefused as refused:
+        print(f"imgsearch migrate: {refused}", file=sys.stderr)
+        return 2
+    finally:
+        target.close()
+    print(json.dumps(report.as_dict()) if args.json else report.summary())
+    if report.mismatch:
+        print(f"imgsearch migrate: {report.mismatch}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print_results(query: str, matches: Sequence[Match], as_json: bool) -> None:
@@ -230,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def batch_flags(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per call")
+        sub.add_argument("--batch-size", type=counted(1), default=DEFAULT_BATCH_SIZE, help="images per call")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     def patience_flag(sub: argparse.ArgumentParser) -> None:
@@ -249,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the images whose ids the index already holds (continue an ingest that stopped)",
     )
+    sub.add_argument(
+        "--in-flight",
+        type=counted(0),
+        default=None,
+        help="batches read and embedded ahead of the one being stored, so that several encoder replicas "
+        "work at once; memory grows with it, not with the folder (default: one more than the encoder "
+        f"addresses the target resolves to, at least {DEFAULT_IN_FLIGHT}; 0: one batch at a time)",
+    )
     patience_flag(sub)
     batch_flags(sub)
     sub = command(
@@ -265,6 +337,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     patience_flag(sub)
     batch_flags(sub)
+    sub = command(
+        "migrate",
+        cmd_migrate,
+        "copy every item of the index (--index) into another index service as it is (ids, metadata, "
+        "vectors, model version; nothing is embedded again): how to move a collection to another backend "
+        "or machine. The source is copied as it was when the command began: writes made to it meanwhile "
+        "are not copied. Upserts are by id, so running it again stores each item once",
+    )
+    sub.add_argument(
+        "--to",
+        required=True,
+        metavar="HOST:PORT",
+        help="the index to fill: another index service, empty (see --into-nonempty), e.g. one started "
+        "with --backend milvus",
+    )
+    sub.add_argument(
+        "--into-nonempty",
+        action="store_true",
+        help="copy into a target that already holds items (of the same model version and dim): items "
+        "with the same id are replaced, the others kept; to finish a migration that stopped, run it "
+        "again with this",
+    )
+    sub.add_argument(
+        "--page-size",
+        type=int,
+        default=1000,
+        help="items per scan page and per upsert (default 1000); halved while the target refuses a page as "
+        "over its --max-batch",
+    )
+    patience_flag(sub)
+    sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sub.add_argument("--json", action="store_true", help="the summary as one JSON object")
     sub = command("search", cmd_search, "find the stored images most similar to images, or to stored ids")
     sub.add_argument("images", nargs="*", metavar="IMAGE")
     sub.add_argument(

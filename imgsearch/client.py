@@ -123,6 +123,7 @@ class Match:
 class Embedding:
     vectors: np.ndarray  # float32 [count, dim]
     model_version: str
+    replica: str = ""  # the encoder replica that made them
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,9 @@ class EncoderClient(_Client):
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT and BAD_IMAGE_KEY in trailing:
                 raise BadImage(self.address, error.details() or "", int(trailing[BAD_IMAGE_KEY])) from None
             raise ServiceError(self.service, self.address, error.code(), error.details() or "") from None
-        return Embedding(wire.unpack(reply.vectors, expected_count=len(images)), reply.model_version)
+        return Embedding(
+            wire.unpack(reply.vectors, expected_count=len(images)), reply.model_version, reply.replica
+        )
 
     def info(self) -> dict[str, Any]:
         with self._call():
@@ -263,6 +266,7 @@ class EncoderClient(_Client):
             "card": json.loads(reply.card_json) if reply.card_json else {},
             "images_embedded": reply.images_embedded,
             "calls_abandoned": reply.calls_abandoned,
+            "replica": reply.replica,
         }
 
 

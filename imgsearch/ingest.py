@@ -20,7 +20,7 @@ from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch, In
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_PATIENCE_S = 60.0
-DEFAULT_IN_FLIGHT = 2  # batches read and embedded ahead of the one being upserted
+DEFAULT_IN_FLIGHT = 2  # batches read and embedded ahead of the one being upserted (the CLI adds replicas)
 T = TypeVar("T")
 
 
@@ -40,6 +40,7 @@ class IngestReport:
     indexed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     count: int = 0  # items in the index afterwards
+    by_replica: dict[str, int] = field(default_factory=dict)  # images indexed, by the encoder replica
 
 
 def collect_images(paths: Sequence[str | Path]) -> tuple[list[ImageFile], list[tuple[str, str]]]:
@@ -196,7 +197,9 @@ def index_images(
     """Embeds and upserts the files in batches; returns what was indexed and what was skipped.
 
     A small bounded pipeline: up to `in_flight` batches are read and embedded ahead in threads, so the
-    encoder has the next batch while the index stores the last (0: one batch after the other); the
+    encoder has the next batch while the index stores the last and several encoder replicas work at
+    once (round_robin sends each call to the next one; 0: one batch after the other); memory stays at
+    about in_flight + 1 batches whatever the number of files; the
     upserts go one at a time in file order, so the report (skipped files, the count after the last
     upsert) is the same either way. A service that goes away mid-ingest (a restart, a replica
     removed) is waited for up to patience_s per call; upserts are by id, so a batch sent twice is
@@ -238,6 +241,8 @@ def index_images(
                 )
                 report.count = patiently(upsert, patience_s, on_wait)
                 report.indexed += len(kept)
+                replica = embedding.replica or "?"
+                report.by_replica[replica] = report.by_replica.get(replica, 0) + len(kept)
             if on_batch is not None:
                 on_batch(size)
     finally:

@@ -15,7 +15,7 @@ def main() -> None:
     configure_logging(config.server.log_format, config.server.log_level)
     log.info("index_service starting with %s", describe(config))
     service = IndexService(config)
-    service.durable.start_snapshots()
+    service.start_snapshots()  # FAISS only; a Milvus backend keeps its own data
     run_until_signal(service.server, "index_service", on_stopped=service.close)
 
 

@@ -1,4 +1,5 @@
-"""The index service assembled: a store loaded from the data dir, its servicer, a gRPC server."""
+"""The index service assembled: a store (FAISS from the data dir, or a Milvus collection), its servicer,
+a gRPC server."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
 from imgsearch.v1 import index_pb2
 from index_service.durable import DataDirError, DurableStore
 from index_service.servicer import IndexServicer
+from index_service.store import StorageUnavailable, Store
+
+if TYPE_CHECKING:
+    from index_service.milvus_store import MilvusStore
 
 log = logging.getLogger("index_service")
 
 DEFAULT_PORT = 50052
+BACKENDS = ("faiss", "milvus")
 
 
 @dataclass(frozen=True)
@@ -27,19 +34,51 @@ class IndexConfig:
     max_batch: int
     snapshot_every_ops: int
     snapshot_every_s: float
+    backend: str = "faiss"
+    milvus_uri: str = ""
+    milvus_collection: str = "imgsearch"
+    milvus_timeout_s: float = 10.0
 
 
 def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
     """Returns the configuration from flags, each defaulting to an env var."""
     parser = argparse.ArgumentParser(
-        prog="python -m index_service", description="The imgsearch index service (FAISS exact L2 over gRPC)."
+        prog="python -m index_service",
+        description="The imgsearch index service (exact L2 k-NN over gRPC: FAISS in process, or Milvus).",
     )
     add_server_flags(parser, env_prefix="IMGSEARCH_INDEX", default_port=DEFAULT_PORT)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=env_or("IMGSEARCH_INDEX_BACKEND", "faiss"),
+        help="where the vectors live: faiss (in this process, kept in --data-dir) or milvus (a Milvus "
+        "collection; the service then keeps no state and scales by replicas) (env IMGSEARCH_INDEX_BACKEND, "
+        "default faiss)",
+    )
+    parser.add_argument(
+        "--milvus-uri",
+        default=env_or("IMGSEARCH_MILVUS_URI", ""),
+        help="with --backend milvus: a Milvus server (http://host:19530) or a Milvus Lite file in this "
+        "process (./milvus.db) (env IMGSEARCH_MILVUS_URI)",
+    )
+    parser.add_argument(
+        "--milvus-collection",
+        default=env_or("IMGSEARCH_MILVUS_COLLECTION", "imgsearch"),
+        help="with --backend milvus: the collection (env IMGSEARCH_MILVUS_COLLECTION, default imgsearch)",
+    )
+    parser.add_argument(
+        "--milvus-timeout-s",
+        type=float,
+        default=env_or("IMGSEARCH_MILVUS_TIMEOUT_S", 10.0),
+        help="with --backend milvus: how long one Milvus call may take, retries included, before the "
+        "request fails with UNAVAILABLE (env IMGSEARCH_MILVUS_TIMEOUT_S, default 10)",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=env_or("IMGSEARCH_DATA_DIR", "index-data"),
-        help="where the index is kept across restarts (env IMGSEARCH_DATA_DIR, default ./index-data)",
+        help="with --backend faiss: where the index is kept across restarts (env IMGSEARCH_DATA_DIR, "
+        "default ./index-data)",
     )
     parser.add_argument(
         "--max-k",
@@ -68,6 +107,10 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
     args = parser.parse_args(argv)
     if min(args.max_k, args.max_batch, args.snapshot_every_ops) < 1 or args.snapshot_every_s <= 0:
         parser.error("--max-k, --max-batch, --snapshot-every-ops and --snapshot-every-s must be positive")
+    if args.milvus_timeout_s <= 0:
+        parser.error("--milvus-timeout-s must be positive")
+    if args.backend == "milvus" and not args.milvus_uri:
+        parser.error("--backend milvus needs --milvus-uri (or IMGSEARCH_MILVUS_URI)")
     return IndexConfig(
         server_settings(args),
         args.data_dir,
@@ -75,24 +118,45 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         args.max_batch,
         args.snapshot_every_ops,
         args.snapshot_every_s,
+        args.backend,
+        args.milvus_uri,
+        args.milvus_collection,
+        args.milvus_timeout_s,
     )
 
 
 class IndexService:
-    """Recovers the data dir at start, serves, and on stop drains calls, snapshots and unlocks."""
+    """FAISS: recovers the data dir at start, serves, and on stop drains calls, snapshots and unlocks.
+    Milvus: connects, serves, and on stop drains calls and closes the connection (no state here)."""
 
     def __init__(self, config: IndexConfig) -> None:
         self.config = config
-        try:
-            self.durable = DurableStore(
-                config.data_dir,
-                max_k=config.max_k,
-                snapshot_every_ops=config.snapshot_every_ops,
-                snapshot_every_s=config.snapshot_every_s,
-            )
-        except (DataDirError, OSError) as error:
-            raise SystemExit(f"index_service: {error}") from error
-        self.store = self.durable.store
+        self.durable: DurableStore | None = None
+        self.milvus: MilvusStore | None = None
+        if config.backend == "milvus":
+            from index_service.milvus_store import MilvusStore  # pymilvus is imported only when asked for
+
+            try:
+                self.milvus = MilvusStore(
+                    config.milvus_uri,
+                    config.milvus_collection,
+                    max_k=config.max_k,
+                    timeout_s=config.milvus_timeout_s,
+                )
+            except (ValueError, StorageUnavailable) as error:
+                raise SystemExit(f"index_service: {error}") from error
+            self.store: Store = self.milvus
+        else:
+            try:
+                self.durable = DurableStore(
+                    config.data_dir,
+                    max_k=config.max_k,
+                    snapshot_every_ops=config.snapshot_every_ops,
+                    snapshot_every_s=config.snapshot_every_s,
+                )
+            except (DataDirError, OSError) as error:
+                raise SystemExit(f"index_service: {error}") from error
+            self.store = self.durable.store
         servicer = IndexServicer(self.store, config.max_batch, config.server.max_message_bytes)
         service = index_pb2.DESCRIPTOR.services_by_name["Index"]
         try:
@@ -100,26 +164,40 @@ class IndexService:
                 config.server, [service.full_name], lambda server: add_servicer(server, servicer, service)
             )
         except BaseException:
-            self.durable.close(snapshot=False)
+            self._release(snapshot=False)
             raise
 
     def start(self) -> int:
         try:
             port = self.server.start()
         except BaseException:
-            self.durable.close(snapshot=False)
+            self._release(snapshot=False)
             raise
-        self.durable.start_snapshots()
+        self.start_snapshots()
         return port
 
+    def start_snapshots(self) -> None:
+        """FAISS: starts the periodic snapshots. Milvus keeps its own data: nothing to do."""
+        if self.durable is not None:
+            self.durable.start_snapshots()
+
     def snapshot(self) -> None:
-        self.durable.snapshot()
+        """FAISS: a snapshot now. Milvus: nothing (it keeps its own data)."""
+        if self.durable is not None:
+            self.durable.snapshot()
 
     def close(self) -> None:
-        """After the server stopped: a last snapshot, then the data dir is released."""
-        self.durable.close()
+        """After the server stopped: FAISS: a last snapshot, then the data dir is released. Milvus: the
+        connection is closed (and a Milvus Lite file's server stopped once no store uses it)."""
+        self._release(snapshot=True)
+
+    def _release(self, snapshot: bool) -> None:
+        if self.durable is not None:
+            self.durable.close(snapshot=snapshot)
+        if self.milvus is not None:
+            self.milvus.close()
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drains in-flight calls, then snapshots and releases the data dir."""
+        """Drains in-flight calls, then snapshots and releases the data dir (or closes the connection)."""
         self.server.stop(grace_s)
         self.close()

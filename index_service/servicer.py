@@ -16,8 +16,8 @@ from index_service.store import (
     NotFound,
     StorageFull,
     StorageUnavailable,
+    Store,
     StoreCopy,
-    VectorStore,
 )
 
 DEFAULT_SCAN_PAGE = 1000  # items per Scan page when the request leaves page_size at 0
@@ -45,7 +45,7 @@ def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
-    def __init__(self, store: VectorStore, max_batch: int, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, store: Store, max_batch: int, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.store = store
         self.max_batch = max_batch
         # A Scan page is cut short past this, so that pages of large metadata still fit in a message.

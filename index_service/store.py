@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -124,6 +125,25 @@ class StoreCopy:
         return StoreState(self.dim, self.model_version, self.ids, self.metadata(), self.vectors, self.lsn)
 
 
+class Store(Protocol):
+    """What the servicer needs of a backend: VectorStore (FAISS here) and MilvusStore both give it,
+    with the same validation, errors and distances."""
+
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[Mapping[str, str]] = (),
+        model_version: str = "",
+    ) -> int: ...
+    def delete(self, ids: Sequence[str]) -> tuple[int, int]: ...
+    def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]: ...
+    def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]: ...
+    def search_by_id(self, ids: Sequence[str], k: int) -> list[list[Match]]: ...
+    def stats(self) -> Stats: ...
+    def copy(self, *, with_vectors: bool = True) -> StoreCopy: ...
+
+
 def check_ids(ids: Sequence[str], *, unique: bool = True) -> tuple[str, ...]:
     """Returns the ids as a tuple; raises InvalidArgument naming the first bad one."""
     seen: set[str] = set()
@@ -179,6 +199,45 @@ def check_vectors(vectors: np.ndarray, what: str = "vector") -> np.ndarray:
     return array
 
 
+def check_not_empty(count: int, what: str) -> None:
+    if count == 0:
+        raise InvalidArgument(f"the batch is empty: send at least one of the {what}")
+
+
+def check_id_batch(ids: Sequence[str], *, unique: bool = True) -> tuple[str, ...]:
+    """check_ids, and at least one."""
+    checked = check_ids(ids, unique=unique)
+    check_not_empty(len(checked), "ids")
+    return checked
+
+
+def check_upsert(
+    ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[Mapping[str, str]]
+) -> tuple[tuple[str, ...], np.ndarray, tuple[dict[str, str], ...]]:
+    """Every backend's checks on an upsert batch, made before anything changes: (ids, vectors, metadata)."""
+    checked_ids = check_id_batch(ids)
+    array = check_vectors(vectors)
+    if array.shape[0] != len(checked_ids):
+        raise InvalidArgument(f"got {array.shape[0]} vectors for {len(checked_ids)} ids")
+    if array.shape[1] == 0:
+        raise InvalidArgument("vectors have dim 0")
+    return checked_ids, array, check_metadata(metadata, len(checked_ids))
+
+
+def check_queries(queries: np.ndarray, model_version: str, held_version: str, held_dim: int) -> np.ndarray:
+    """The queries as float32 rows, refused when they are none, of another model or of another dim."""
+    array = check_vectors(queries, "query")
+    check_not_empty(array.shape[0], "queries")
+    if model_version and held_version and model_version != held_version:
+        raise FailedPrecondition(
+            f"queries are from model version {model_version!r}, the index holds {held_version!r}; "
+            f"{REINDEX_HINT}"
+        )
+    if held_dim and array.shape[1] != held_dim:
+        raise InvalidArgument(f"queries have dim {array.shape[1]}, the index holds dim {held_dim}")
+    return array
+
+
 class VectorStore:
     """Exact-L2 k-NN over string ids with metadata; thread-safe (concurrent reads, exclusive writes).
 
@@ -218,14 +277,8 @@ class VectorStore:
         model_version: str = "",
     ) -> int:
         """Inserts or replaces a batch, all or nothing; returns the count stored after it."""
-        checked_ids = check_ids(ids)
-        _check_not_empty(len(checked_ids), "ids")
-        array = check_vectors(vectors)
-        if array.shape[0] != len(checked_ids):
-            raise InvalidArgument(f"got {array.shape[0]} vectors for {len(checked_ids)} ids")
-        if array.shape[1] == 0 and checked_ids:
-            raise InvalidArgument("vectors have dim 0")
-        operation = Upsert(checked_ids, array, check_metadata(metadata, len(checked_ids)), model_version)
+        checked_ids, array, checked_metadata = check_upsert(ids, vectors, metadata)
+        operation = Upsert(checked_ids, array, checked_metadata, model_version)
         with self._lock.write():
             self._commit(operation)
             count = len(self._ids)
@@ -236,8 +289,7 @@ class VectorStore:
 
     def delete(self, ids: Sequence[str]) -> tuple[int, int]:
         """Removes ids; returns (deleted, missing)."""
-        checked_ids = check_ids(list(dict.fromkeys(ids)))
-        _check_not_empty(len(checked_ids), "ids")
+        checked_ids = check_id_batch(list(dict.fromkeys(ids)))
         with self._lock.write():
             present = tuple(i for i in checked_ids if i in self._row_of)
             if present:
@@ -339,8 +391,7 @@ class VectorStore:
 
     def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]:
         """Returns (found items in request order, their vectors, missing ids)."""
-        checked_ids = check_ids(ids, unique=False)
-        _check_not_empty(len(checked_ids), "ids")
+        checked_ids = check_id_batch(ids, unique=False)
         with self._lock.read():
             found = [i for i in checked_ids if i in self._row_of]
             missing = [i for i in checked_ids if i not in self._row_of]
@@ -354,23 +405,14 @@ class VectorStore:
     def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]:
         """Returns the k nearest stored items of each query, nearest first."""
         self._check_k(k)
-        array = check_vectors(queries, "query")
-        _check_not_empty(array.shape[0], "queries")
         with self._lock.read():
-            if model_version and self._model_version and model_version != self._model_version:
-                raise FailedPrecondition(
-                    f"queries are from model version {model_version!r}, "
-                    f"the index holds {self._model_version!r}; {REINDEX_HINT}"
-                )
-            if self._dim and array.shape[0] and array.shape[1] != self._dim:
-                raise InvalidArgument(f"queries have dim {array.shape[1]}, the index holds dim {self._dim}")
+            array = check_queries(queries, model_version, self._model_version, self._dim)
             return self._search(array, k, exclude=None)
 
     def search_by_id(self, ids: Sequence[str], k: int) -> list[list[Match]]:
         """Returns the k nearest items to each stored id, the item itself excluded."""
         self._check_k(k)
-        checked_ids = check_ids(ids, unique=False)
-        _check_not_empty(len(checked_ids), "ids")
+        checked_ids = check_id_batch(ids, unique=False)
         with self._lock.read():
             missing = [i for i in checked_ids if i not in self._row_of]
             if missing:
@@ -449,17 +491,17 @@ class VectorStore:
         return results
 
 
+def metadata_json(entries: Mapping[str, str]) -> str:
+    """Metadata as compact JSON, "" when empty: how every backend keeps it."""
+    if not entries:
+        return ""
+    return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":"))
+
+
 def _encode_metadata(entries: Mapping[str, str]) -> bytes | None:
     """Returns metadata as compact JSON bytes (a fraction of a dict's memory), None when empty."""
-    if not entries:
-        return None
-    return json.dumps(dict(entries), ensure_ascii=False, separators=(",", ":")).encode()
+    return metadata_json(entries).encode() if entries else None
 
 
 def _decode_metadata(encoded: bytes | None) -> dict[str, str]:
     return json.loads(encoded) if encoded is not None else {}
-
-
-def _check_not_empty(count: int, what: str) -> None:
-    if count == 0:
-        raise InvalidArgument(f"the batch is empty: send at least one of the {what}")

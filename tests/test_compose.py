@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -58,6 +60,28 @@ def service(compose: dict[str, Any], name: str) -> dict[str, Any]:
 def with_defaults(text: str) -> str:
     """Returns `text` with each ${VAR:-default} (or ${VAR-default}) replaced by its default."""
     return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", text)
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Returns `text` with each ${VAR:-default} replaced as Compose does: by env[VAR] when set and not
+    empty, else by the default."""
+
+    def value(match: re.Match[str]) -> str:
+        return env.get(match.group(1)) or match.group(2)
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}", value, text)
+
+
+def volume_mounts(spec: dict[str, Any]) -> set[tuple[str, str]]:
+    """(source, target) of each of a service's volumes, short or long form."""
+    mounts = set()
+    for volume in spec.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts.add((volume["source"], volume["target"]))
+        else:
+            source, target = with_defaults(str(volume)).split(":")[:2]
+            mounts.add((source, target))
+    return mounts
 
 
 def dockerfile_path(spec: dict[str, Any]) -> Path:
@@ -128,15 +152,118 @@ def test_index_publishes_port_and_keeps_data_in_named_volume(compose: dict[str, 
             published.add((host.rpartition(":")[2], container.split("/")[0]))
     assert ("50052", "50052") in published
 
-    mounts = set()
-    for volume in index["volumes"]:
-        if isinstance(volume, dict):
-            mounts.add((volume["source"], volume["target"]))
-        else:
-            source, target = str(volume).split(":")[:2]
-            mounts.add((source, target))
-    assert ("index-data", "/data") in mounts
+    assert ("index-data", "/data") in volume_mounts(index)
     assert "index-data" in compose["volumes"]
+
+
+# The milvus profile: Milvus standalone with its etcd and MinIO, and the index scaled over it.
+
+# service -> its image: pinned upstream releases that go together (those of Milvus's own
+# deployments/docker/standalone/docker-compose.yml for Milvus 2.5), never `latest`.
+MILVUS_PROFILE = {
+    "etcd": r"quay\.io/coreos/etcd:v3\.5\.\d+",
+    "minio": r"minio/minio:RELEASE\.\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z",
+    "milvus": r"milvusdb/milvus:v2\.5\.\d+",
+}
+
+
+def test_the_default_project_is_unchanged(compose: dict[str, Any]) -> None:
+    """`docker compose up` without a profile starts the two services, and neither waits for a service that
+    only a profile has (Compose would refuse the project)."""
+    always = {name for name, spec in compose["services"].items() if not spec.get("profiles")}
+    assert always == {"encoder", "index"}
+    for name in compose["services"]:
+        spec = service(compose, name)
+        if not spec.get("profiles"):
+            assert set(spec.get("depends_on", {})) <= always, name
+    index = service(compose, "index")
+    assert with_defaults(index["environment"]["IMGSEARCH_INDEX_BACKEND"]) == "faiss"
+    assert with_defaults(str(index["deploy"]["replicas"])) == "1"
+    assert with_defaults(index["environment"]["IMGSEARCH_DATA_DIR"]) == "/data"
+
+
+@pytest.mark.parametrize("name", list(MILVUS_PROFILE))
+def test_milvus_profile_service(compose: dict[str, Any], name: str) -> None:
+    spec = service(compose, name)
+    assert spec["profiles"] == ["milvus"]
+    assert re.fullmatch(MILVUS_PROFILE[name], spec["image"]), f"{name}: pin a release: {spec['image']}"
+    assert "container_name" not in spec, "a fixed name clashes with another project's"
+    test = spec["healthcheck"]["test"]
+    assert isinstance(test, list) and test[0] == "CMD", test
+    mounts = volume_mounts(spec)
+    assert mounts, f"{name}: keeps its data in a volume"
+    assert {source for source, _ in mounts} <= set(compose["volumes"]), "named volumes, not host paths"
+    assert spec["restart"] == "unless-stopped"
+
+
+def test_milvus_runs_standalone_once_etcd_and_minio_are_healthy(compose: dict[str, Any]) -> None:
+    milvus = service(compose, "milvus")
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    assert "http://localhost:9091/healthz" in milvus["healthcheck"]["test"]
+    assert isinstance(milvus["depends_on"], dict), "list form cannot wait for health"
+    assert {name: dep["condition"] for name, dep in milvus["depends_on"].items()} == {
+        "etcd": "service_healthy",
+        "minio": "service_healthy",
+    }
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+    assert milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    assert "-listen-client-urls=http://0.0.0.0:2379" in service(compose, "etcd")["command"]
+    assert ("milvus-data", "/var/lib/milvus") in volume_mounts(milvus)
+    # Only Milvus is published, and on the host's loopback; MinIO and etcd stay on the project's network.
+    assert [with_defaults(str(port)) for port in milvus["ports"]] == ["127.0.0.1:19530:19530"]
+    assert "ports" not in service(compose, "etcd") and "ports" not in service(compose, "minio")
+
+
+def test_index_scales_under_the_milvus_profile(compose: dict[str, Any]) -> None:
+    index = service(compose, "index")
+    assert "container_name" not in index, "a fixed name would stop `--scale index=N`"
+    (port,) = index["ports"]
+    assert interpolate(port, {}) == "50052:50052"
+    # A range gives each replica one host port of it.
+    assert interpolate(port, {"IMGSEARCH_INDEX_HOST_PORT": "50052-50054"}) == "50052-50054:50052"
+    assert interpolate(str(index["deploy"]["replicas"]), {"IMGSEARCH_INDEX_REPLICAS": "3"}) == "3"
+    # Named volumes only: every replica may mount them (with milvus nothing is written there).
+    assert {source for source, _ in volume_mounts(index)} <= set(compose["volumes"])
+
+
+@pytest.mark.parametrize(
+    "variable,default",
+    [
+        ("IMGSEARCH_INDEX_BACKEND", "faiss"),
+        ("IMGSEARCH_MILVUS_URI", "http://milvus:19530"),
+        ("IMGSEARCH_MILVUS_COLLECTION", "imgsearch"),
+    ],
+)
+def test_index_backend_settings_pass_through(compose: dict[str, Any], variable: str, default: str) -> None:
+    environment = service(compose, "index")["environment"]
+    assert environment[variable] == f"${{{variable}:-{default}}}"
+
+
+def test_the_milvus_uri_names_the_profiles_milvus(compose: dict[str, Any]) -> None:
+    uri = urlsplit(with_defaults(service(compose, "index")["environment"]["IMGSEARCH_MILVUS_URI"]))
+    assert uri.hostname in compose["services"], f"{uri.hostname}: no such service"
+    milvus = service(compose, str(uri.hostname))
+    assert milvus["profiles"] == ["milvus"]
+    assert str(uri.port) in [with_defaults(str(port)).rpartition(":")[2] for port in milvus["ports"]]
+
+
+def test_the_header_says_how_to_run_the_milvus_profile() -> None:
+    header = "\n".join(
+        line for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#") or not line
+    )
+    for text in [
+        "--profile milvus",
+        "--scale index=3",
+        "IMGSEARCH_INDEX_BACKEND=milvus",
+        "IMGSEARCH_INDEX_HOST_PORT=50052-50054",
+        "COMPOSE_PROFILES=milvus",
+        "IMGSEARCH_INDEX_REPLICAS",
+        "IMGSEARCH_MILVUS_URI",
+        "IMGSEARCH_MILVUS_COLLECTION",
+        "IMGSEARCH_MILVUS_HOST_PORT",
+        "Start-up order",
+    ]:
+        assert text in header, text
 
 
 def test_client_is_on_demand_and_waits_for_healthy_services(compose: dict[str, Any]) -> None:
@@ -148,7 +275,7 @@ def test_client_is_on_demand_and_waits_for_healthy_services(compose: dict[str, A
         assert depends_on[name]["condition"] == "service_healthy"
     environment = client["environment"]
     assert environment["IMGSEARCH_ENCODER"] == "dns:///encoder:50051"
-    assert environment["IMGSEARCH_INDEX"] == "index:50052"
+    assert environment["IMGSEARCH_INDEX"] == "dns:///index:50052", "round_robin over every index replica"
     targets = [with_defaults(str(v)).split(":")[1] for v in client["volumes"] if isinstance(v, str)]
     assert "/images" in targets
 
@@ -197,20 +324,64 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     assert {".venv", ".git", "imgsearch/v1"} <= patterns
 
 
-@pytest.mark.parametrize("files", [[COMPOSE_FILE], [COMPOSE_FILE, SECURE_FILE]], ids=["base", "secure"])
-def test_docker_compose_accepts_the_file(files: list[Path]) -> None:
+def published_ports(spec: dict[str, Any]) -> set[tuple[str, str]]:
+    """(host port or range, container port) pairs, from `docker-compose config`'s long form."""
+    return {(str(port.get("published")), str(port["target"])) for port in spec.get("ports", [])}
+
+
+# The settings of the milvus profile's three-replica example (the header of docker-compose.yml).
+MILVUS_ENV = {
+    "IMGSEARCH_INDEX_BACKEND": "milvus",
+    "IMGSEARCH_INDEX_HOST_PORT": "50052-50054",
+    "IMGSEARCH_INDEX_REPLICAS": "3",
+}
+
+
+@pytest.mark.parametrize(
+    "files,profiles,settings",
+    [
+        ([COMPOSE_FILE], [], {}),
+        ([COMPOSE_FILE, SECURE_FILE], [], {}),
+        ([COMPOSE_FILE], ["milvus"], MILVUS_ENV),
+    ],
+    ids=["base", "secure", "milvus"],
+)
+def test_docker_compose_accepts_the_file(
+    files: list[Path], profiles: list[str], settings: dict[str, str]
+) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("no docker-compose on PATH")
+    # Only the settings given here: none from the shell that runs the tests.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGSEARCH_", "COMPOSE_"))}
     result = subprocess.run(
-        [binary, *(arg for path in files for arg in ("-f", str(path))), "config"],
+        [
+            binary,
+            *(arg for path in files for arg in ("-f", str(path))),
+            *(arg for profile in profiles for arg in ("--profile", profile)),
+            "config",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={**env, **settings},
     )
+    if profiles and "--profile" in result.stderr and result.returncode != 0:
+        pytest.skip(f"this docker-compose has no profiles: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     merged = yaml.safe_load(result.stdout)
+    index = merged["services"]["index"]
+    if profiles:
+        assert published_ports(index) == {("50052-50054", "50052")}
+        assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "milvus"
+        assert index["environment"]["IMGSEARCH_MILVUS_URI"] == "http://milvus:19530"
+        assert index["deploy"]["replicas"] == 3
+        assert {"etcd", "minio", "milvus"} <= set(merged["services"])
+    else:
+        assert published_ports(index) == {("50052", "50052")}
+        assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "faiss"
+        assert index["deploy"]["replicas"] == 1
     if SECURE_FILE in files:
         environment = merged["services"]["index"]["environment"]
         assert environment["IMGSEARCH_TLS_CERT"] == "/run/secrets/imgsearch_tls_cert"

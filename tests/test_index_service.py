@@ -1,4 +1,7 @@
-"""The index service over real gRPC: k-NN against numpy, status codes, restarts, shutdown."""
+"""The index service over real gRPC: k-NN against numpy, status codes, restarts, shutdown.
+
+The tests of the API's behaviour run on both backends (FAISS and Milvus, `@both_backends`); those of the
+data dir, signals and ports on FAISS only (tests/test_milvus_backend.py has Milvus's own)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from imgsearch.client import IndexClient, ServiceError
 from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import index_pb2, index_pb2_grpc, vectors_pb2
 from index_service.service import IndexService
-from tests.conftest import start_index
+from tests.conftest import both_backends, start_index
 from tests.test_store import brute_force
 
 
@@ -25,6 +28,7 @@ def random_items(count: int, dim: int, seed: int = 0) -> tuple[list[str], np.nda
     return [f"img/{n}.png" for n in range(count)], vectors, [{"label": str(n % 10)} for n in range(count)]
 
 
+@both_backends
 @pytest.mark.parametrize("k", [1, 10, 64])
 def test_search_returns_exactly_the_brute_force_neighbours(index_client: IndexClient, k: int) -> None:
     ids, vectors, metadata = random_items(2000, 128)
@@ -42,6 +46,7 @@ def test_search_returns_exactly_the_brute_force_neighbours(index_client: IndexCl
     assert results[0][0].metadata == metadata[rows[0][0]]
 
 
+@both_backends
 def test_upsert_replace_delete_get_stats(index_client: IndexClient) -> None:
     ids, vectors, metadata = random_items(100, 16)
     assert index_client.upsert(ids, vectors, metadata, "m1") == 100
@@ -80,6 +85,7 @@ def upsert_one(
     )
 
 
+@both_backends
 @pytest.mark.parametrize(
     "method,request_message,code,words",
     [
@@ -174,9 +180,9 @@ def upsert_one(
     ],
 )
 def test_bad_requests_get_a_status_and_change_nothing(
-    tmp_path: Path, method: str, request_message: object, code: str, words: str
+    tmp_path: Path, backend_args: list[str], method: str, request_message: object, code: str, words: str
 ) -> None:
-    service = start_index(tmp_path, "--max-batch", "10")
+    service = start_index(tmp_path, "--max-batch", "10", *backend_args)
     try:
         client = IndexClient(f"127.0.0.1:{service.server.port}")
         client.upsert(["keep"], np.ones((1, 4), np.float32), [{"a": "b"}], "m1")
@@ -194,6 +200,7 @@ def test_bad_requests_get_a_status_and_change_nothing(
         service.stop(0)
 
 
+@both_backends
 def test_an_id_that_is_not_utf8_is_invalid_argument(index_service: IndexService) -> None:
     good = index_pb2.DeleteRequest(ids=["abc"]).SerializeToString()
     bad = good.replace(b"abc", b"a\xffc")
@@ -208,21 +215,23 @@ def test_an_id_that_is_not_utf8_is_invalid_argument(index_service: IndexService)
     assert "cannot be parsed" in (caught.value.details() or "") and "UTF-8" in (caught.value.details() or "")
 
 
+@both_backends
 def test_search_on_an_empty_index_finds_nothing(index_client: IndexClient) -> None:
     assert index_client.search(np.zeros((2, 4), np.float32), 5) == [[], []]
     assert index_client.stats().count == 0
 
 
-def test_restart_keeps_everything(tmp_path: Path) -> None:
+@both_backends
+def test_restart_keeps_everything(tmp_path: Path, backend_args: list[str]) -> None:
     ids, vectors, metadata = random_items(300, 32)
-    first = start_index(tmp_path)
+    first = start_index(tmp_path, *backend_args)
     client = IndexClient(f"127.0.0.1:{first.server.port}")
     client.upsert(ids, vectors, metadata, "m1")
     client.delete(ids[:10])
     before = client.search(vectors[:5], 10)
     client.close()
     first.stop(0)
-    second: IndexService = start_index(tmp_path)
+    second: IndexService = start_index(tmp_path, *backend_args)
     try:
         client = IndexClient(f"127.0.0.1:{second.server.port}")
         assert client.stats().count == 290 and client.stats().model_version == "m1"

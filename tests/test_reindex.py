@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from encoder_service.service import EncoderService
+from imgsearch.addresses import same_service
 from imgsearch.cli import main
 from imgsearch.client import EncoderClient, ImageSearch, IndexClient, ServiceError
 from imgsearch.ingest import collect_images
-from imgsearch.reindex import same_service
 from index_service.service import IndexService
 from tests.conftest import start_index
 from tests.images import write_digits
