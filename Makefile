@@ -12,11 +12,11 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(STAMP) $(STUBS) datasets ## virtualenv with pinned dependencies, gRPC stubs, Fashion-MNIST where apt can install it
+setup: $(STAMP) $(STUBS) datasets browser ## virtualenv with pinned dependencies, gRPC stubs, Fashion-MNIST and chromium where apt can install them
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[encoder,index,milvus,client,train,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[encoder,index,milvus,client,train,web,dev]'
 	touch $@
 
 proto: $(STUBS) ## generate the Python gRPC stubs from proto/ into imgsearch/v1
@@ -35,16 +35,26 @@ datasets:
 		|| echo "note: could not install dataset-fashion-mnist; training on fashion_mnist will try the Keras download"; \
 	else echo "note: not root or no apt: skipping Debian's dataset-fashion-mnist"; fi
 
+# Debian's chromium, for the web page's browser test (Playwright drives it by its path: no browser download).
+.PHONY: browser
+browser:
+	@if [ -n "$$IMGSEARCH_CHROMIUM" ] || command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+		|| echo "note: could not install chromium; tests/test_web_browser.py will be skipped"; \
+	else echo "note: not root or no apt: skipping Debian's chromium; tests/test_web_browser.py will be skipped"; fi
+
 test: setup ## run the test suite
 	$(PY) -m pytest -q
 
 lint: setup ## ruff (lint and format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy imgsearch encoder_service index_service bench tests
+	$(VENV)/bin/mypy imgsearch encoder_service index_service web bench tests
 
-demo: setup ## index the MNIST sample through both services, evaluate, write out/similar.png
-	$(PY) -m imgsearch.demo
+demo: setup ## index the MNIST sample through both services, evaluate, write out/similar.png; the page on :8080 meanwhile (KEEP=1: keep it all running)
+	$(PY) -m imgsearch.demo$(if $(KEEP), --keep-running)
 
 up: setup ## run both services in the foreground (Ctrl-C stops them)
 	$(PY) -m imgsearch.local

@@ -176,10 +176,14 @@ class Service:
             ],
             log_path,
         )
-        started = time.perf_counter()
         forced = None if threads is None else str(threads)
         with environment(OMP_NUM_THREADS=forced, **{FORCED_THREADS_ENV: forced}):
-            self.process.start()
+            self._start(log_path)
+
+    def _start(self, log_path: Path) -> None:
+        """Starts the process and waits until it is healthy; on failure kills it and quotes its log."""
+        started = time.perf_counter()
+        self.process.start()
         try:
             self.process.wait_healthy(timeout_s=600)
         except RuntimeError as error:

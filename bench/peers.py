@@ -5,6 +5,11 @@ Milvus Lite (`pymilvus` with `milvus-lite`: a local file URI, a FLAT index with 
 in-process FAISS `IndexFlatL2` and the index service, at N = 100k (10k with --quick), one query at a time,
 k = 10. Both peers are optional: `pip install -e '.[bench]'` (which `make bench` runs) brings them.
 
+The index service is timed with both its backends: FAISS (the default, `--data-dir`) and Milvus
+(`--backend milvus --milvus-uri FILE.db`, a Milvus Lite file served inside the service's process), each
+loaded through `IndexClient.upsert`. Then `imgsearch migrate` (imgsearch.migrate.migrate) copies the
+FAISS-backed service's N items into a fresh Milvus-backed one, and the target's count is checked.
+
 All systems are loaded first, then timed interleaved (a few calls each in turn, the same queries in the
 same order). Each system's answers are compared with FAISS's: the same ids as a set, and the same k
 distances allowing for exact ties (another id at the same distance as FAISS's 10th, in float64
@@ -14,6 +19,8 @@ recomputed from the vectors, to float32 rounding).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +34,8 @@ import faiss
 import numpy as np
 
 from bench.index import (
+    LOAD_BATCH,
+    MAX_MESSAGE_BYTES,
     K,
     OtherLoad,
     Service,
@@ -36,8 +45,12 @@ from bench.index import (
     load_service,
     make_queries,
     make_vectors,
+    settled_rss_mib,
 )
-from bench.report import Figure, Section, p50_p99_ms
+from bench.report import Figure, Section, p50_p99_ms, rss_mib
+from imgsearch.client import IndexClient
+from imgsearch.local import ServiceProcess, free_port
+from imgsearch.migrate import DEFAULT_PAGE_SIZE, migrate
 
 SPEEDUP_TARGET = 10.0
 Search = Callable[[np.ndarray], list[int]]  # one query [dim] -> row ids, nearest first
@@ -53,6 +66,8 @@ class System:
     answers: dict[int, list[int]] = field(default_factory=dict)
     times_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     skipped: str = ""  # why it did not run
+    client: IndexClient | None = None  # a service's client, while the service runs
+    rss_mib: float = 0.0  # a service's resident memory once loaded
 
 
 def answering(system: System, search: Search, queries: np.ndarray) -> Timed:
@@ -85,19 +100,181 @@ def faiss_flat(system: System, vectors: np.ndarray, threads: int) -> Iterator[Se
     yield search
 
 
+def searching(client: IndexClient) -> Search:
+    def search(query: np.ndarray) -> list[int]:
+        return [int(m.id[4:]) for m in client.search(query[None, :], K)[0]]
+
+    return search
+
+
 @contextlib.contextmanager
 def index_service(system: System, vectors: np.ndarray, scratch: Path) -> Iterator[Search]:
     service = Service(scratch / "data", None, scratch / "index.log")
     try:
         system.setup_s = load_service(service, vectors)
-        system.how = "`IndexClient.search`; loaded over gRPC in batches of 50,000 (log + fsync)"
+        system.rss_mib = settled_rss_mib(service.pid)
+        system.client = service.client
+        system.how = f"`IndexClient.search`; loaded over gRPC in batches of {LOAD_BATCH:,} (log + fsync)"
+        yield searching(service.client)
+    finally:
+        system.client = None
+        service.stop()
 
-        def search(query: np.ndarray) -> list[int]:
-            return [int(m.id[4:]) for m in service.client.search(query[None, :], K)[0]]
 
-        yield search
+# A 50,000-vector upsert into Milvus Lite takes about 10 s here: the default --milvus-timeout-s (10 s, per
+# Milvus call) would cut it off.
+MILVUS_TIMEOUT_S = 600
+
+
+def milvus_missing() -> str:
+    """Why the Milvus backend cannot run here, or "" when it can."""
+    missing = [name for name in ("pymilvus", "milvus_lite") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return ""
+    return (
+        f"not installed ({', '.join(missing)}); `pip install -e '.[bench]'` brings pymilvus and milvus-lite"
+    )
+
+
+class MilvusService(Service):
+    """The index service with `--backend milvus` on a Milvus Lite file (served by threads inside the
+    service's own process), as a child process; stopped like the FAISS-backed one."""
+
+    def __init__(self, uri: Path, log_path: Path, args: tuple[str, ...] = ()) -> None:
+        self.threads = None
+        self.process = ServiceProcess(
+            "index_service",
+            free_port(),
+            ["--backend", "milvus", "--milvus-uri", str(uri), "--log-level", "WARNING", *args],
+            log_path,
+        )
+        self._start(log_path)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used (user + system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, timeout_s: float = 120.0) -> float:
+    """Waits until the process uses under 5% of a core over half a second (Milvus Lite builds segment
+    indexes in background threads after a start); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = cpu_s(pid)
+        time.sleep(0.5)
+        if cpu_s(pid) - before < 0.025:
+            break
+    return time.monotonic() - started
+
+
+@dataclass
+class MilvusBackend:
+    """What else the Milvus-backed service gave: searches just after loading, before the restart that
+    has Milvus Lite seal the data into a segment with its FLAT index."""
+
+    fresh_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # one query each, just loaded
+    stop_s: float = 0.0
+    start_s: float = 0.0  # the restarted service: start to healthy
+    idle_wait_s: float = 0.0
+    rss_restarted_mib: float = 0.0  # after the timing
+
+
+@contextlib.contextmanager
+def milvus_service(
+    system: System,
+    extra: MilvusBackend,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    scratch: Path,
+    fresh_calls: int,
+) -> Iterator[Search | None]:
+    if why := milvus_missing():
+        system.skipped = why
+        yield None
+        return
+    uri = scratch / "svc-milvus.db"
+    args = (
+        "--max-batch",
+        str(LOAD_BATCH),
+        "--max-message-bytes",
+        str(MAX_MESSAGE_BYTES),
+        "--milvus-timeout-s",
+        str(MILVUS_TIMEOUT_S),
+    )
+    service = MilvusService(uri, scratch / "index-milvus.log", args)
+    try:
+        system.setup_s = load_service(service, vectors)
+        count = service.client.stats().count
+        if count != len(vectors):
+            raise RuntimeError(f"the Milvus-backed service holds {count} vectors; {len(vectors)} were loaded")
+        system.rss_mib = settled_rss_mib(service.pid)
+        search = searching(service.client)
+        fresh = []
+        for row in range(fresh_calls):  # queries from the end: not among those timed below (warm-up aside)
+            started = time.perf_counter()
+            search(queries[-1 - row])
+            fresh.append(time.perf_counter() - started)
+        extra.fresh_s = np.array(fresh)
+        extra.stop_s = service.stop()
+    except BaseException:
+        service.kill()
+        raise
+    # The service never flushes; Milvus Lite seals its memtable on close (or past a memory budget),
+    # as the Milvus Lite peer's flush does. A restart gives the state a long-running service reaches.
+    service = MilvusService(uri, scratch / "index-milvus.log", args)
+    try:
+        extra.start_s = service.start_s
+        extra.idle_wait_s = wait_idle(service.pid)
+        system.how = (
+            f"`IndexClient.search`; loaded over gRPC in batches of {LOAD_BATCH:,} (`--milvus-timeout-s "
+            f"{MILVUS_TIMEOUT_S}`), then restarted on the same file (stop {extra.stop_s:.1f} s, start "
+            f"{extra.start_s:.1f} s) so that Milvus Lite seals the data into a segment, as the Milvus Lite "
+            "peer's flush does; timed on the restarted service"
+        )
+        yield searching(service.client)
+        extra.rss_restarted_mib = rss_mib(service.pid)
     finally:
         service.stop()
+
+
+@dataclass
+class Migration:
+    """`imgsearch migrate` from the FAISS-backed service into a fresh Milvus-backed one."""
+
+    page_size: int
+    seconds: float = 0.0
+    migrated: int = 0
+    count: int = 0  # the target's count afterwards, from its Stats
+    restarts: int = 0
+    stats_s: float = 0.0  # one Stats call on the target afterwards: Milvus's count(*)
+
+
+def migration(source: IndexClient, page_size: int, scratch: Path) -> Migration:
+    """Starts a Milvus-backed service on a new file, migrates the source into it, stops it."""
+    uri = scratch / f"svc-migrate-{page_size}.db"
+    target = MilvusService(
+        uri, scratch / f"index-migrate-{page_size}.log", ("--milvus-timeout-s", str(MILVUS_TIMEOUT_S))
+    )
+    measured = Migration(page_size)
+    try:
+        started = time.perf_counter()
+        report = migrate(source, target.client, page_size)
+        measured.seconds = time.perf_counter() - started
+        measured.migrated, measured.restarts = report.migrated, report.restarts
+        started = time.perf_counter()
+        measured.count = target.client.stats().count
+        measured.stats_s = time.perf_counter() - started
+    except BaseException:
+        target.kill()
+        raise
+    target.stop()
+    if uri.is_dir():  # milvus-lite 3 keeps a directory at the path
+        shutil.rmtree(uri, ignore_errors=True)
+    else:
+        uri.unlink(missing_ok=True)
+    return measured
 
 
 @contextlib.contextmanager
@@ -219,9 +396,13 @@ def agreement(
 # ---- the section -----------------------------------------------------------------------------------
 
 
+MIGRATE_PAGE_SIZES = (1_000, DEFAULT_PAGE_SIZE)  # small pages, and the CLI's default
+
+
 def run(out: Path, quick: bool) -> list[Section]:
     n = 10_000 if quick else 100_000
     rounds, per_round = (4, 5) if quick else (10, 10)
+    fresh_calls = 3 if quick else 5
     load = OtherLoad()
     vectors = make_vectors(n)
     queries = make_queries()
@@ -230,10 +411,13 @@ def run(out: Path, quick: bool) -> list[Section]:
         System("FAISS IndexFlatL2 in-process, 1 thread"),
         System("FAISS IndexFlatL2 in-process, 2 threads"),
         System("imgsearch index service (gRPC, default threads)"),
+        System("index service, Milvus backend (Milvus Lite file)"),
         System("qdrant-client, local mode"),
         System("Milvus Lite (pymilvus + milvus-lite), FLAT, L2"),
     ]
-    faiss1, faiss2, service, qdrant, milvus = systems
+    faiss1, faiss2, service, milvus_svc, qdrant, milvus = systems
+    backend = MilvusBackend()
+    migrations: list[Migration] = []
     scratch = Path(tempfile.mkdtemp(prefix="imgsearch-bench-peers-"))
     saved_threads = faiss.omp_get_max_threads()
     try:
@@ -242,6 +426,9 @@ def run(out: Path, quick: bool) -> list[Section]:
                 stack.enter_context(faiss_flat(faiss1, vectors, 1)),
                 stack.enter_context(faiss_flat(faiss2, vectors, 2)),
                 stack.enter_context(index_service(service, vectors, scratch)),
+                stack.enter_context(
+                    milvus_service(milvus_svc, backend, vectors, queries, scratch, fresh_calls)
+                ),
                 stack.enter_context(qdrant_local(qdrant, vectors)),
                 stack.enter_context(milvus_lite(milvus, vectors, scratch)),
             ]
@@ -257,11 +444,16 @@ def run(out: Path, quick: bool) -> list[Section]:
             for system in systems:
                 if system.name in times:
                     system.times_s = times[system.name]
+            if not milvus_svc.skipped:
+                assert service.client is not None
+                migrations = [migration(service.client, size, scratch) for size in MIGRATE_PAGE_SIZES]
     finally:
         faiss.omp_set_num_threads(saved_threads)
         shutil.rmtree(scratch, ignore_errors=True)
 
-    section = Section(f"Peers: Milvus Lite and qdrant-client local, N = {label_n(n)}")
+    section = Section(
+        f"Peers: Milvus Lite, qdrant-client local and the index service's Milvus backend, N = {label_n(n)}"
+    )
     service_p50 = p50_p99_ms(service.times_s)[0]
     faiss_p50 = min(p50_p99_ms(faiss1.times_s)[0], p50_p99_ms(faiss2.times_s)[0])
     for peer in (milvus, qdrant):
@@ -287,6 +479,12 @@ def run(out: Path, quick: bool) -> list[Section]:
                 f"{faiss_p50:.2f} ms, the service {service_p50 / faiss_p50:.1f} times that",
             )
         )
+    if milvus_svc.skipped:
+        section.notes.append(
+            f"{milvus_svc.name} and `imgsearch migrate` into it: skipped, {milvus_svc.skipped}."
+        )
+    else:
+        section.figures += milvus_backend_figures(n, service, milvus_svc, milvus, backend, migrations)
     rows = [
         "| system | load N (s) | p50 ms | p99 ms | ids as FAISS's (sets) | same k distances (ties allowed) "
         "| recall@10 | how |",
@@ -312,6 +510,125 @@ def run(out: Path, quick: bool) -> list[Section]:
         "the k ids of a query are FAISS's, as a set; *ties allowed* also counts a query whose k distances "
         "(float64, recomputed from the vectors) equal FAISS's, so an id swapped for another at exactly the "
         "same distance still agrees.",
-        load.note(),
     ]
+    if not milvus_svc.skipped:
+        section.notes.append(milvus_backend_note(service, milvus_svc, backend, migrations))
+    section.notes.append(load.note())
     return [section]
+
+
+def milvus_backend_figures(
+    n: int,
+    service: System,
+    milvus_svc: System,
+    milvus: System,
+    backend: MilvusBackend,
+    migrations: list[Migration],
+) -> list[Figure]:
+    """The Milvus-backed service against the FAISS-backed one, and the migrations into it. No targets:
+    the Milvus backend is there to scale out (stateless replicas over one Milvus server), not to be fast
+    on one machine."""
+    service_p50 = p50_p99_ms(service.times_s)[0]
+    backend_p50 = p50_p99_ms(milvus_svc.times_s)[0]
+    fresh_p50 = float(np.median(backend.fresh_s) * 1e3)
+    direct = (
+        ""
+        if milvus.skipped
+        else f"; Milvus Lite called directly in-process takes {p50_p99_ms(milvus.times_s)[0]:.0f} ms"
+    )
+    faiss_rate, backend_rate = n / service.setup_s, n / milvus_svc.setup_s
+    figures = [
+        Figure(
+            f"index service, Milvus backend vs FAISS backend: one query, k = {K}, p50, N = {label_n(n)}",
+            backend_p50,
+            "ms",
+            "index service, FAISS backend",
+            service_p50,
+            backend_p50 / service_p50,
+            "none (value / reference)",
+            None,
+            "no target: the Milvus backend is for scale-out (stateless replicas over one Milvus server), "
+            f"not for speed on one machine; milvus-lite runs in the service's own process{direct}",
+        ),
+        Figure(
+            f"index service, Milvus backend, just loaded (before the restart): one query, k = {K}, "
+            f"p50 of {len(backend.fresh_s)} calls, N = {label_n(n)}",
+            fresh_p50,
+            "ms",
+            "the same service after a restart (p50)",
+            backend_p50,
+            fresh_p50 / backend_p50,
+            "none (value / reference)",
+            None,
+            f"slowest {backend.fresh_s.max() * 1e3:,.0f} ms. The Milvus store never flushes; until Milvus "
+            "Lite seals its memtable (on close, or past its memory budget) each search scans the unsealed "
+            "rows",
+        ),
+        Figure(
+            f"index service, Milvus backend: load N = {label_n(n)} through `IndexClient.upsert`, batches "
+            f"of {LOAD_BATCH:,}",
+            backend_rate,
+            "vectors/s",
+            "index service, FAISS backend, the same batches",
+            faiss_rate,
+            backend_rate / faiss_rate,
+            "none (value / reference)",
+            None,
+            f"{milvus_svc.setup_s:.1f} s against {service.setup_s:.1f} s; resident memory once loaded "
+            f"{milvus_svc.rss_mib:,.0f} MiB against {service.rss_mib:,.0f} MiB",
+        ),
+    ]
+    for moved in migrations:
+        rate = moved.migrated / moved.seconds
+        default = " (the default)" if moved.page_size == DEFAULT_PAGE_SIZE else ""
+        figures.append(
+            Figure(
+                f"`imgsearch migrate` FAISS-backed service -> fresh Milvus-backed service, N = {label_n(n)}, "
+                f"--page-size {moved.page_size:,}{default}",
+                rate,
+                "items/s",
+                f"the Milvus backend's load in batches of {LOAD_BATCH:,}",
+                backend_rate,
+                rate / backend_rate,
+                f"target's count = {n:,}",
+                moved.count == n,
+                f"{moved.seconds:.1f} s for {moved.migrated:,} items copied; the target counts "
+                f"{moved.count:,}"
+                + (f"; the scan was begun again {moved.restarts} times" if moved.restarts else "")
+                + f"; one Stats call on the target afterwards took {moved.stats_s * 1e3:,.0f} ms",
+            )
+        )
+    return figures
+
+
+def milvus_backend_note(
+    service: System, milvus_svc: System, backend: MilvusBackend, migrations: list[Migration]
+) -> str:
+    try:
+        from importlib.metadata import version
+
+        lite = f"milvus-lite {version('milvus-lite')}, pymilvus {version('pymilvus')}"
+    except Exception:
+        lite = "milvus-lite"
+    note = (
+        f"*Index service, Milvus backend*: `python -m index_service --backend milvus --milvus-uri "
+        f"SCRATCH/svc-milvus.db` ({lite}: Milvus Lite is served by threads inside the service's process), "
+        f"loaded as the FAISS-backed service is, then stopped ({backend.stop_s:.1f} s) and started again "
+        f"({backend.start_s:.1f} s to healthy, then {backend.idle_wait_s:.1f} s until its CPU use settled) "
+        "on the same file before the timing, because the service never flushes and Milvus Lite searches "
+        "unsealed rows far more slowly (the *just loaded* figure); the restart seals them, as the Milvus "
+        "Lite peer's `flush` does. Its resident memory after the timing: "
+        f"{backend.rss_restarted_mib:,.0f} MiB."
+    )
+    if migrations:
+        note += (
+            " *Migrate*: `imgsearch.migrate.migrate(source, target, page_size)` (what `imgsearch migrate "
+            "--to` runs, without the progress bar), from the FAISS-backed service above into an index "
+            f"service started with `--backend milvus --milvus-timeout-s {MILVUS_TIMEOUT_S}` on a new file "
+            "(default --max-batch 10,000), timed from the call to its return (the target's checks and "
+            "its final count included); the target's count is then read with Stats. Each upsert into the "
+            "Milvus backend ends with a Milvus `count(*)` (the count Upsert returns), which Milvus Lite "
+            "computes over all unsealed rows: the Stats call in the migrate rows is that cost at N, paid "
+            "once per page, so each page costs more than the last and a smaller page size costs more."
+        )
+    return note

@@ -1,13 +1,20 @@
-"""The serving runtimes: a model directory written by `encoder_service.train` turned into `embed(batch)`.
+"""The serving runtimes: a model directory written by `encoder_service.train` turned into `embed(batch)`
+and `reconstruct(batch)`.
 
-- `LiteRTRuntime` runs `encoder.tflite` with LiteRT (`ai_edge_litert`), no TensorFlow needed: the default.
-- `TensorFlowRuntime` runs `encoder.keras` through a `tf.function` traced once for [None, 28, 28, 1].
+- `LiteRTRuntime` runs `encoder.tflite` with LiteRT (`ai_edge_litert`), no TensorFlow needed: the default;
+  it reconstructs with `decoder.tflite`.
+- `TensorFlowRuntime` runs `encoder.keras` through a `tf.function` traced once for [None, 28, 28, 1]; it
+  reconstructs with the decoder split from `autoencoder.keras` (`encoder_service.export.split_decoder`).
+
+A model directory without its decoder still embeds; `reconstruct` then raises NoDecoderError
+(`python -m encoder_service.export MODEL_DIR` adds `decoder.tflite` to a directory trained before it).
 
 Both read `card.json` for the model version and are safe to call from many threads at once. This module
 imports neither LiteRT nor TensorFlow until a runtime of that kind is created.
 
     runtime = load_runtime(DEFAULT_MODEL_DIR)          # or load_runtime(path, "tensorflow")
     vectors = runtime.embed(images)                    # float32 [N, 28, 28] in [0, 1] -> float32 [N, 128]
+    pictures = runtime.reconstruct(images)             # -> float32 [N, 28, 28] in [0, 1]: decoder(embed(x))
 """
 
 from __future__ import annotations
@@ -38,7 +45,13 @@ def shipped_model(name: str) -> Path:
 CARD_FILE = "card.json"
 TFLITE_FILE = "encoder.tflite"
 KERAS_FILE = "encoder.keras"
+DECODER_TFLITE_FILE = "decoder.tflite"  # written by training and by `python -m encoder_service.export`
+AUTOENCODER_FILE = "autoencoder.keras"
 DEFAULT_MAX_CHUNK = 32  # images per LiteRT invoke: see LiteRTRuntime
+
+
+class NoDecoderError(LookupError):
+    """The model directory has no decoder, so the runtime cannot reconstruct (it still embeds)."""
 
 
 class Runtime(ABC):
@@ -46,7 +59,7 @@ class Runtime(ABC):
 
     Attributes: `name` ("litert" or "tensorflow"), `model_version` (the card's content hash),
     `dim` (embedding size, 128), `input_shape` ((28, 28, 1): height, width, channels),
-    `card` (card.json as a dict), `model_dir`."""
+    `card` (card.json as a dict), `model_dir`, `has_decoder` (whether `reconstruct` works)."""
 
     name: str
     model_version: str
@@ -54,6 +67,7 @@ class Runtime(ABC):
     input_shape: tuple[int, int, int]
     card: dict[str, Any]
     model_dir: Path
+    has_decoder: bool = False
 
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
@@ -79,6 +93,37 @@ class Runtime(ABC):
     def _embed(self, x: np.ndarray) -> np.ndarray:
         """Embeds a non-empty float32 C-contiguous [N, H, W, C] batch."""
 
+    def reconstruct(self, batch: np.ndarray) -> np.ndarray:
+        """The autoencoder's reconstructions of float32 [N, H, W] (or [N, H, W, 1]) images in [0, 1]: the
+        decoder run on the embeddings `embed` gives. Returns C-contiguous float32 [N, H, W] in [0, 1].
+
+        Raises NoDecoderError when the model directory has no decoder, ValueError for a batch of another
+        shape. N = 0 gives a [0, H, W] array."""
+        self.check_decoder()
+        x = self._as_input(batch)
+        height, width, channels = self.input_shape
+        if len(x) == 0:
+            return np.zeros((0, height, width), np.float32)
+        pictures = np.asarray(self._reconstruct(x), dtype=np.float32)
+        if pictures.shape != x.shape:
+            raise RuntimeError(f"the decoder returned shape {pictures.shape}, expected {x.shape}")
+        return np.ascontiguousarray(pictures.reshape(len(x), height, width) if channels == 1 else pictures)
+
+    def check_decoder(self) -> None:
+        """Raises NoDecoderError, saying how to add one, when this runtime cannot reconstruct."""
+        if not self.has_decoder:
+            raise NoDecoderError(self._no_decoder_message())
+
+    def _reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """Reconstructs a non-empty float32 C-contiguous [N, H, W, C] batch (only called with a decoder)."""
+        raise NotImplementedError
+
+    def _no_decoder_message(self) -> str:
+        return (
+            f"model {self.model_dir} has no decoder ({DECODER_TFLITE_FILE}), so it cannot reconstruct; "
+            f"add one with: python -m encoder_service.export {self.model_dir}"
+        )
+
     def _as_input(self, batch: np.ndarray) -> np.ndarray:
         x = np.asarray(batch)
         height, width, channels = self.input_shape
@@ -103,7 +148,10 @@ class LiteRTRuntime(Runtime):
     batches run in chunks of this many images. That bounds each thread's tensor arena (about 0.2 MB per
     image of the largest chunk it has seen), and it is faster: a chunk of 32 keeps the activations in the
     CPU's caches (on a 2-core AMD EPYC, 18,000 images/s against 12,000 for chunks of 64 or more; see
-    bench/results/REPORT.md). Changing the batch size costs a resize of a few microseconds."""
+    bench/results/REPORT.md). Changing the batch size costs a resize of a few microseconds.
+
+    `decoder.tflite`, when the directory has it, is loaded the same way (an Interpreter per thread) and
+    run on each chunk's embeddings for `reconstruct`."""
 
     name = "litert"
 
@@ -127,13 +175,32 @@ class LiteRTRuntime(Runtime):
         details = state.interpreter.get_output_details()[0]
         if int(details["shape_signature"][-1]) != self.dim:
             raise ValueError(f"{path} outputs {details['shape_signature']}, the card says dim {self.dim}")
+        decoder_path = self.model_dir / DECODER_TFLITE_FILE
+        self._decoder = decoder_path.read_bytes() if decoder_path.is_file() else None
+        self.has_decoder = self._decoder is not None
+        if self._decoder is not None:  # as for the encoder: a bad file fails at startup
+            decoder = self._decoder_state().interpreter
+            takes = [int(v) for v in decoder.get_input_details()[0]["shape_signature"]]
+            gives = [int(v) for v in decoder.get_output_details()[0]["shape_signature"]]
+            if takes[1:] != [self.dim] or gives[1:] != list(self.input_shape):
+                raise ValueError(
+                    f"{decoder_path} maps {takes} to {gives}, expected [-1, {self.dim}] to "
+                    f"[-1, {', '.join(str(v) for v in self.input_shape)}]"
+                )
 
     def _state(self) -> _InterpreterState:
-        state: _InterpreterState | None = getattr(self._local, "state", None)
+        return self._thread_state("state", self._model)
+
+    def _decoder_state(self) -> _InterpreterState:
+        assert self._decoder is not None
+        return self._thread_state("decoder_state", self._decoder)
+
+    def _thread_state(self, attribute: str, model: bytes) -> _InterpreterState:
+        state: _InterpreterState | None = getattr(self._local, attribute, None)
         if state is None:
-            interpreter = self._interpreter_class(model_content=self._model, num_threads=self._num_threads)
+            interpreter = self._interpreter_class(model_content=model, num_threads=self._num_threads)
             state = _InterpreterState(interpreter)
-            self._local.state = state
+            setattr(self._local, attribute, state)
         return state
 
     def _embed(self, x: np.ndarray) -> np.ndarray:
@@ -144,8 +211,16 @@ class LiteRTRuntime(Runtime):
             out[start : start + self.max_chunk] = self._invoke(x[start : start + self.max_chunk])
         return out
 
-    def _invoke(self, x: np.ndarray) -> np.ndarray:
-        state = self._state()
+    def _reconstruct(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty(x.shape, np.float32)
+        for start in range(0, len(x), self.max_chunk):
+            chunk = x[start : start + self.max_chunk]
+            out[start : start + len(chunk)] = self._invoke(self._invoke(chunk), self._decoder_state())
+        return out
+
+    def _invoke(self, x: np.ndarray, state: _InterpreterState | None = None) -> np.ndarray:
+        if state is None:
+            state = self._state()
         interpreter = state.interpreter
         if state.batch_size != len(x):
             interpreter.resize_tensor_input(state.input_index, list(x.shape), strict=True)
@@ -168,7 +243,9 @@ class _InterpreterState:
 
 class TensorFlowRuntime(Runtime):
     """Runs `encoder.keras` through a `tf.function` with input signature float32 [None, H, W, C]: traced
-    once, never `Model.predict` per request. Needs TensorFlow (the `train` extra)."""
+    once, never `Model.predict` per request. Needs TensorFlow (the `train` extra). Reconstructs with the
+    decoder split from `autoencoder.keras` (`encoder_service.export.split_decoder`, as the flatbuffer's
+    export does), when the directory has it, through a second `tf.function`."""
 
     name = "tensorflow"
 
@@ -192,9 +269,32 @@ class TensorFlowRuntime(Runtime):
         out = self._encode(tf.zeros([1, *self.input_shape], tf.float32))  # trace now, not on the first call
         if tuple(out.shape) != (1, self.dim):
             raise ValueError(f"{path} outputs shape {tuple(out.shape)[1:]}, the card says dim {self.dim}")
+        autoencoder_path = self.model_dir / AUTOENCODER_FILE
+        self.has_decoder = autoencoder_path.is_file()
+        if self.has_decoder:
+            from encoder_service.export import split_decoder
+
+            autoencoder = keras.saving.load_model(autoencoder_path, compile=False)
+            decoder = split_decoder(autoencoder, model)
+
+            @tf.function(input_signature=[tf.TensorSpec([None, *self.input_shape], tf.float32)])
+            def reconstruct(x: Any) -> Any:
+                return decoder(model(x, training=False), training=False)
+
+            self._reconstruct_fn = reconstruct
+            self._reconstruct_fn(tf.zeros([1, *self.input_shape], tf.float32))  # trace now
 
     def _embed(self, x: np.ndarray) -> np.ndarray:
         return self._encode(x).numpy()
+
+    def _reconstruct(self, x: np.ndarray) -> np.ndarray:
+        return self._reconstruct_fn(x).numpy()
+
+    def _no_decoder_message(self) -> str:
+        return (
+            f"model {self.model_dir} has no {AUTOENCODER_FILE}, which the tensorflow runtime takes the "
+            "decoder from, so it cannot reconstruct"
+        )
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"litert": LiteRTRuntime, "tensorflow": TensorFlowRuntime}

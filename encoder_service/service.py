@@ -12,6 +12,7 @@ from pathlib import Path
 
 from encoder_service.runtime import load_runtime, shipped_model
 from encoder_service.servicer import EncoderServicer
+from imgsearch import metrics
 from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
 from imgsearch.v1 import encoder_pb2
@@ -132,19 +133,27 @@ class EncoderService:
             self.runtime.input_shape,
             self.runtime.name,
         )
+        replica = config.replica_id or default_replica_id()
         servicer = EncoderServicer(
             self.runtime,
             max_batch=config.max_batch,
             max_image_bytes=config.max_image_bytes,
             max_image_pixels=config.max_image_pixels,
             batch_window_s=config.batch_window_ms / 1000,
-            replica_id=config.replica_id or default_replica_id(),
+            replica_id=replica,
         )
         service = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
         self.server = GrpcServer(
             config.server,
             [service.full_name],
             lambda server: add_servicer(server, servicer, service),
+        )
+        metrics.watch_encoder(
+            self.server.metrics,
+            f"/{service.full_name}/Embed",
+            model_version=self.runtime.model_version,
+            runtime=self.runtime.name,
+            replica=replica,
         )
 
     def start(self) -> int:

@@ -1,4 +1,5 @@
-"""The Encoder gRPC servicer: images in, decoded by `preprocess`, embedded by a runtime, vectors out."""
+"""The Encoder gRPC servicer: images in, decoded by `preprocess`, embedded by a runtime, vectors out;
+`Reconstruct`: the same images out as the model sees them and as its decoder redraws them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import grpc
 import numpy as np
 
 from encoder_service.preprocess import ImageError, decode_image, from_raw_pixels
-from encoder_service.runtime import Runtime
+from encoder_service.runtime import NoDecoderError, Runtime
 from imgsearch import vectors as wire
 from imgsearch.errors import RequestError, call_gone, grpc_errors
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
@@ -68,11 +69,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext
     ) -> encoder_pb2.EmbedResponse:
         count = len(request.images)
-        if count > self.max_batch:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{count} images in one call; the limit is {self.max_batch} (--max-batch)",
-            )
+        self._check_batch_size(count)
         if self.batcher is None:
             vectors = self.runtime.embed(self._decode_all(request, context))
         else:
@@ -89,7 +86,40 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             vectors=wire.pack(vectors), model_version=self.runtime.model_version, replica=self.replica_id
         )
 
-    def _decode_all(self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext) -> np.ndarray:
+    @grpc_errors({NoDecoderError: grpc.StatusCode.FAILED_PRECONDITION})
+    def Reconstruct(
+        self, request: encoder_pb2.ReconstructRequest, context: grpc.ServicerContext
+    ) -> encoder_pb2.ReconstructResponse:
+        """Each image as the model's input and as the decoder's output from its embedding, both uint8
+        (0 = background, 255 = ink). Limits, bad images and deadlines as in Embed; runs the model
+        directly, never through the batcher. Not counted in Info's images_embedded, which counts Embed."""
+        self.runtime.check_decoder()  # before any decoding: a model without a decoder fails at once
+        self._check_batch_size(len(request.images))
+        batch = self._decode_all(request, context)
+        pictures = self.runtime.reconstruct(batch)
+        height, width = batch.shape[1:3]
+        reply = encoder_pb2.ReconstructResponse(
+            model_version=self.runtime.model_version, replica=self.replica_id
+        )
+        for seen, redrawn in zip(_to_uint8(batch), _to_uint8(pictures), strict=True):
+            item = reply.items.add()
+            item.input.height, item.input.width, item.input.pixels = height, width, seen.tobytes()
+            item.reconstruction.height, item.reconstruction.width = height, width
+            item.reconstruction.pixels = redrawn.tobytes()
+        return reply
+
+    def _check_batch_size(self, count: int) -> None:
+        if count > self.max_batch:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{count} images in one call; the limit is {self.max_batch} (--max-batch)",
+            )
+
+    def _decode_all(
+        self,
+        request: encoder_pb2.EmbedRequest | encoder_pb2.ReconstructRequest,
+        context: grpc.ServicerContext,
+    ) -> np.ndarray:
         """The request's images as the model's input batch, float32 [N, H, W]."""
         count = len(request.images)
         height, width, _ = self.runtime.input_shape
@@ -128,6 +158,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             calls_abandoned=self._abandoned,
             replica=self.replica_id,
         )
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    """float images in [0, 1] to uint8 0..255, rounded to nearest (clipped first: a decoder's float
+    output may stray past either end)."""
+    return np.rint(np.clip(images, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
 
 
 class MicroBatcher:

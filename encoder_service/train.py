@@ -17,6 +17,8 @@ The output directory gets:
 - `autoencoder.keras`: the whole autoencoder (to resume or inspect reconstructions);
 - `encoder.keras`: the encoder alone, served by the TensorFlow runtime;
 - `encoder.tflite`: the encoder as a LiteRT flatbuffer with a dynamic batch dimension, served by default;
+- `decoder.tflite`: the decoder, from the served embedding to the 28x28 reconstruction, for the service's
+  `Reconstruct` (`encoder_service.export`, which also adds it to a model directory trained before);
 - `card.json`: what was trained on what, the losses, and `model_version`, a content hash of the encoder's
   weights ("<architecture>-" + 12 hex of sha256), identical for identical weights.
 
@@ -49,7 +51,7 @@ from encoder_service.datasets import Dataset, load_dataset
 log = logging.getLogger(__name__)
 DEFAULT_ARCHITECTURE = "wide"
 
-MODEL_FILES = ("autoencoder.keras", "encoder.keras", "encoder.tflite", "card.json")
+MODEL_FILES = ("autoencoder.keras", "encoder.keras", "encoder.tflite", "decoder.tflite", "card.json")
 DEFAULT_OUTPUT = "models/custom"
 
 
@@ -208,6 +210,7 @@ def train(
     import keras
     import tensorflow as tf
 
+    from encoder_service.export import write_decoder
     from encoder_service.model import EMBEDDING_DIM, INPUT_SHAPE, build_autoencoder, model_version
 
     recipe = recipe or recipe_for(DEFAULT_ARCHITECTURE, dataset.name)
@@ -293,6 +296,7 @@ def train(
         tflite = _to_tflite(encoder)
         (tmp / "encoder.tflite").write_bytes(tflite)
         card["tflite_max_abs_diff"] = _check_tflite(tflite, encoder, x[:16])
+        card.update(write_decoder(autoencoder, encoder, tmp, x[:16]))  # decoder.tflite, checked
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         _swap_in(tmp, output)
     finally:
@@ -393,7 +397,8 @@ def _to_tflite(encoder: Any) -> bytes:
 
 
 def _check_tflite(tflite: bytes, encoder: Any, x: np.ndarray) -> float | None:
-    """Max abs difference between the flatbuffer's and Keras's embeddings of `x` (None without LiteRT)."""
+    """Max abs difference between the flatbuffer's and Keras's outputs for `x` (None without LiteRT);
+    `encoder` may be any Keras model (the decoder too)."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -407,7 +412,7 @@ def _check_tflite(tflite: bytes, encoder: Any, x: np.ndarray) -> float | None:
     interpreter.invoke()
     diff = float(np.max(np.abs(interpreter.get_tensor(out["index"]) - np.asarray(encoder(x)))))
     if diff > 1e-4:
-        raise RuntimeError(f"the LiteRT flatbuffer disagrees with the Keras encoder by {diff}")
+        raise RuntimeError(f"the LiteRT flatbuffer disagrees with the Keras {encoder.name} by {diff}")
     return diff
 
 

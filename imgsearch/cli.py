@@ -23,6 +23,7 @@ from imgsearch.ingest import (
     index_images,
     stored_ids,
 )
+from imgsearch.migrate import DEFAULT_PAGE_SIZE as MIGRATE_PAGE_SIZE
 
 
 def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
@@ -124,8 +125,6 @@ def cmd_migrate(search: ImageSearch, args: argparse.Namespace) -> int:
 
     if not args.to.strip():  # an empty address would fall back to IMGSEARCH_INDEX
         raise SystemExit("imgsearch migrate: --to needs the address of the index to fill, HOST:PORT")
-    if args.page_size < 1:
-        raise SystemExit(f"imgsearch migrate: --page-size must be positive, got {args.page_size}")
     target = IndexClient(args.to, args.timeout_s, tls_ca=args.tls_ca, token=_token(args))
     try:
         checked = check_target(search.index, target, args.into_nonempty, args.patience_s, note)
@@ -361,10 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument(
         "--page-size",
-        type=int,
-        default=1000,
-        help="items per scan page and per upsert (default 1000); halved while the target refuses a page as "
-        "over its --max-batch",
+        type=counted(1),
+        default=MIGRATE_PAGE_SIZE,
+        help=f"items per scan page and per upsert (default {MIGRATE_PAGE_SIZE:,}: the fewer the calls, the "
+        "faster, on Milvus above all); halved while the target refuses a page as over its --max-batch",
     )
     patience_flag(sub)
     sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -401,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an autoencoder (python -m encoder_service.train; needs TensorFlow)",
         add_help=False,
     )
+    commands.add_parser(
+        "web",
+        help="the web gateway: a search page and a JSON API on port 8080 (python -m web; `imgsearch web "
+        "--help` for its flags, which include --encoder and --index)",
+        add_help=False,
+    )
     return parser
 
 
@@ -420,11 +425,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from encoder_service.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["web"]:
+        from web.server import main as web_main  # FastAPI only from here on: the [web] extra
+
+        return web_main(argv[1:], prog="imgsearch web")
     if argv[:2] == ["eval", "--suite"]:
         from imgsearch.quality import main as quality_main
 
         return quality_main(argv[2:])
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "web"):  # global flags before them: theirs come after the command
+        raise SystemExit(f"imgsearch: put the flags after {args.command}: imgsearch {args.command} --help")
     try:
         token = _token(args)
         with ImageSearch(args.encoder, args.index, args.timeout_s, tls_ca=args.tls_ca, token=token) as search:

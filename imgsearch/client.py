@@ -127,6 +127,15 @@ class Embedding:
 
 
 @dataclass(frozen=True)
+class Reconstruction:
+    """One image as the encoder's model sees it (`EncoderClient.reconstruct`): both uint8 [28, 28],
+    0 = background, 255 = ink (MNIST's convention)."""
+
+    input: np.ndarray  # the preprocessed image, the model's input
+    output: np.ndarray  # the autoencoder's reconstruction of it from its embedding
+
+
+@dataclass(frozen=True)
 class IndexStats:
     count: int
     dim: int
@@ -247,13 +256,36 @@ class EncoderClient(_Client):
         try:
             reply = self.stub.Embed(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
-            trailing: dict[str, Any] = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and BAD_IMAGE_KEY in trailing:
-                raise BadImage(self.address, error.details() or "", int(trailing[BAD_IMAGE_KEY])) from None
-            raise ServiceError(self.service, self.address, error.code(), error.details() or "") from None
+            raise self._image_call_error(error) from None
         return Embedding(
             wire.unpack(reply.vectors, expected_count=len(images)), reply.model_version, reply.replica
         )
+
+    def reconstruct(self, images: Sequence[bytes | np.ndarray]) -> list[Reconstruction]:
+        """For each image, the model's input (the preprocessed image) and the autoencoder's reconstruction
+        of it, both uint8 [28, 28]. Raises BadImage naming the first image the encoder could not use, and
+        ServiceError otherwise (FAILED_PRECONDITION: the served model has no decoder)."""
+        request = encoder_pb2.ReconstructRequest()
+        _add_images(request, images)
+        try:
+            reply = self.stub.Reconstruct(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise self._image_call_error(error) from None
+        if len(reply.items) != len(images):
+            raise ServiceError(
+                self.service,
+                self.address,
+                None,
+                f"the reply holds {len(reply.items)} reconstructions for {len(images)} images",
+            )
+        return [Reconstruction(_pixels(item.input), _pixels(item.reconstruction)) for item in reply.items]
+
+    def _image_call_error(self, error: grpc.RpcError) -> ServiceError:
+        """BadImage for a call refused for one of its images (its position in the trailing metadata)."""
+        trailing: dict[str, Any] = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT and BAD_IMAGE_KEY in trailing:
+            return BadImage(self.address, error.details() or "", int(trailing[BAD_IMAGE_KEY]))
+        return ServiceError(self.service, self.address, error.code(), error.details() or "")
 
     def info(self) -> dict[str, Any]:
         with self._call():
@@ -273,6 +305,14 @@ class EncoderClient(_Client):
 def _embed_request(images: Sequence[bytes | np.ndarray]) -> encoder_pb2.EmbedRequest:
     """The request, each image added in place (half the time of building Image messages to copy in)."""
     request = encoder_pb2.EmbedRequest()
+    _add_images(request, images)
+    return request
+
+
+def _add_images(
+    request: encoder_pb2.EmbedRequest | encoder_pb2.ReconstructRequest, images: Sequence[bytes | np.ndarray]
+) -> None:
+    """Adds each image to the request's `images` (Embed and Reconstruct take the same field)."""
     add = request.images.add
     for image in images:
         if isinstance(image, bytes):
@@ -287,7 +327,13 @@ def _embed_request(images: Sequence[bytes | np.ndarray]) -> encoder_pb2.EmbedReq
                 height=pixels.shape[0], width=pixels.shape[1], pixels=pixels.tobytes()
             )
             add(raw=raw)
-    return request
+
+
+def _pixels(raw: encoder_pb2.RawPixels) -> np.ndarray:
+    """RawPixels as a uint8 [height, width] array (a copy the caller may write to)."""
+    if len(raw.pixels) != raw.height * raw.width:
+        raise ValueError(f"{len(raw.pixels)} bytes of pixels for {raw.height}x{raw.width}")
+    return np.frombuffer(raw.pixels, dtype=np.uint8).reshape(raw.height, raw.width).copy()
 
 
 class IndexClient(_Client):

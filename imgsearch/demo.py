@@ -1,24 +1,31 @@
 """`make demo`: the MNIST sample through both services, end to end, offline.
 
 Writes the sample's index split (the first 8,000 digits) and query split (the last 2,000) as PNG
-folders named by label, starts both services as local processes, indexes the index split, evaluates
-the query split, draws out/similar.png for 3 queries, and stops the services.
+folders named by label, starts both services as local processes and the web gateway (the page, on
+http://localhost:8080 or a free port), indexes the index split, evaluates the query split, draws
+out/similar.png for 3 queries, and stops them all; with --keep-running they run on until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import random
 import shutil
+import signal
+import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from imgsearch.cli import main as cli
-from imgsearch.local import LocalServices
+from imgsearch.local import LocalServices, ServiceProcess, free_port
 
 SAMPLE = Path(__file__).resolve().parent.parent / "encoder_service" / "data" / "mnist-10k.npz"
 INDEX_SPLIT = 8000
@@ -35,10 +42,84 @@ def write_split(x: np.ndarray, y: np.ndarray, indices: range, folder: Path) -> N
         Image.fromarray(x[n]).save(path)
 
 
+def page_port(wanted: int) -> int:
+    """`wanted` when it is free on this machine, else a free port."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", wanted))
+        except OSError:
+            return free_port()
+    return wanted
+
+
+def start_page(services: LocalServices, media_root: Path, log_dir: Path, port: int) -> ServiceProcess | None:
+    """The web gateway (`python -m web`) as a child process over both services, its media root the folder
+    the demo indexes (so thumbnails resolve); None, with a note, when it cannot run here."""
+    if any(importlib.util.find_spec(name) is None for name in ("fastapi", "uvicorn", "multipart")):
+        print("demo: no page: the web gateway needs pip install -e '.[web]'", file=sys.stderr)
+        return None
+    page = ServiceProcess(
+        "web",
+        page_port(port),
+        [
+            "--host",
+            "127.0.0.1",
+            "--encoder",
+            services.encoder.address,
+            "--index",
+            services.index.address,
+            "--media-root",
+            str(media_root.absolute()),
+        ],
+        log_dir / "web.log",
+    ).start()
+    url = f"http://127.0.0.1:{page.port}/healthz"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and page.process is not None and page.process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return page
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.2)
+    print(f"demo: the page did not start; see {log_dir / 'web.log'}", file=sys.stderr)
+    page.stop()
+    return None
+
+
+def run_until_stopped(processes: list[ServiceProcess]) -> None:
+    """Returns on Ctrl-C or SIGTERM, or once one of the processes exits."""
+    stop = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop and all(p.process is not None and p.process.poll() is None for p in processes):
+            time.sleep(0.3)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m imgsearch.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out"), help="where to write (default out/)")
     parser.add_argument("--seed", type=int, default=3, help="picks the 3 queries drawn")
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave both services and the page running after the demo, until Ctrl-C (make demo KEEP=1)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=int(os.environ.get("IMGSEARCH_WEB_PORT") or 8080),
+        help="the page's port, a free one when it is taken (env IMGSEARCH_WEB_PORT, default 8080)",
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -54,28 +135,55 @@ def main(argv: list[str] | None = None) -> int:
     print("starting the encoder and index services ...", flush=True)
     with LocalServices(work / "index-data", log_dir=work) as services:
         print(f"encoder at {services.encoder.address}, index at {services.index.address}", flush=True)
-        address = ["--encoder", services.encoder.address, "--index", services.index.address]
-        steps = [
-            ["index", str(index_dir)],
-            ["eval", str(query_dir), "-k", "10"],
-            [
-                "show",
-                *random.Random(args.seed).sample(sorted(map(str, query_dir.rglob("*.png"))), 3),
-                "-k",
-                "3",
-                "-o",
-                str(args.out / "similar.png"),
-            ],
-        ]
-        for step in steps:
-            print(f"\n$ imgsearch {' '.join(step[:2])} ...", flush=True)
-            code = cli(address + step)
+        page = start_page(services, index_dir, work, args.web_port)
+        if page is not None:
+            print(f"the page: http://localhost:{page.port} (search by upload or drawing)", flush=True)
+        try:
+            code = run_steps(args, services, index_dir, query_dir, work)
             if code:
-                print(
-                    f"demo: `imgsearch {step[0]}` failed with code {code}; logs in {work}/", file=sys.stderr
-                )
                 return code
+            if args.keep_running:
+                where = f"the page at http://localhost:{page.port}, " if page else ""
+                print(
+                    f"\ndemo done in {time.monotonic() - started:.0f} s; {where}the encoder at "
+                    f"{services.encoder.address} and the index at {services.index.address} keep running: "
+                    "Ctrl-C stops them",
+                    flush=True,
+                )
+                run_until_stopped([services.encoder, services.index, *([page] if page else [])])
+                return 0
+        finally:
+            if page is not None:
+                page.stop()
     print(f"\ndemo done in {time.monotonic() - started:.0f} s; the picture is {args.out / 'similar.png'}")
+    if page is not None:
+        print("the services and the page have stopped; `make demo KEEP=1` leaves them running")
+    return 0
+
+
+def run_steps(
+    args: argparse.Namespace, services: LocalServices, index_dir: Path, query_dir: Path, work: Path
+) -> int:
+    """index, eval and show through the CLI; returns the first failing step's exit code, else 0."""
+    address = ["--encoder", services.encoder.address, "--index", services.index.address]
+    steps = [
+        ["index", str(index_dir)],
+        ["eval", str(query_dir), "-k", "10"],
+        [
+            "show",
+            *random.Random(args.seed).sample(sorted(map(str, query_dir.rglob("*.png"))), 3),
+            "-k",
+            "3",
+            "-o",
+            str(args.out / "similar.png"),
+        ],
+    ]
+    for step in steps:
+        print(f"\n$ imgsearch {' '.join(step[:2])} ...", flush=True)
+        code = cli(address + step)
+        if code:
+            print(f"demo: `imgsearch {step[0]}` failed with code {code}; logs in {work}/", file=sys.stderr)
+            return code
     return 0
 
 

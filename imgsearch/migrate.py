@@ -30,7 +30,7 @@ from imgsearch.addresses import same_service
 from imgsearch.client import IndexClient, IndexStats, ScanPage, ServiceError
 from imgsearch.ingest import DEFAULT_PATIENCE_S, patiently
 
-DEFAULT_PAGE_SIZE = 1000  # items per scan page and per upsert; the index's default --max-batch is 10000
+DEFAULT_PAGE_SIZE = 10_000  # items per scan page and per upsert: the index's default --max-batch
 MAX_FRUITLESS_RESTARTS = 3  # scans cut short in a row that copied nothing new, before giving up
 _BATCH_LIMIT = "(--max-batch)"  # in the index service's refusal of a call over its --max-batch
 

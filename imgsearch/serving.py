@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imgsearch import security
+from imgsearch import metrics, security
 
 log = logging.getLogger("imgsearch")
 
@@ -50,6 +50,9 @@ class ServerSettings:
     # since; calls in flight get the grace to finish. 0: connections live on.
     max_connection_age_s: float = 60.0
     max_connection_age_grace_s: float = 300.0
+    # Prometheus metrics over HTTP on this port (0: a free one); None: no metrics server. The host: --host's.
+    metrics_port: int | None = None
+    metrics_host: str = ""
 
     def security_summary(self) -> str:
         """Returns e.g. "TLS, bearer token" for the start-up line."""
@@ -141,6 +144,18 @@ def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, defaul
         default=env_or("IMGSEARCH_AUTH_TOKEN_FILE", None),
         help="read the token from this file, e.g. a Docker secret (env IMGSEARCH_AUTH_TOKEN_FILE)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_or(f"{env_prefix}_METRICS_PORT", None),
+        help=f"serve Prometheus metrics over HTTP on this port at /metrics, 0 picks a free one "
+        f"(env {env_prefix}_METRICS_PORT, default: no metrics server)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env_or("IMGSEARCH_METRICS_HOST", ""),
+        help="address the metrics server listens on (env IMGSEARCH_METRICS_HOST, default: --host's)",
+    )
 
 
 def _auth_token(args: argparse.Namespace) -> security.Secret | None:
@@ -198,6 +213,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         auth_token=_auth_token(args),
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host or "",
     )
     if settings.max_connection_age_s < 0 or settings.max_connection_age_grace_s < 0:
         raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be 0 or more")
@@ -209,6 +226,10 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         raise SystemExit(f"--max-message-bytes must be at least 1024, got {settings.max_message_bytes}")
     if settings.max_concurrent_rpcs < 1:
         raise SystemExit(f"--max-concurrent-rpcs must be at least 1, got {settings.max_concurrent_rpcs}")
+    if settings.metrics_port is not None and not 0 <= settings.metrics_port <= 65535:
+        raise SystemExit(f"--metrics-port must be 0 to 65535, got {settings.metrics_port}")
+    if settings.metrics_port and settings.metrics_port == settings.port:
+        raise SystemExit(f"--metrics-port and --port are both {settings.port}")
     return settings
 
 
@@ -221,6 +242,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)  # logging's extra={"fields": {...}}: the request log's
+        if isinstance(fields, dict):
+            entry.update({key: value for key, value in fields.items() if key not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -240,7 +264,12 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
 
 class GrpcServer:
     """A grpc.Server with health and reflection, started on a port and stopped gracefully; TLS, token
-    auth and the bound on calls in flight as the settings say."""
+    auth and the bound on calls in flight as the settings say; request metrics and logs (`metrics`), served
+    over HTTP when the settings give a metrics port.
+
+    Interceptors, outermost first: the request metrics and log (`metrics.interceptor`), then the bearer
+    token. gRPC's own bound on calls in flight refuses a call after the interceptors looked at it and
+    before any handler runs; the metrics interceptor counts those refusals (imgsearch/metrics.py)."""
 
     def __init__(
         self,
@@ -249,9 +278,10 @@ class GrpcServer:
         register: Callable[[grpc.Server], None],
     ) -> None:
         self.settings = settings
-        interceptors: list[grpc.ServerInterceptor[Any, Any]] = (
-            [security.BearerTokenInterceptor(settings.auth_token.value)] if settings.auth_token else []
-        )
+        self.metrics = metrics.ServerMetrics()
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [self.metrics.interceptor]
+        if settings.auth_token:
+            interceptors.append(security.BearerTokenInterceptor(settings.auth_token.value))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
             interceptors=interceptors,
@@ -265,6 +295,7 @@ class GrpcServer:
             # queueing without bound behind the workers.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
+        self.metrics.interceptor.watch_load(self._server)
         register(self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -272,7 +303,10 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
+        self.metrics.expect([*self._service_names, health.SERVICE_NAME])
         self.port = 0
+        self.metrics_server: metrics.MetricsServer | None = None
+        self.metrics_port: int | None = None  # once started with a metrics port: the one bound
 
     def start(self) -> int:
         """Binds, starts serving, reports SERVING; returns the bound port."""
@@ -290,6 +324,17 @@ class GrpcServer:
                 self.port = self._server.add_insecure_port(address)
         except RuntimeError as error:
             raise SystemExit(f"cannot listen on {address}: {error}") from error
+        if self.settings.metrics_port is not None:
+            host = self.settings.metrics_host or self.settings.host
+            try:
+                self.metrics_server = metrics.MetricsServer(
+                    self.metrics.registry, host, self.settings.metrics_port
+                )
+            except OSError as error:
+                self._server.stop(0)
+                raise SystemExit(str(error)) from error
+            self.metrics_port = self.metrics_server.port
+            log.info("metrics on %s", self.metrics_server.url)
         self._server.start()
         self._set_status(health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -299,6 +344,9 @@ class GrpcServer:
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         grace = self.settings.grace_s if grace_s is None else grace_s
         self._server.stop(grace).wait()
+        if self.metrics_server is not None:  # scraped until the calls have drained
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def _set_status(self, status: int) -> None:
         for name in ["", *self._service_names]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imgsearch import metrics
 from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
 from imgsearch.v1 import index_pb2
@@ -166,6 +167,9 @@ class IndexService:
         except BaseException:
             self._release(snapshot=False)
             raise
+        # The vectors and bytes stored are read from the store at each scrape (for Milvus a remote call).
+        upsert = f"/{service.full_name}/Upsert"
+        metrics.watch_index(self.server.metrics, upsert, self.store.stats, config.backend)
 
     def start(self) -> int:
         try:

@@ -8,7 +8,9 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -31,6 +33,7 @@ SERVICES: dict[str, tuple[str, int | None]] = {
     "encoder": ("encoder", 50051),
     "index": ("index", 50052),
     "client": ("client", None),
+    "web": ("web", 8080),  # HTTP; its image: test_web_dockerfile
 }
 
 
@@ -138,7 +141,7 @@ def test_encoder_scales(compose: dict[str, Any]) -> None:
     encoder = service(compose, "encoder")
     assert "ports" not in encoder, "a host port would stop `--scale encoder=N`"
     assert "container_name" not in encoder, "a fixed name would stop `--scale encoder=N`"
-    assert [str(p) for p in encoder["expose"]] == ["50051"]
+    assert [str(p) for p in encoder["expose"]] == ["50051", "9101"]  # gRPC, metrics
 
 
 def test_index_publishes_port_and_keeps_data_in_named_volume(compose: dict[str, Any]) -> None:
@@ -168,10 +171,10 @@ MILVUS_PROFILE = {
 
 
 def test_the_default_project_is_unchanged(compose: dict[str, Any]) -> None:
-    """`docker compose up` without a profile starts the two services, and neither waits for a service that
-    only a profile has (Compose would refuse the project)."""
+    """`docker compose up` without a profile starts the two services and the web gateway, and none waits for
+    a service that only a profile has (Compose would refuse the project)."""
     always = {name for name, spec in compose["services"].items() if not spec.get("profiles")}
-    assert always == {"encoder", "index"}
+    assert always == {"encoder", "index", "web"}
     for name in compose["services"]:
         spec = service(compose, name)
         if not spec.get("profiles"):
@@ -280,7 +283,7 @@ def test_client_is_on_demand_and_waits_for_healthy_services(compose: dict[str, A
     assert "/images" in targets
 
 
-@pytest.mark.parametrize("name", list(SERVICES))
+@pytest.mark.parametrize("name", [name for name in SERVICES if name != "web"])
 def test_dockerfile(compose: dict[str, Any], name: str) -> None:
     extra, port = SERVICES[name]
     dockerfile = dockerfile_path(service(compose, name))
@@ -324,6 +327,74 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
     assert {".venv", ".git", "imgsearch/v1"} <= patterns
 
 
+# The web gateway: on with `docker compose up`, on host port 8080, once both services are healthy; its
+# image holds the [web] extra only (no TensorFlow, no FAISS).
+
+WEB_HEALTHCHECK = ["python", "-m", "web.healthcheck", "http://127.0.0.1:8080/healthz"]
+
+
+def test_web_gateway_serves_the_page_once_both_services_are_healthy(compose: dict[str, Any]) -> None:
+    web = service(compose, "web")
+    assert not web.get("profiles"), "`docker compose up` must start the page"
+    assert web["ports"] == ["${IMGSEARCH_WEB_HOST_PORT:-8080}:8080"]
+    depends_on = web["depends_on"]
+    assert isinstance(depends_on, dict), "list form cannot wait for health"
+    for name in ("encoder", "index"):
+        assert depends_on[name]["condition"] == "service_healthy"
+    environment = web["environment"]
+    client = service(compose, "client")["environment"]
+    assert environment["IMGSEARCH_ENCODER"] == "dns:///encoder:50051"
+    assert environment["IMGSEARCH_INDEX"] == client["IMGSEARCH_INDEX"]
+    assert environment["IMGSEARCH_MEDIA_ROOT"] == "/images"
+    # the images the client indexes are where the gateway looks for them, read-only
+    images = ["${IMGSEARCH_IMAGES_DIR:-./images}:/images:ro"]
+    assert service(compose, "client")["volumes"] == web["volumes"] == images
+    for variable in ("IMGSEARCH_TLS_CA", "IMGSEARCH_TOKEN", "IMGSEARCH_TOKEN_FILE"):
+        assert environment[variable] == f"${{{variable}:-}}", "off (read-only, plaintext) unless set"
+    assert environment["IMGSEARCH_WEB_ALLOW_INDEXING"] == "${IMGSEARCH_WEB_ALLOW_INDEXING:-}", "read-only"
+    test = web["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1:] == WEB_HEALTHCHECK
+
+
+def test_web_dockerfile(compose: dict[str, Any]) -> None:
+    dockerfile = dockerfile_path(service(compose, "web"))
+    steps = final_stage(dockerfile)
+    keywords = [keyword for keyword, _ in steps]
+    users = [args for keyword, args in steps if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), f"{dockerfile}: runs as root"
+    entrypoints = [exec_form(args) for keyword, args in steps if keyword == "ENTRYPOINT"]
+    assert entrypoints == [["python", "-m", "web"]]
+    assert keywords.index("USER") < keywords.index("ENTRYPOINT")
+    run = " ".join(args for keyword, args in steps if keyword == "RUN")
+    assert "[web]" in run and "-c " in run, f"{dockerfile}: install only [web], pinned"
+    environment = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert "PYTHONUNBUFFERED=1" in environment and "IMGSEARCH_WEB_HOST=0.0.0.0" in environment
+    assert "8080" in [args for keyword, args in steps if keyword == "EXPOSE"]
+    healthchecks = [args for keyword, args in steps if keyword == "HEALTHCHECK"]
+    assert len(healthchecks) == 1, f"{dockerfile}: one HEALTHCHECK"
+    assert exec_form(healthchecks[0].partition("CMD ")[2]) == WEB_HEALTHCHECK
+
+
+def test_the_web_image_carries_no_tensorflow_and_no_faiss() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *project["optional-dependencies"]["web"]]
+    names = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+    assert {"fastapi", "uvicorn", "python-multipart", "pillow"} <= names
+    assert not names & {"tensorflow", "keras", "faiss-cpu", "ai-edge-litert", "pymilvus", "matplotlib"}
+    # and the gateway's code does not import them, nor the services' packages
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, web.app, web.server; print(' '.join(sorted(sys.modules)))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    heavy = {"tensorflow", "keras", "faiss", "ai_edge_litert", "matplotlib"}
+    services = {"encoder_service", "index_service"}
+    assert not (heavy | services) & {name.partition(".")[0] for name in loaded}
+
+
 def published_ports(spec: dict[str, Any]) -> set[tuple[str, str]]:
     """(host port or range, container port) pairs, from `docker-compose config`'s long form."""
     return {(str(port.get("published")), str(port["target"])) for port in spec.get("ports", [])}
@@ -343,8 +414,9 @@ MILVUS_ENV = {
         ([COMPOSE_FILE], [], {}),
         ([COMPOSE_FILE, SECURE_FILE], [], {}),
         ([COMPOSE_FILE], ["milvus"], MILVUS_ENV),
+        ([COMPOSE_FILE], ["monitoring"], {}),
     ],
-    ids=["base", "secure", "milvus"],
+    ids=["base", "secure", "milvus", "monitoring"],
 )
 def test_docker_compose_accepts_the_file(
     files: list[Path], profiles: list[str], settings: dict[str, str]
@@ -372,7 +444,14 @@ def test_docker_compose_accepts_the_file(
     assert result.returncode == 0, result.stderr
     merged = yaml.safe_load(result.stdout)
     index = merged["services"]["index"]
-    if profiles:
+    if "monitoring" in profiles:
+        assert {"prometheus", "grafana"} <= set(merged["services"])
+        for name, port in [("prometheus", "9090"), ("grafana", "3000")]:
+            (published,) = merged["services"][name]["ports"]
+            if isinstance(published, dict):  # Compose v2's long form
+                published = f"{published['host_ip']}:{published['published']}:{published['target']}"
+            assert str(published).removesuffix("/tcp") == f"127.0.0.1:{port}:{port}"
+    if "milvus" in profiles:
         assert published_ports(index) == {("50052-50054", "50052")}
         assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "milvus"
         assert index["environment"]["IMGSEARCH_MILVUS_URI"] == "http://milvus:19530"
@@ -387,6 +466,11 @@ def test_docker_compose_accepts_the_file(
         assert environment["IMGSEARCH_TLS_CERT"] == "/run/secrets/imgsearch_tls_cert"
         assert environment["IMGSEARCH_DATA_DIR"] == "/data"  # the base's settings survive the merge
         assert {s["source"] for s in merged["services"]["encoder"]["secrets"]} >= {"imgsearch_tls_key"}
+        web = merged["services"]["web"]
+        assert {s["source"] for s in web["secrets"]} == {"imgsearch_token", "imgsearch_tls_ca"}
+        assert web["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
+        assert web["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
+        assert web["environment"]["IMGSEARCH_MEDIA_ROOT"] == "/images"
 
 
 # TLS, tokens and the bound on calls in flight: passed through empty (off) in the base file.
@@ -419,7 +503,8 @@ def test_security_settings_pass_through_empty(
         assert with_defaults(environment[variable]) == ""
 
 
-# docker-compose.secure.yml: both services (and the client) get TLS and the token from Docker secrets.
+# docker-compose.secure.yml: both services get TLS and the token from Docker secrets; the callers (the
+# client, the web gateway) the CA and the token.
 
 SECRET_FILES = {
     "imgsearch_token": "./secrets/token",
@@ -455,11 +540,153 @@ def test_the_override_turns_on_tls_and_the_token(secure: dict[str, Any], name: s
     assert environment["IMGSEARCH_TLS_SERVER_NAME"] == name
 
 
-def test_the_override_gives_the_client_the_ca_and_token(secure: dict[str, Any]) -> None:
-    client = service(secure, "client")
-    assert mounted(client) == {"imgsearch_token", "imgsearch_tls_ca"}, "the client needs no key"
-    assert client["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
-    assert client["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
+@pytest.mark.parametrize("name", ["client", "web"])
+def test_the_override_gives_the_callers_the_ca_and_token(secure: dict[str, Any], name: str) -> None:
+    caller = service(secure, name)
+    assert mounted(caller) == {"imgsearch_token", "imgsearch_tls_ca"}, f"the {name} needs no key"
+    assert caller["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
+    assert caller["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
+    # IMGSEARCH_TOKEN comes before the file (the CLI's and the gateway's order): never one from the shell
+    assert caller["environment"]["IMGSEARCH_TOKEN"] == ""
+
+
+def test_the_gateway_reads_the_overrides_ca_and_token(
+    secure: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's own settings (web/settings.py), given the override's environment, with the secrets
+    where Compose mounts them moved to a temporary folder: TLS to the services and the token."""
+    from web.settings import parse_settings
+
+    (tmp_path / "imgsearch_token").write_text("  s3cret-from-file\n")
+    (tmp_path / "imgsearch_tls_ca").write_text("-----BEGIN CERTIFICATE-----\n")
+    for variable in list(os.environ):
+        if variable.startswith("IMGSEARCH_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("IMGSEARCH_TOKEN", "from-the-shell")  # the override empties it
+    for variable, value in service(secure, "web")["environment"].items():
+        monkeypatch.setenv(variable, str(value).replace("/run/secrets", str(tmp_path)))
+    settings = parse_settings([])
+    assert settings.tls_ca == str(tmp_path / "imgsearch_tls_ca")
+    assert settings.token is not None and settings.token.value == "s3cret-from-file"
+    assert "TLS on, token set" in settings.summary()
+
+
+# The monitoring profile: Prometheus scrapes every service, Grafana shows the dashboard.
+
+MONITORING_PROFILE = {
+    "prometheus": r"prom/prometheus:v3\.\d+\.\d+",
+    "grafana": r"grafana/grafana:\d+\.\d+\.\d+",
+}
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA_DIR / "dashboards" / "imgsearch.json"
+# service -> (the env var of its metrics port, the port); the web gateway serves /metrics on its own port
+METRICS_PORTS = {
+    "encoder": ("IMGSEARCH_ENCODER_METRICS_PORT", 9101),
+    "index": ("IMGSEARCH_INDEX_METRICS_PORT", 9102),
+}
+WEB_METRICS_TARGET = "web:8080"
+
+
+def bind_mounts(spec: dict[str, Any]) -> dict[str, tuple[Path, str]]:
+    """container path -> (host path, mode) of a service's host-path volumes (short form)."""
+    mounts = {}
+    for volume in spec.get("volumes", []):
+        source, target, *mode = with_defaults(str(volume)).split(":")
+        if source.startswith("."):
+            mounts[target] = (ROOT / source, mode[0] if mode else "rw")
+    return mounts
+
+
+@pytest.mark.parametrize("name", list(MONITORING_PROFILE))
+def test_monitoring_profile_service(compose: dict[str, Any], name: str) -> None:
+    spec = service(compose, name)
+    assert spec["profiles"] == ["monitoring"]
+    assert re.fullmatch(MONITORING_PROFILE[name], spec["image"]), f"{name}: pin a release: {spec['image']}"
+    assert "container_name" not in spec
+    assert all(with_defaults(str(port)).startswith("127.0.0.1:") for port in spec["ports"]), "loopback only"
+    for host, mode in bind_mounts(spec).values():
+        assert host.exists() and mode == "ro", (host, mode)
+    named = {source for source, _ in volume_mounts(spec) if not source.startswith(".")}
+    assert named and named <= set(compose["volumes"]), "its data in a named volume"
+
+
+@pytest.mark.parametrize("name", list(METRICS_PORTS))
+def test_services_serve_metrics_on_the_network_only(compose: dict[str, Any], name: str) -> None:
+    spec = service(compose, name)
+    variable, port = METRICS_PORTS[name]
+    assert spec["environment"][variable] == str(port)
+    assert str(port) in [str(p) for p in spec["expose"]]
+    published = [with_defaults(str(p)).rpartition(":")[2] for p in spec.get("ports", [])]
+    assert str(port) not in published, "the metrics stay on the project's network"
+
+
+def test_prometheus_scrapes_every_service(compose: dict[str, Any]) -> None:
+    prometheus = service(compose, "prometheus")
+    assert bind_mounts(prometheus)["/etc/prometheus/prometheus.yml"][0] == PROMETHEUS_CONFIG
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = load(PROMETHEUS_CONFIG)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for name, (_, port) in METRICS_PORTS.items():
+        # DNS service discovery: every replica of a scaled service, not one of them
+        (discovery,) = jobs[name]["dns_sd_configs"]
+        assert discovery["names"] == [name] and discovery["type"] == "A" and discovery["port"] == port
+        assert jobs[name].get("metrics_path", "/metrics") == "/metrics"
+    (web,) = jobs["web"]["static_configs"]
+    assert web["targets"] == [WEB_METRICS_TARGET]
+    assert jobs["web"].get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose: dict[str, Any]) -> None:
+    grafana = service(compose, "grafana")
+    mounts = bind_mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"][0] == GRAFANA_DIR / "provisioning"
+    (datasource,) = load(GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
+    url = urlsplit(datasource["url"])
+    assert url.hostname == "prometheus" and url.port == 9090 and datasource["type"] == "prometheus"
+    assert "127.0.0.1:${IMGSEARCH_PROMETHEUS_HOST_PORT:-9090}:9090" in service(compose, "prometheus")["ports"]
+    (provider,) = load(GRAFANA_DIR / "provisioning" / "dashboards" / "imgsearch.yml")["providers"]
+    assert mounts[provider["options"]["path"]][0] == DASHBOARD.parent
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+    for panel in dashboard["panels"]:
+        for source in [panel["datasource"], *(target["datasource"] for target in panel["targets"])]:
+            assert source == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [target["expr"] for panel in panels for target in panel["targets"]]
+
+
+def test_the_dashboard_queries_what_the_services_export() -> None:
+    """Each metric a panel names is one imgsearch/metrics.py exports (tests/test_metrics.py checks those
+    names against a live scrape of both services) or one the web gateway's registry holds, and the panels
+    the issue asks for are there."""
+    from imgsearch import metrics
+    from web.metrics import GatewayMetrics
+
+    gateway = {family.name for family in GatewayMetrics().registry.collect()}
+    families = {*metrics.EXPORTED, *gateway, *(f"{name}_total" for name in gateway)}
+    exported = families | {f"{name}_{suffix}" for name in families for suffix in ("bucket", "sum", "count")}
+    queries = dashboard_queries()
+    named = {name for query in queries for name in re.findall(r"\b(imgsearch_[a-z_]+)", query)}
+    assert named and named <= exported, named - exported
+    text = "\n".join(queries)
+    assert "rate(imgsearch_grpc_requests_total[" in text  # request rate
+    assert 'imgsearch_grpc_requests_total{code!="OK"}' in text  # errors
+    assert "histogram_quantile(0.5, " in text and "histogram_quantile(0.99, " in text  # latency p50, p99
+    assert "imgsearch_grpc_request_seconds_bucket" in text
+    assert {metrics.INDEX_VECTORS, metrics.ENCODER_IMAGES, metrics.GRPC_REJECTED} <= named
+    assert any(name.startswith("imgsearch_http_") for name in named), "the gateway's requests"
+
+
+def test_the_header_says_how_to_run_the_monitoring_profile() -> None:
+    header = "\n".join(line for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#"))
+    for text in ["--profile monitoring", "localhost:3000", "localhost:9090", "9101", "9102"]:
+        assert text in header, text
 
 
 # imgsearch.healthcheck, against an in-process server.

@@ -36,12 +36,15 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 @dataclass(frozen=True)
 class Component:
     """What a container runs: the port it listens on (None for the CLI), its gRPC API's service name, its
-    image's Dockerfile, the env var that sets its port."""
+    image's Dockerfile, the env var that sets its port; its Prometheus metrics port and that port's env var
+    (docker-compose.yml's)."""
 
     port: int | None
     grpc_service: str | None
     dockerfile: Path
     port_env: str | None
+    metrics_port: int | None = None
+    metrics_env: str | None = None
 
 
 # By container name, which is also the service's name in docker-compose.yml.
@@ -51,12 +54,16 @@ COMPONENTS = {
         encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name,
         ROOT / "encoder_service" / "Dockerfile",
         "IMGSEARCH_ENCODER_PORT",
+        9101,
+        "IMGSEARCH_ENCODER_METRICS_PORT",
     ),
     "index": Component(
         INDEX_PORT,
         index_pb2.DESCRIPTOR.services_by_name["Index"].full_name,
         ROOT / "index_service" / "Dockerfile",
         "IMGSEARCH_INDEX_PORT",
+        9102,
+        "IMGSEARCH_INDEX_METRICS_PORT",
     ),
     "client": Component(None, None, ROOT / "imgsearch" / "Dockerfile", None),
 }
@@ -254,11 +261,38 @@ def check_containers(manifests: list[Manifest]) -> list[str]:
             if repository.rpartition("/")[2] != built.group(1) or not tag or tag == "latest":
                 problems.append(f"{workload}: image {image!r}: want {built.group(1)}:TAG, a pinned tag")
             ports = [p["containerPort"] for p in container_ports(container)]
-            if ports != ([] if component.port is None else [component.port]):
-                problems.append(f"{workload}: {name} ports {ports}, its service listens on {component.port}")
+            expected = [port for port in (component.port, component.metrics_port) if port is not None]
+            if ports != expected:
+                problems.append(f"{workload}: {name} ports {ports}, its service listens on {expected}")
             env = env_of(container)
             if component.port_env and env.get(component.port_env, str(component.port)) != str(component.port):
                 problems.append(f"{workload}: {component.port_env}={env[component.port_env]}")
+    return problems
+
+
+def check_metrics(manifests: list[Manifest]) -> list[str]:
+    """Each server container serves metrics on its port (the env var set, the port named `metrics`), and
+    its pods carry the prometheus.io annotations that point a pod-discovering Prometheus at it."""
+    problems = []
+    for workload in of_kind(manifests, *SERVER_KINDS):
+        annotations = workload.doc["spec"]["template"].get("metadata", {}).get("annotations") or {}
+        for container in containers(workload):
+            component = COMPONENTS.get(str(container.get("name")))
+            if component is None or component.metrics_port is None:
+                continue
+            port = component.metrics_port
+            if env_of(container).get(str(component.metrics_env)) != str(port):
+                problems.append(f"{workload}: {container['name']} sets no {component.metrics_env}={port}")
+            named = [p["containerPort"] for p in container_ports(container) if p.get("name") == "metrics"]
+            if named != [port]:
+                problems.append(f"{workload}: {container['name']} names no port `metrics` {port}")
+            wanted = {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(port),
+                "prometheus.io/path": "/metrics",
+            }
+            if {key: str(annotations.get(key)) for key in wanted} != wanted:
+                problems.append(f"{workload}: pod annotations {annotations}, want {wanted}")
     return problems
 
 
@@ -426,6 +460,7 @@ MANIFEST_CHECKS: list[Callable[[list[Manifest]], list[str]]] = [
     check_selectors,
     check_services,
     check_containers,
+    check_metrics,
     check_probes,
     check_resources,
     check_security,
@@ -543,6 +578,14 @@ def http_probe(ms: list[Manifest]) -> None:
     }
 
 
+def unannotated_index(ms: list[Manifest]) -> None:
+    del find(ms, "index-milvus.yaml", "Deployment")["spec"]["template"]["metadata"]["annotations"]
+
+
+def metrics_port_elsewhere(ms: list[Manifest]) -> None:
+    first_container(find(ms, "encoder.yaml", "Deployment"))["ports"][1]["containerPort"] = 9200
+
+
 def probe_wrong_port(ms: list[Manifest]) -> None:
     first_container(find(ms, "index-faiss.yaml", "StatefulSet"))["readinessProbe"]["grpc"]["port"] = 50051
 
@@ -586,6 +629,9 @@ def short_grace(ms: list[Manifest]) -> None:
         (move_index_port, check_containers),
         (move_index_port, check_services),
         (http_probe, check_probes),
+        (unannotated_index, check_metrics),
+        (metrics_port_elsewhere, check_metrics),
+        (metrics_port_elsewhere, check_containers),
         (probe_wrong_port, check_probes),
         (drop_limits, check_resources),
         (not_headless, check_services),

@@ -1,0 +1,467 @@
+"""Prometheus metrics and the per-request log of the gRPC services; the parts that know no gRPC (a
+registry, the /metrics HTTP server) serve the web gateway too.
+
+Every server gets its own `CollectorRegistry` (tests run several servers in one process), filled by:
+
+- `RequestInterceptor`, the outermost server interceptor: for every call, unary or streamed, it counts
+  `imgsearch_grpc_requests_total{service, method, code}`, observes
+  `imgsearch_grpc_request_seconds{service, method}` (a streamed reply: until its last message), echoes
+  the request id in the trailing metadata key `x-request-id` (the caller's own, or a new one) and logs one
+  line: at DEBUG when the code is OK, at WARNING, with the details, for every other code. Calls that gRPC
+  refuses past `--max-concurrent-rpcs` never reach a handler; the interceptor sees them just before and
+  counts them in `imgsearch_grpc_rejected_total{service, reason="max_concurrent_rpcs"}` as well as with code
+  RESOURCE_EXHAUSTED (no latency: they never ran).
+- the encoder's `watch_encoder` and the index's `watch_index`: batch sizes, images embedded, vectors and
+  bytes stored, the model version.
+
+Metric and log labels name the gRPC service and method (`imgsearch.v1.Encoder`, `Embed`): a scrape job
+tells the services' replicas apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("imgsearch.metrics")
+request_log = logging.getLogger("imgsearch.requests")
+
+REQUEST_ID_KEY = "x-request-id"  # metadata key, in and out (gRPC keys are lowercase)
+METRICS_PATH = "/metrics"
+
+# The names as scraped (counters with _total, histograms as _bucket/_sum/_count, info with _info).
+GRPC_REQUESTS = "imgsearch_grpc_requests_total"
+GRPC_REQUEST_SECONDS = "imgsearch_grpc_request_seconds"
+GRPC_REJECTED = "imgsearch_grpc_rejected_total"
+ENCODER_IMAGES_PER_BATCH = "imgsearch_encoder_images_per_batch"
+ENCODER_IMAGES = "imgsearch_encoder_images_total"
+MODEL_INFO = "imgsearch_model_info"
+INDEX_VECTORS_PER_BATCH = "imgsearch_index_vectors_per_batch"
+INDEX_VECTORS = "imgsearch_index_vectors"
+INDEX_BYTES = "imgsearch_index_bytes"
+INDEX_INFO = "imgsearch_index_info"
+EXPORTED = (
+    GRPC_REQUESTS,
+    GRPC_REQUEST_SECONDS,
+    GRPC_REJECTED,
+    ENCODER_IMAGES_PER_BATCH,
+    ENCODER_IMAGES,
+    MODEL_INFO,
+    INDEX_VECTORS_PER_BATCH,
+    INDEX_VECTORS,
+    INDEX_BYTES,
+    INDEX_INFO,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = tuple(float(2**n) for n in range(11))  # 1, 2, 4, ..., 1024
+REJECTED_FOR_LOAD = "max_concurrent_rpcs"
+UNKNOWN = "unknown"  # the service and method labels of a call to a method nobody serves
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def new_registry() -> CollectorRegistry:
+    """A registry of its own, with the process's CPU, memory and file descriptors and Python's version."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def request_id(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The caller's `x-request-id` when it is a plain token of up to 128 characters, else a new one
+    (16 random hex digits)."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            if _REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return os.urandom(8).hex()
+
+
+def _split(path: str) -> tuple[str, str]:
+    """Splits "/imgsearch.v1.Encoder/Embed" into ("imgsearch.v1.Encoder", "Embed")."""
+    service, _, method = path.lstrip("/").rpartition("/")
+    return service or UNKNOWN, method or UNKNOWN
+
+
+Observer = Callable[[Any, Any], None]  # (request, reply) of a call that ended OK
+
+
+class ServerMetrics:
+    """One server's registry, its request metrics and the interceptor that keeps them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = new_registry() if registry is None else registry
+        self.requests = Counter(
+            "imgsearch_grpc_requests",
+            "gRPC calls ended, by service, method and status code (refused ones included)",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "imgsearch_grpc_request_seconds",
+            "time from a call's arrival (its wait for a worker included) to its status; a streamed reply: "
+            "to its last message",
+            ["service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "imgsearch_grpc_rejected",
+            "calls refused for load with RESOURCE_EXHAUSTED before they ran, by service and reason",
+            ["service", "reason"],
+            registry=self.registry,
+        )
+        self.observers: dict[str, Observer] = {}
+        self.interceptor = RequestInterceptor(self)
+        # labels() takes a lock and builds a key: each call reuses the children instead
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
+
+    def count(self, service: str, method: str, code: str) -> None:
+        """One more call of `service`/`method` ended with `code` (a status code's name)."""
+        child = self._counted.get((service, method, code))
+        if child is None:
+            child = self._counted.setdefault(
+                (service, method, code), self.requests.labels(service, method, code)
+            )
+        child.inc()
+
+    def observe_latency(self, service: str, method: str, seconds: float) -> None:
+        """One call of `service`/`method` took `seconds`."""
+        child = self._timed.get((service, method))
+        if child is None:
+            child = self._timed.setdefault((service, method), self.latency.labels(service, method))
+        child.observe(seconds)
+
+    def expect(self, services: Iterable[str]) -> None:
+        """Shows the rejection counters of these gRPC services at 0 before the first rejection."""
+        for service in services:
+            self.rejected.labels(service, REJECTED_FOR_LOAD)
+
+    def on_ok(self, path: str, observer: Observer) -> None:
+        """Calls `observer(request, reply)` after each call of `path` ("/pkg.Service/Method") that ends
+        OK (a unary reply only); what it raises is logged, never the caller's problem."""
+        self.observers[path] = observer
+
+
+class _Call:
+    """What the interceptor knows of one call."""
+
+    __slots__ = ("method", "request_id", "service", "started")
+
+    def __init__(self, service: str, method: str, request_id: str) -> None:
+        self.service = service
+        self.method = method
+        self.request_id = request_id
+        self.started = time.perf_counter()
+
+
+class RequestInterceptor(grpc.ServerInterceptor):
+    """Counts, times and logs every call, and tags it with a request id; see the module's doc.
+
+    Put it first among a server's interceptors, so that it also sees what the later ones refuse (an
+    UNAUTHENTICATED call), and call `watch_load(server)` once the server exists."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+        self._over_limit: Callable[[], bool] = lambda: False
+        self._limit: int | None = None
+
+    def watch_load(self, server: grpc.Server) -> None:
+        """Counts the calls `server` refuses past its `maximum_concurrent_rpcs`.
+
+        grpcio decides that in its serving thread, under its state lock, just before it runs the
+        interceptors and then rejects the call without a handler: reading the same two fields here, under
+        the same lock, gives its very decision (grpcio 1.85, `grpc._server._process_event_and_continue`).
+        A grpcio without them: no rejection counts, said once in the log."""
+        state: Any = getattr(server, "_state", None)
+        if not (hasattr(state, "active_rpc_count") and hasattr(state, "maximum_concurrent_rpcs")):
+            log.warning("metrics: this grpcio hides its calls in flight; rejections are not counted")
+            return
+        self._limit = state.maximum_concurrent_rpcs
+
+        def over_limit() -> bool:
+            limit = state.maximum_concurrent_rpcs
+            return limit is not None and state.active_rpc_count >= limit
+
+        self._over_limit = over_limit
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        path = handler_call_details.method
+        metadata: Sequence[tuple[str, Any]] = handler_call_details.invocation_metadata or ()
+        if handler is None:
+            call = _Call(UNKNOWN, UNKNOWN, request_id(metadata))
+            self._end(call, grpc.StatusCode.UNIMPLEMENTED, None, f"no method {path}", timed=False)
+            return None
+        call = _Call(*_split(path), request_id(metadata))
+        if self._over_limit():
+            self._metrics.rejected.labels(call.service, REJECTED_FOR_LOAD).inc()
+            why = f"refused for load: {self._limit} calls in flight (--max-concurrent-rpcs)"
+            self._end(call, grpc.StatusCode.RESOURCE_EXHAUSTED, None, why, timed=False)
+            return handler
+        return self._wrap(handler, path, call)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, path: str, call: _Call) -> grpc.RpcMethodHandler:
+        make: Callable[..., grpc.RpcMethodHandler]
+        behavior: Callable[..., Any] | None
+        if handler.request_streaming and handler.response_streaming:
+            behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.response_streaming:
+            behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        if behavior is None:
+            return handler
+        run: Callable[..., Any] = behavior
+        observer = self._metrics.observers.get(path)
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                reply = run(request, context)
+            except BaseException:
+                self._finish(call, context, grpc.StatusCode.UNKNOWN)
+                raise
+            code = self._finish(call, context, grpc.StatusCode.OK)
+            if observer is not None and code == grpc.StatusCode.OK:
+                try:
+                    observer(request, reply)
+                except Exception:
+                    log.exception("metrics: observing %s failed", path)
+            return reply
+
+        def streamed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from run(request, context)
+            except GeneratorExit:  # the stream was dropped: the caller went away
+                self._finish(call, context, grpc.StatusCode.CANCELLED)
+                raise
+            except BaseException:
+                self._finish(call, context, grpc.StatusCode.UNKNOWN)
+                raise
+            self._finish(call, context, grpc.StatusCode.OK)
+
+        return make(
+            streamed if handler.response_streaming else unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _finish(
+        self, call: _Call, context: grpc.ServicerContext, default: grpc.StatusCode
+    ) -> grpc.StatusCode:
+        """Echoes the request id, then counts and logs the call; returns its status code: the one the
+        handler set or aborted with, else `default` (OK on a normal return, UNKNOWN on an exception, as
+        grpcio reports them)."""
+        code: grpc.StatusCode = context.code() or default  # type: ignore[attr-defined]
+        try:
+            trailing = tuple(context.trailing_metadata() or ())
+            if not any(key == REQUEST_ID_KEY for key, _ in trailing):
+                context.set_trailing_metadata((*trailing, (REQUEST_ID_KEY, call.request_id)))
+        except Exception:  # a context that keeps no trailing metadata: count and log all the same
+            pass
+        self._end(call, code, context, "", timed=True)
+        return code
+
+    def _end(
+        self,
+        call: _Call,
+        code: grpc.StatusCode,
+        context: grpc.ServicerContext | None,
+        why: str,
+        *,
+        timed: bool,
+    ) -> None:
+        elapsed = time.perf_counter() - call.started
+        self._metrics.count(call.service, call.method, code.name)
+        if timed:
+            self._metrics.observe_latency(call.service, call.method, elapsed)
+        level = logging.DEBUG if code == grpc.StatusCode.OK else logging.WARNING
+        if not request_log.isEnabledFor(level):
+            return
+        peer = context.peer() if context is not None else ""
+        details: Any = why
+        if context is not None and code != grpc.StatusCode.OK:
+            details = context.details() or ""  # type: ignore[attr-defined]
+            if isinstance(details, bytes):
+                details = details.decode("utf-8", "replace")
+        fields = {
+            "service": call.service,
+            "method": call.method,
+            "code": code.name,
+            "duration_ms": round(elapsed * 1000, 3) if timed else None,
+            "request_id": call.request_id,
+            "peer": peer,
+        }
+        if details:
+            fields["details"] = details
+        request_log.log(
+            level,
+            "%s/%s %s %s request_id=%s peer=%s%s",
+            call.service,
+            call.method,
+            code.name,
+            f"{elapsed * 1000:.1f} ms" if timed else "(not run)",
+            call.request_id,
+            peer or "-",
+            f": {details}" if details else "",
+            extra={"fields": fields},
+        )
+
+
+# What the services add to their registry.
+
+
+def watch_encoder(
+    metrics: ServerMetrics, embed_path: str, *, model_version: str, runtime: str, replica: str
+) -> None:
+    """Images per Embed call and in all (OK calls only), and the model served as an info metric."""
+    per_batch = Histogram(
+        "imgsearch_encoder_images_per_batch",
+        "images in each Embed call that succeeded",
+        buckets=BATCH_BUCKETS,
+        registry=metrics.registry,
+    )
+    images = Counter("imgsearch_encoder_images", "images embedded", registry=metrics.registry)
+    Info("imgsearch_model", "the model this encoder serves", registry=metrics.registry).info(
+        {"model_version": model_version, "runtime": runtime, "replica": replica}
+    )
+
+    def observe(request: Any, _reply: Any) -> None:
+        count = len(request.images)
+        per_batch.observe(count)
+        images.inc(count)
+
+    metrics.on_ok(embed_path, observe)
+
+
+class _Stats(Protocol):
+    @property
+    def count(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def model_version(self) -> str: ...
+    @property
+    def bytes_used(self) -> int: ...
+
+
+class IndexStatsCollector(Collector):
+    """The index's size, read from the store at each scrape: cheap for FAISS (a read lock); for Milvus a
+    remote call, fine at scrape intervals. When the store cannot answer, the scrape leaves them out."""
+
+    def __init__(self, stats: Callable[[], _Stats], backend: str) -> None:
+        self._stats = stats
+        self._backend = backend
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering must not call the store
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            stats = self._stats()
+        except Exception as error:
+            log.warning("metrics: cannot read the index's stats: %s", error)
+            return []
+        return [
+            GaugeMetricFamily(INDEX_VECTORS, "vectors stored", value=stats.count),
+            GaugeMetricFamily(
+                INDEX_BYTES, "bytes the stored vectors, ids and metadata take", value=stats.bytes_used
+            ),
+            InfoMetricFamily(
+                "imgsearch_index",
+                "the index's backend, and the dim and model version of what it holds",
+                value={"model_version": stats.model_version, "backend": self._backend, "dim": str(stats.dim)},
+            ),
+        ]
+
+
+def watch_index(metrics: ServerMetrics, upsert_path: str, stats: Callable[[], _Stats], backend: str) -> None:
+    """Vectors per Upsert call (OK calls only), and the vectors and bytes stored, read at scrape time."""
+    per_batch = Histogram(
+        "imgsearch_index_vectors_per_batch",
+        "vectors in each Upsert call that succeeded",
+        buckets=BATCH_BUCKETS,
+        registry=metrics.registry,
+    )
+    metrics.on_ok(upsert_path, lambda request, _reply: per_batch.observe(len(request.ids)))
+    metrics.registry.register(IndexStatsCollector(stats, backend))
+
+
+# Serving /metrics.
+
+
+class MetricsServer:
+    """The registry over HTTP (any path; /metrics by convention) on a thread of its own."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._httpd: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        error: OSError | None = None
+        for address in _bind_addresses(host):
+            try:
+                self._httpd, self._thread = start_http_server(port, address, registry=registry)
+                break
+            except OSError as caught:
+                error = caught
+        if self._httpd is None:
+            raise OSError(f"cannot serve metrics on {host or '0.0.0.0'}:{port}: {error}")
+        bound = self._httpd.server_address[0]
+        self.host = bound.decode() if isinstance(bound, bytes) else str(bound)
+        self.port = int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{METRICS_PATH}"
+
+    def close(self) -> None:
+        """Stops serving (within the HTTP server's poll interval, 0.5 s) and frees the port."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+def _bind_addresses(host: str) -> list[str]:
+    """The addresses to try for a gRPC-style host: "[::]" is every interface, IPv6 and IPv4 where the
+    machine has IPv6, else IPv4's."""
+    bare = host.strip().removeprefix("[").removesuffix("]")
+    if bare in ("", "0.0.0.0"):
+        return ["0.0.0.0"]
+    if bare == "::":
+        return ["::", "0.0.0.0"] if socket.has_ipv6 else ["0.0.0.0"]
+    return [bare]

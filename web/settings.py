@@ -1,0 +1,204 @@
+"""The gateway's settings: flags, each defaulting to an environment variable (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgsearch import security
+from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_K = 100
+DEFAULT_TIMEOUT_S = 10.0
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class Settings:
+    encoder: str = DEFAULT_ENCODER
+    index: str = DEFAULT_INDEX
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    media_root: Path | None = None  # resolved; thumbnails and item views read only below it
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_k: int = DEFAULT_MAX_K
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    tls_ca: str | None = None
+    # Sent to both services; with allow_indexing, also what POST /api/items must present.
+    token: security.Secret | None = field(default=None, repr=False)
+    allow_indexing: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.allow_indexing and self.token is None:
+            raise ValueError(
+                "--allow-indexing needs a token (--token, --token-file, IMGSEARCH_TOKEN or "
+                "IMGSEARCH_TOKEN_FILE): without one anyone could write to the index"
+            )
+        if self.max_upload_bytes < 1:
+            raise ValueError(f"--max-upload-bytes must be positive, got {self.max_upload_bytes}")
+        if self.max_k < 1:
+            raise ValueError(f"--max-k must be positive, got {self.max_k}")
+
+    def summary(self) -> str:
+        """One line for the log: everything but the token's value."""
+        return (
+            f"encoder {self.encoder}, index {self.index}, media root {self.media_root or '-'}, "
+            f"max upload {self.max_upload_bytes} bytes, max k {self.max_k}, "
+            f"TLS {'on' if self.tls_ca else 'off'}, token {'set' if self.token else 'none'}, "
+            f"indexing {'on' if self.allow_indexing else 'off'}"
+        )
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def _truthy(text: str | None) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="The imgsearch web gateway: a page and a JSON API (/api/) over the encoder and index "
+        "services, Prometheus metrics at /metrics, health at /healthz.",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--host",
+        default=_env("IMGSEARCH_WEB_HOST", "127.0.0.1"),
+        help="address to listen on (env IMGSEARCH_WEB_HOST, default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("IMGSEARCH_WEB_PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
+        help=f"port (env IMGSEARCH_WEB_PORT, default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=_env("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
+        help=f"encoder address, as the CLI takes it (env IMGSEARCH_ENCODER, default {DEFAULT_ENCODER})",
+    )
+    parser.add_argument(
+        "--index",
+        default=_env("IMGSEARCH_INDEX", DEFAULT_INDEX),
+        help=f"index address (env IMGSEARCH_INDEX, default {DEFAULT_INDEX})",
+    )
+    parser.add_argument(
+        "--media-root",
+        type=Path,
+        default=_env("IMGSEARCH_MEDIA_ROOT"),
+        help="folder of the stored images: thumbnails and item views read an item's `source` path only "
+        "inside it (env IMGSEARCH_MEDIA_ROOT; none: no thumbnails)",
+    )
+    parser.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=int(_env("IMGSEARCH_WEB_MAX_UPLOAD_BYTES", str(DEFAULT_MAX_UPLOAD_BYTES)) or 0),
+        help="largest image a request may upload; larger gets 413 "
+        f"(env IMGSEARCH_WEB_MAX_UPLOAD_BYTES, default {DEFAULT_MAX_UPLOAD_BYTES})",
+    )
+    parser.add_argument(
+        "--max-k",
+        type=int,
+        default=int(_env("IMGSEARCH_WEB_MAX_K", str(DEFAULT_MAX_K)) or 0),
+        help=f"most results per search (env IMGSEARCH_WEB_MAX_K, default {DEFAULT_MAX_K})",
+    )
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=float(_env("IMGSEARCH_WEB_TIMEOUT_S", str(DEFAULT_TIMEOUT_S)) or DEFAULT_TIMEOUT_S),
+        help=f"deadline of each gRPC call (env IMGSEARCH_WEB_TIMEOUT_S, default {DEFAULT_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=_env("IMGSEARCH_TLS_CA"),
+        help="CA certificate (PEM) of the services; turns on TLS to them (env IMGSEARCH_TLS_CA)",
+    )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        help="bearer token sent to the services; with --allow-indexing also the token POST /api/items "
+        "must carry; prefer the env var, which `ps` does not show (env IMGSEARCH_TOKEN)",
+    )
+    token.add_argument("--token-file", help="read the token from this file (env IMGSEARCH_TOKEN_FILE)")
+    parser.add_argument(
+        "--allow-indexing",
+        action="store_true",
+        default=_truthy(_env("IMGSEARCH_WEB_ALLOW_INDEXING")),
+        help="accept POST /api/items (add an uploaded image to the index) from requests that carry "
+        "`Authorization: Bearer TOKEN`; needs a token (env IMGSEARCH_WEB_ALLOW_INDEXING=1; default off: "
+        "read-only)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        default=(_env("IMGSEARCH_LOG_LEVEL", "info") or "info").lower(),
+        choices=LOG_LEVELS,
+        help="log level of the gateway and uvicorn; debug adds one line per request, errors (status 400 "
+        "and up) are logged at warning (env IMGSEARCH_LOG_LEVEL, default info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        default=(_env("IMGSEARCH_LOG_FORMAT", "text") or "text").lower(),
+        choices=LOG_FORMATS,
+        help="log lines as text or JSON, as the services write them (env IMGSEARCH_LOG_FORMAT, default text)",
+    )
+    return parser
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, --token-file, IMGSEARCH_TOKEN, IMGSEARCH_TOKEN_FILE: the first given wins (as in the CLI)."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        return security.read_token_file(args.token_file)
+    if _env("IMGSEARCH_TOKEN"):
+        return _env("IMGSEARCH_TOKEN")
+    path = _env("IMGSEARCH_TOKEN_FILE")
+    return security.read_token_file(path) if path else None
+
+
+def parse_settings(argv: Sequence[str] | None = None, prog: str = "python -m web") -> Settings:
+    """Returns the settings from flags and env; exits with a message when they do not make sense."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    media_root = None
+    if args.media_root is not None:
+        media_root = Path(args.media_root).expanduser().resolve()
+        if not media_root.is_dir():
+            parser.error(f"--media-root {args.media_root} is not a folder")
+    try:
+        token = _token(args)
+        return Settings(
+            encoder=args.encoder,
+            index=args.index,
+            host=args.host,
+            port=args.port,
+            media_root=media_root,
+            max_upload_bytes=args.max_upload_bytes,
+            max_k=args.max_k,
+            timeout_s=args.timeout_s,
+            tls_ca=args.tls_ca,
+            token=security.Secret(token) if token else None,
+            allow_indexing=args.allow_indexing,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except (OSError, ValueError) as error:
+        parser.error(str(error))

@@ -1,0 +1,428 @@
+// imgsearch web gateway: the page. Plain JS, no build step, nothing from elsewhere; it uses only the
+// JSON API under /api/. Every id, label and message goes into the page as text (textContent, or a
+// property such as img.alt), never as markup.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const KS = [5, 10, 20, 50, 100];
+  const HEALTH_EVERY_MS = 15000;
+
+  const state = {
+    config: { max_upload_bytes: 8 * 1024 * 1024, max_k: 100, default_k: 10, thumbnails: true, indexing: false },
+    last: null, // what to run again when k changes: {kind: "upload", blob, name} or {kind: "id", id}
+    queryView: null, // the current query's {input, reconstruction}
+    items: new Map(), // id -> promise of /api/items (the model's view of a result), per result list
+    selected: null,
+  };
+
+  class ApiError extends Error {
+    constructor(status, detail, service) {
+      super(detail);
+      this.status = status;
+      this.service = service || null;
+    }
+  }
+
+  async function api(path, options) {
+    let response;
+    try {
+      response = await fetch(path, options);
+    } catch (error) {
+      throw new ApiError(0, `the gateway is not reachable (${error.message})`);
+    }
+    const type = response.headers.get("content-type") || "";
+    const body = type.includes("application/json") ? await response.json().catch(() => null) : null;
+    if (!response.ok) {
+      const detail = body && typeof body.detail === "string" ? body.detail : `HTTP ${response.status}`;
+      throw new ApiError(response.status, detail, body && body.service);
+    }
+    return body;
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = String(text);
+    return node;
+  }
+
+  function showStatus(text, kind = "error") {
+    const box = $("status");
+    box.textContent = text || "";
+    box.className = `status ${kind}`;
+    box.hidden = !text;
+  }
+
+  function setBusy(busy) {
+    $("busy").hidden = !busy;
+  }
+
+  function bytes(count) {
+    if (count >= 1024 * 1024) return `${(count / 1024 / 1024).toFixed(1)} MiB`;
+    if (count >= 1024) return `${(count / 1024).toFixed(0)} KiB`;
+    return `${count} bytes`;
+  }
+
+  function setImage(img, url) {
+    if (url) {
+      img.src = url;
+      img.hidden = false;
+    } else {
+      img.removeAttribute("src");
+      img.hidden = true;
+    }
+  }
+
+  // Collection stats and the services' health: a clear message when one is down.
+  async function refreshStatus() {
+    let health = null;
+    try {
+      const response = await fetch("/api/health");
+      health = await response.json();
+    } catch (error) {
+      showStatus(`The web gateway is not reachable (${error.message}).`);
+      $("stats").textContent = "";
+      return false;
+    }
+    const down = ["encoder", "index"].filter((name) => health[name] && !health[name].ok);
+    if (down.length) {
+      const details = down.map((name) => health[name].detail).join("; ");
+      showStatus(`Service down: ${details}. Searches fail until it is back.`);
+    } else if ($("status").classList.contains("error")) {
+      showStatus("");
+    }
+    if (health.index && health.index.ok) {
+      try {
+        const stats = await api("/api/stats");
+        const model = stats.model_version ? stats.model_version.slice(0, 12) : "–";
+        $("stats").textContent =
+          `${stats.count.toLocaleString()} images · ${stats.dim}-d · model ${model}`;
+        $("stats").title = `model version ${stats.model_version || "none yet"}`;
+      } catch (error) {
+        $("stats").textContent = "";
+      }
+    } else {
+      $("stats").textContent = "collection unavailable";
+    }
+    return !down.length;
+  }
+
+  function handleError(error) {
+    showStatus(error.message);
+    if (error.status === 503 || error.status === 0) refreshStatus().then(() => {
+      // keep the call's own message when health finds nothing wrong (a blip)
+      if ($("status").hidden) showStatus(error.message);
+    });
+  }
+
+  function k() {
+    return Number($("k").value) || state.config.default_k;
+  }
+
+  // Results: a grid of thumbnails with id, label and distance.
+  function card(result, rank) {
+    const item = el("li", "card");
+    const open = el("button", "open");
+    open.type = "button";
+    open.title = "More like this";
+    open.setAttribute("aria-label", `More like ${result.id}`);
+    const url = result.thumbnail_url;
+    if (typeof url === "string" && url.startsWith("/api/thumbnail?")) {
+      const img = el("img", "thumb");
+      img.alt = result.id;
+      img.loading = "lazy";
+      img.src = url;
+      img.addEventListener("error", () => img.replaceWith(el("span", "thumb placeholder", "no image")));
+      open.append(img);
+    } else {
+      open.append(el("span", "thumb placeholder", "no image"));
+    }
+    open.addEventListener("click", () => searchById(result.id));
+
+    const meta = el("div", "meta");
+    const label = result.metadata && result.metadata.label !== undefined ? result.metadata.label : "–";
+    meta.append(el("span", "label", label), el("span", "distance", result.distance.toFixed(3)));
+    meta.title = `rank ${rank}, label, distance`;
+
+    const why = el("button", "why", "why?");
+    why.type = "button";
+    why.addEventListener("click", () => showDetail(result, item));
+    item.addEventListener("mouseenter", () => showDetail(result, item));
+    item.append(open, meta, el("div", "id", result.id), why);
+    return item;
+  }
+
+  function renderResults(results, title, emptyText) {
+    state.items = new Map();
+    $("detail").hidden = true;
+    $("results-title").textContent = title;
+    const list = $("results");
+    list.replaceChildren(...results.map((result, n) => card(result, n + 1)));
+    $("results-hint").hidden = results.length > 0;
+    if (!results.length) $("results-hint").textContent = emptyText;
+  }
+
+  function itemView(id) {
+    if (!state.items.has(id)) {
+      const pending = api(`/api/items?id=${encodeURIComponent(id)}`);
+      pending.catch(() => state.items.delete(id));
+      state.items.set(id, pending);
+    }
+    return state.items.get(id);
+  }
+
+  // Why a result matched: its model input and reconstruction, shown beside the query's.
+  async function showDetail(result, node) {
+    if (state.selected) state.selected.classList.remove("selected");
+    state.selected = node;
+    node.classList.add("selected");
+    const panel = $("detail");
+    panel.hidden = false;
+    $("detail-id").textContent = result.id;
+    const label = result.metadata && result.metadata.label !== undefined ? result.metadata.label : "–";
+    $("detail-meta").textContent = `label ${label} · distance ${result.distance.toFixed(4)} to the query`;
+    setImage($("detail-input"), null);
+    setImage($("detail-reconstruction"), null);
+    $("detail-note").textContent = "loading…";
+    try {
+      const item = await itemView(result.id);
+      if ($("detail-id").textContent !== result.id) return; // another result was picked meanwhile
+      setImage($("detail-input"), item.view.input);
+      setImage($("detail-reconstruction"), item.view.reconstruction);
+      $("detail-note").textContent = item.view.note || "";
+    } catch (error) {
+      $("detail-note").textContent = error.message;
+    }
+  }
+
+  function showQuery(title, original, view) {
+    state.queryView = view;
+    $("query-panel").hidden = false;
+    $("query-title").textContent = title;
+    setImage($("query-original"), original);
+    setImage($("query-input"), view ? view.input : null);
+    setImage($("query-reconstruction"), view ? view.reconstruction : null);
+    $("query-note").textContent = view && view.note ? view.note : "";
+  }
+
+  // Search by an image: an upload, a dropped file or the drawing (a PNG).
+  async function searchUpload(blob, name, preview) {
+    if (blob.size > state.config.max_upload_bytes) {
+      showStatus(
+        `${name} is ${bytes(blob.size)}, over the upload limit of ${bytes(state.config.max_upload_bytes)}.`
+      );
+      return;
+    }
+    state.last = { kind: "upload", blob, name, preview };
+    const form = new FormData();
+    form.append("file", blob, name);
+    form.append("k", String(k()));
+    setBusy(true);
+    try {
+      const reply = await api("/api/search", { method: "POST", body: form });
+      if ($("status").classList.contains("error")) showStatus("");
+      showQuery(name === "drawing.png" ? "Your drawing" : "Your image", preview, reply.query);
+      renderResults(reply.results, "Most similar", "No results: the collection is empty.");
+    } catch (error) {
+      handleError(error);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  // More like this: SearchById, the stored item left out.
+  async function searchById(id) {
+    state.last = { kind: "id", id };
+    setBusy(true);
+    try {
+      const reply = await api(`/api/search?id=${encodeURIComponent(id)}&k=${k()}`);
+      if ($("status").classList.contains("error")) showStatus("");
+      renderResults(reply.results, `More like ${id}`, "No other images in the collection.");
+      showQuery(`More like ${id}`, null, null);
+      const item = await itemView(id);
+      if (state.last.kind !== "id" || state.last.id !== id) return;
+      showQuery(`More like ${id}`, item.thumbnail_url, item.view);
+      window.scrollTo({ top: 0, behavior: "smooth" });
+    } catch (error) {
+      handleError(error);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  function rerun() {
+    const last = state.last;
+    if (!last) return;
+    if (last.kind === "id") searchById(last.id);
+    else searchUpload(last.blob, last.name, last.preview);
+  }
+
+  // Upload: the file picker and drag and drop.
+  let previewUrl = null;
+  function searchFile(file) {
+    if (!file) return;
+    if (previewUrl) URL.revokeObjectURL(previewUrl);
+    previewUrl = URL.createObjectURL(file);
+    searchUpload(file, file.name || "upload", previewUrl);
+  }
+
+  function setUpUpload() {
+    const drop = $("drop");
+    $("file").addEventListener("change", (event) => {
+      searchFile(event.target.files[0]);
+      event.target.value = "";
+    });
+    for (const name of ["dragenter", "dragover"]) {
+      drop.addEventListener(name, (event) => {
+        event.preventDefault();
+        drop.classList.add("over");
+      });
+    }
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (event) => {
+      event.preventDefault();
+      drop.classList.remove("over");
+      searchFile(event.dataTransfer.files[0]);
+    });
+    // a file dropped beside the drop zone must not make the browser leave the page
+    document.addEventListener("dragover", (event) => event.preventDefault());
+    document.addEventListener("drop", (event) => event.preventDefault());
+  }
+
+  // Drawing: white strokes on black, as MNIST; mouse, pen and touch through pointer events.
+  function setUpCanvas() {
+    const canvas = $("canvas");
+    const context = canvas.getContext("2d");
+    let drawing = false;
+    let inked = false;
+    let last = null;
+    let timer = null;
+
+    function clear() {
+      context.fillStyle = "#000";
+      context.fillRect(0, 0, canvas.width, canvas.height);
+      inked = false;
+    }
+
+    function point(event) {
+      const box = canvas.getBoundingClientRect();
+      return {
+        x: ((event.clientX - box.left) * canvas.width) / box.width,
+        y: ((event.clientY - box.top) * canvas.height) / box.height,
+      };
+    }
+
+    function stroke(from, to) {
+      context.strokeStyle = "#fff";
+      context.lineWidth = 20;
+      context.lineCap = "round";
+      context.lineJoin = "round";
+      context.beginPath();
+      context.moveTo(from.x, from.y);
+      context.lineTo(to.x, to.y);
+      context.stroke();
+      inked = true;
+    }
+
+    function searchDrawing() {
+      if (!inked) {
+        showStatus("Draw a digit first.", "info");
+        return;
+      }
+      const preview = canvas.toDataURL("image/png");
+      canvas.toBlob((blob) => blob && searchUpload(blob, "drawing.png", preview), "image/png");
+    }
+
+    canvas.addEventListener("pointerdown", (event) => {
+      event.preventDefault();
+      clearTimeout(timer);
+      canvas.setPointerCapture(event.pointerId);
+      drawing = true;
+      last = point(event);
+      stroke(last, last);
+    });
+    canvas.addEventListener("pointermove", (event) => {
+      if (!drawing) return;
+      const next = point(event);
+      stroke(last, next);
+      last = next;
+    });
+    const finish = () => {
+      if (!drawing) return;
+      drawing = false;
+      clearTimeout(timer);
+      timer = setTimeout(searchDrawing, 400); // search once the pen rests
+    };
+    canvas.addEventListener("pointerup", finish);
+    canvas.addEventListener("pointercancel", finish);
+    $("clear").addEventListener("click", () => {
+      clearTimeout(timer);
+      clear();
+    });
+    $("search-drawing").addEventListener("click", () => {
+      clearTimeout(timer);
+      searchDrawing();
+    });
+    clear();
+  }
+
+  function setUpK() {
+    const select = $("k");
+    const choices = KS.filter((n) => n <= state.config.max_k);
+    if (!choices.includes(state.config.default_k)) choices.push(state.config.default_k);
+    choices.sort((a, b) => a - b);
+    select.replaceChildren(
+      ...choices.map((n) => {
+        const option = el("option", "", n);
+        option.value = String(n);
+        option.selected = n === state.config.default_k;
+        return option;
+      })
+    );
+    select.addEventListener("change", rerun);
+  }
+
+  // Adding images: only when the gateway allows it (--allow-indexing), with the token.
+  function setUpAdding() {
+    if (!state.config.indexing) return;
+    $("add-panel").hidden = false;
+    $("add-form").addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const file = $("add-file").files[0];
+      const form = new FormData();
+      form.append("file", file, file.name);
+      form.append("id", $("add-id").value);
+      form.append("label", $("add-label").value);
+      $("add-result").textContent = "adding…";
+      try {
+        const reply = await api("/api/items", {
+          method: "POST",
+          body: form,
+          headers: { Authorization: `Bearer ${$("add-token").value}` },
+        });
+        $("add-result").textContent = `added ${reply.id}; the index holds ${reply.count}`;
+        refreshStatus();
+      } catch (error) {
+        $("add-result").textContent = error.message;
+      }
+    });
+  }
+
+  async function start() {
+    try {
+      state.config = await api("/api/config");
+    } catch (error) {
+      showStatus(error.message);
+    }
+    setUpK();
+    setUpUpload();
+    setUpCanvas();
+    setUpAdding();
+    await refreshStatus();
+    setInterval(refreshStatus, HEALTH_EVERY_MS);
+    document.body.dataset.ready = "1";
+  }
+
+  start();
+})();
