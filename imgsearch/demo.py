@@ -13,7 +13,6 @@ import importlib.util
 import os
 import random
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from imgsearch.cli import main as cli
-from imgsearch.local import LocalServices, ServiceProcess, free_port
+from imgsearch.local import LocalServices, ServiceProcess, free_port, run_until_stopped
 
 SAMPLE = Path(__file__).resolve().parent.parent / "encoder_service" / "data" / "mnist-10k.npz"
 INDEX_SPLIT = 8000
@@ -86,23 +85,6 @@ def start_page(services: LocalServices, media_root: Path, log_dir: Path, port: i
     print(f"demo: the page did not start; see {log_dir / 'web.log'}", file=sys.stderr)
     page.stop()
     return None
-
-
-def run_until_stopped(processes: list[ServiceProcess]) -> None:
-    """Returns on Ctrl-C or SIGTERM, or once one of the processes exits."""
-    stop = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop and all(p.process is not None and p.process.poll() is None for p in processes):
-            time.sleep(0.3)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,23 @@ class LocalServices:
         self.encoder.stop()
 
 
+def run_until_stopped(processes: list[ServiceProcess]) -> None:
+    """Returns on Ctrl-C or SIGTERM, or once one of the processes exits."""
+    stop = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop and all(p.process is not None and p.process.poll() is None for p in processes):
+            time.sleep(0.3)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`make up`: both services on their default ports, logging here, until Ctrl-C or SIGTERM."""
     import argparse
@@ -154,14 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data-dir", type=Path, default=Path(os.environ.get("IMGSEARCH_DATA_DIR", "index-data"))
     )
     args = parser.parse_args(argv)
-    stop = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     with LocalServices(args.data_dir, args.encoder_port, args.index_port) as services:
         print(
             f"encoder on {services.encoder.address}, index on {services.index.address} "
@@ -169,10 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        while not stop and all(
-            s.process and s.process.poll() is None for s in (services.encoder, services.index)
-        ):
-            time.sleep(0.3)
+        run_until_stopped([services.encoder, services.index])
     return 0
 
 

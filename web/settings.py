@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgsearch import security
 from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX
+from imgsearch.serving import env_or
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
@@ -61,11 +61,6 @@ class Settings:
         )
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
-
-
 def _truthy(text: str | None) -> bool:
     return (text or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -79,54 +74,54 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--host",
-        default=_env("IMGSEARCH_WEB_HOST", "127.0.0.1"),
+        default=env_or("IMGSEARCH_WEB_HOST", "127.0.0.1"),
         help="address to listen on (env IMGSEARCH_WEB_HOST, default 127.0.0.1; 0.0.0.0 for every interface)",
     )
     parser.add_argument(
         "--port",
         type=int,
-        default=int(_env("IMGSEARCH_WEB_PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
+        default=int(env_or("IMGSEARCH_WEB_PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
         help=f"port (env IMGSEARCH_WEB_PORT, default {DEFAULT_PORT})",
     )
     parser.add_argument(
         "--encoder",
-        default=_env("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
+        default=env_or("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
         help=f"encoder address, as the CLI takes it (env IMGSEARCH_ENCODER, default {DEFAULT_ENCODER})",
     )
     parser.add_argument(
         "--index",
-        default=_env("IMGSEARCH_INDEX", DEFAULT_INDEX),
+        default=env_or("IMGSEARCH_INDEX", DEFAULT_INDEX),
         help=f"index address (env IMGSEARCH_INDEX, default {DEFAULT_INDEX})",
     )
     parser.add_argument(
         "--media-root",
         type=Path,
-        default=_env("IMGSEARCH_MEDIA_ROOT"),
+        default=env_or("IMGSEARCH_MEDIA_ROOT", None),
         help="folder of the stored images: thumbnails and item views read an item's `source` path only "
         "inside it (env IMGSEARCH_MEDIA_ROOT; none: no thumbnails)",
     )
     parser.add_argument(
         "--max-upload-bytes",
         type=int,
-        default=int(_env("IMGSEARCH_WEB_MAX_UPLOAD_BYTES", str(DEFAULT_MAX_UPLOAD_BYTES)) or 0),
+        default=int(env_or("IMGSEARCH_WEB_MAX_UPLOAD_BYTES", str(DEFAULT_MAX_UPLOAD_BYTES)) or 0),
         help="largest image a request may upload; larger gets 413 "
         f"(env IMGSEARCH_WEB_MAX_UPLOAD_BYTES, default {DEFAULT_MAX_UPLOAD_BYTES})",
     )
     parser.add_argument(
         "--max-k",
         type=int,
-        default=int(_env("IMGSEARCH_WEB_MAX_K", str(DEFAULT_MAX_K)) or 0),
+        default=int(env_or("IMGSEARCH_WEB_MAX_K", str(DEFAULT_MAX_K)) or 0),
         help=f"most results per search (env IMGSEARCH_WEB_MAX_K, default {DEFAULT_MAX_K})",
     )
     parser.add_argument(
         "--timeout-s",
         type=float,
-        default=float(_env("IMGSEARCH_WEB_TIMEOUT_S", str(DEFAULT_TIMEOUT_S)) or DEFAULT_TIMEOUT_S),
+        default=float(env_or("IMGSEARCH_WEB_TIMEOUT_S", str(DEFAULT_TIMEOUT_S)) or DEFAULT_TIMEOUT_S),
         help=f"deadline of each gRPC call (env IMGSEARCH_WEB_TIMEOUT_S, default {DEFAULT_TIMEOUT_S:.0f})",
     )
     parser.add_argument(
         "--tls-ca",
-        default=_env("IMGSEARCH_TLS_CA"),
+        default=env_or("IMGSEARCH_TLS_CA", None),
         help="CA certificate (PEM) of the services; turns on TLS to them (env IMGSEARCH_TLS_CA)",
     )
     token = parser.add_mutually_exclusive_group()
@@ -139,7 +134,7 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-indexing",
         action="store_true",
-        default=_truthy(_env("IMGSEARCH_WEB_ALLOW_INDEXING")),
+        default=_truthy(env_or("IMGSEARCH_WEB_ALLOW_INDEXING", None)),
         help="accept POST /api/items (add an uploaded image to the index) from requests that carry "
         "`Authorization: Bearer TOKEN`; needs a token (env IMGSEARCH_WEB_ALLOW_INDEXING=1; default off: "
         "read-only)",
@@ -147,7 +142,7 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         type=str.lower,
-        default=(_env("IMGSEARCH_LOG_LEVEL", "info") or "info").lower(),
+        default=(env_or("IMGSEARCH_LOG_LEVEL", "info") or "info").lower(),
         choices=LOG_LEVELS,
         help="log level of the gateway and uvicorn; debug adds one line per request, errors (status 400 "
         "and up) are logged at warning (env IMGSEARCH_LOG_LEVEL, default info)",
@@ -155,7 +150,7 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         type=str.lower,
-        default=(_env("IMGSEARCH_LOG_FORMAT", "text") or "text").lower(),
+        default=(env_or("IMGSEARCH_LOG_FORMAT", "text") or "text").lower(),
         choices=LOG_FORMATS,
         help="log lines as text or JSON, as the services write them (env IMGSEARCH_LOG_FORMAT, default text)",
     )
@@ -168,9 +163,9 @@ def _token(args: argparse.Namespace) -> str | None:
         return str(args.token)
     if args.token_file:
         return security.read_token_file(args.token_file)
-    if _env("IMGSEARCH_TOKEN"):
-        return _env("IMGSEARCH_TOKEN")
-    path = _env("IMGSEARCH_TOKEN_FILE")
+    if env_or("IMGSEARCH_TOKEN", None):
+        return env_or("IMGSEARCH_TOKEN", None)
+    path = env_or("IMGSEARCH_TOKEN_FILE", None)
     return security.read_token_file(path) if path else None
 
 
