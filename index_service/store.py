@@ -17,7 +17,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 
-from index_service.memory import release_free_memory
+from imgsearch.memory import release_free_memory
 from index_service.rwlock import ReadWriteLock
 
 MAX_ID_BYTES = 256

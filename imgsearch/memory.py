@@ -1,4 +1,4 @@
-"""Giving freed heap memory back to the system, so a bulk load leaves no resident slack behind."""
+"""Giving freed heap memory back to the system, so bulk loads and bursts leave no resident slack."""
 
 from __future__ import annotations
 
