@@ -147,6 +147,7 @@ class EncoderService:
             config.server,
             [service.full_name],
             lambda server: add_servicer(server, servicer, service),
+            read_methods=[f"/{service.full_name}/{method.name}" for method in service.methods],  # all reads
         )
         metrics.watch_encoder(
             self.server.metrics,

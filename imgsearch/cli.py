@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import grpc
+import numpy as np
 
 from imgsearch import security
 from imgsearch.addresses import endpoint_count
@@ -175,10 +176,21 @@ def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
     kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size)
     for path, reason in bad:
         print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
-    results = search.index.search(vectors, args.k, version) if kept else []
+    results = _search_in_batches(search, vectors, args.k, version, args.batch_size)
     for image, matches in zip(kept, results, strict=True):
         _print_results(str(image.path), matches, args.json)
     return 0 if not (skipped or bad) else 1
+
+
+def _search_in_batches(
+    search: ImageSearch, vectors: np.ndarray, k: int, version: str, batch_size: int
+) -> list[list[Match]]:
+    """The matches of every query, asked for in calls of `batch_size` queries (each within the index's
+    --max-batch and --max-results)."""
+    results: list[list[Match]] = []
+    for start in range(0, len(vectors), batch_size):
+        results += search.index.search(vectors[start : start + batch_size], k, version)
+    return results
 
 
 def cmd_delete(search: ImageSearch, args: argparse.Namespace) -> int:
@@ -210,9 +222,7 @@ def cmd_eval(search: ImageSearch, args: argparse.Namespace) -> int:
         kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size, on_batch=bar.update)
     if not kept:
         raise SystemExit(f"imgsearch eval: no usable images under {args.folder}")
-    results = []
-    for start in range(0, len(kept), args.batch_size):
-        results += search.index.search(vectors[start : start + args.batch_size], args.k, version)
+    results = _search_in_batches(search, vectors, args.k, version, args.batch_size)
     quality = retrieval_quality(
         [f.label for f in kept], [[m.metadata.get("label", "") for m in row] for row in results], args.k
     )

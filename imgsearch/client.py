@@ -58,8 +58,8 @@ class ServiceError(Exception):
             text = f"the {service} service at {address} is not reachable ({details})"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             text = f"the {service} service at {address} did not answer in time"
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details:
-            text = f"the {service} service at {address} is busy (too many calls in flight); try again"
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("refused for load"):
+            text = f"the {service} service at {address} is busy ({details})"
         else:
             name = code.name if code else "?"
             text = f"the {service} service at {address} refused the call: {name}: {details}"

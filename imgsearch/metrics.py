@@ -7,9 +7,11 @@ Every server gets its own `CollectorRegistry` (tests run several servers in one 
   `imgsearch_grpc_requests_total{service, method, code}`, observes
   `imgsearch_grpc_request_seconds{service, method}` (a streamed reply: until its last message), echoes
   the request id in the trailing metadata key `x-request-id` (the caller's own, or a new one) and logs one
-  line: at DEBUG when the code is OK, at WARNING, with the details, for every other code. Calls that gRPC
-  refuses past `--max-concurrent-rpcs` never reach a handler; the interceptor sees them just before and
-  counts them in `imgsearch_grpc_rejected_total{service, reason="max_concurrent_rpcs"}` as well as with code
+  line: at DEBUG when the code is OK, at WARNING, with the details, for every other code. The code is
+  the one the caller got: the interceptor serialises replies itself, so a reply over the message limit
+  is RESOURCE_EXHAUSTED here too, and a call whose caller left while it ran is DEADLINE_EXCEEDED or
+  CANCELLED. Calls that admission (imgsearch/admission.py) refuses past `--max-concurrent-rpcs` or
+  `--max-streams` are counted in `imgsearch_grpc_rejected_total{service, reason}` as well as with code
   RESOURCE_EXHAUSTED (no latency: they never ran).
 - the encoder's `watch_encoder` and the index's `watch_index`: batch sizes, images embedded, vectors and
   bytes stored, the model version.
@@ -43,6 +45,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from imgsearch import admission
+from imgsearch.errors import call_gone
+
 log = logging.getLogger("imgsearch.metrics")
 request_log = logging.getLogger("imgsearch.requests")
 
@@ -75,7 +80,6 @@ EXPORTED = (
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = tuple(float(2**n) for n in range(11))  # 1, 2, 4, ..., 1024
-REJECTED_FOR_LOAD = "max_concurrent_rpcs"
 UNKNOWN = "unknown"  # the service and method labels of a call to a method nobody serves
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -113,7 +117,7 @@ Observer = Callable[[Any, Any], None]  # (request, reply) of a call that ended O
 class ServerMetrics:
     """One server's registry, its request metrics and the interceptor that keeps them."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_reply_bytes: int | None = None) -> None:
         self.registry = new_registry() if registry is None else registry
         self.requests = Counter(
             "imgsearch_grpc_requests",
@@ -136,7 +140,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.observers: dict[str, Observer] = {}
-        self.interceptor = RequestInterceptor(self)
+        self.interceptor = RequestInterceptor(self, max_reply_bytes)
         # labels() takes a lock and builds a key: each call reuses the children instead
         self._counted: dict[tuple[str, str, str], Any] = {}
         self._timed: dict[tuple[str, str], Any] = {}
@@ -160,7 +164,12 @@ class ServerMetrics:
     def expect(self, services: Iterable[str]) -> None:
         """Shows the rejection counters of these gRPC services at 0 before the first rejection."""
         for service in services:
-            self.rejected.labels(service, REJECTED_FOR_LOAD)
+            for reason in (admission.REFUSED_FOR_CALLS, admission.REFUSED_FOR_STREAMS):
+                self.rejected.labels(service, reason)
+
+    def refused(self, path: str, reason: str) -> None:
+        """One call of `path` refused for load (`reason`: the bound it met); admission calls this."""
+        self.rejected.labels(_split(path)[0], reason).inc()
 
     def on_ok(self, path: str, observer: Observer) -> None:
         """Calls `observer(request, reply)` after each call of `path` ("/pkg.Service/Method") that ends
@@ -184,31 +193,14 @@ class RequestInterceptor(grpc.ServerInterceptor):
     """Counts, times and logs every call, and tags it with a request id; see the module's doc.
 
     Put it first among a server's interceptors, so that it also sees what the later ones refuse (an
-    UNAUTHENTICATED call), and call `watch_load(server)` once the server exists."""
+    UNAUTHENTICATED call, one refused for load). It serialises each reply itself, so that a reply
+    too large for a message (`max_reply_bytes`) or one that cannot be serialised is refused, counted
+    and logged with its real code, and a call whose caller left (its deadline passed, or it cancelled)
+    while it ran is counted as what the caller saw, not as OK."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, max_reply_bytes: int | None = None) -> None:
         self._metrics = metrics
-        self._over_limit: Callable[[], bool] = lambda: False
-        self._limit: int | None = None
-
-    def watch_load(self, server: grpc.Server) -> None:
-        """Counts the calls `server` refuses past its `maximum_concurrent_rpcs`.
-
-        grpcio decides that in its serving thread, under its state lock, just before it runs the
-        interceptors and then rejects the call without a handler: reading the same two fields here, under
-        the same lock, gives its very decision (grpcio 1.85, `grpc._server._process_event_and_continue`).
-        A grpcio without them: no rejection counts, said once in the log."""
-        state: Any = getattr(server, "_state", None)
-        if not (hasattr(state, "active_rpc_count") and hasattr(state, "maximum_concurrent_rpcs")):
-            log.warning("metrics: this grpcio hides its calls in flight; rejections are not counted")
-            return
-        self._limit = state.maximum_concurrent_rpcs
-
-        def over_limit() -> bool:
-            limit = state.maximum_concurrent_rpcs
-            return limit is not None and state.active_rpc_count >= limit
-
-        self._over_limit = over_limit
+        self.max_reply_bytes = max_reply_bytes
 
     def intercept_service(
         self,
@@ -222,47 +214,50 @@ class RequestInterceptor(grpc.ServerInterceptor):
             call = _Call(UNKNOWN, UNKNOWN, request_id(metadata))
             self._end(call, grpc.StatusCode.UNIMPLEMENTED, None, f"no method {path}", timed=False)
             return None
-        call = _Call(*_split(path), request_id(metadata))
-        if self._over_limit():
-            self._metrics.rejected.labels(call.service, REJECTED_FOR_LOAD).inc()
-            why = f"refused for load: {self._limit} calls in flight (--max-concurrent-rpcs)"
-            self._end(call, grpc.StatusCode.RESOURCE_EXHAUSTED, None, why, timed=False)
-            return handler
-        return self._wrap(handler, path, call)
+        return self._wrap(handler, path, _Call(*_split(path), request_id(metadata)))
+
+    def _serialize(self, reply: Any, serializer: Callable[[Any], bytes] | None) -> Any:
+        """The reply as the bytes gRPC will send; raises _ReplyTooLarge past the message limit."""
+        data = serializer(reply) if serializer is not None else reply
+        if self.max_reply_bytes is not None and isinstance(data, bytes) and len(data) > self.max_reply_bytes:
+            raise _ReplyTooLarge(
+                f"the reply is {len(data)} bytes, over the limit of {self.max_reply_bytes} bytes per message "
+                "(--max-message-bytes); ask for fewer results or items per call"
+            )
+        return data
 
     def _wrap(self, handler: grpc.RpcMethodHandler, path: str, call: _Call) -> grpc.RpcMethodHandler:
-        make: Callable[..., grpc.RpcMethodHandler]
-        behavior: Callable[..., Any] | None
-        if handler.request_streaming and handler.response_streaming:
-            behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior = admission.behavior_of(handler)
         if behavior is None:
             return handler
         run: Callable[..., Any] = behavior
+        timed = not admission.refused_for_load(handler)
         observer = self._metrics.observers.get(path)
+        serializer = handler.response_serializer
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 reply = run(request, context)
+                data = self._serialize(reply, serializer)
+            except _ReplyTooLarge as error:
+                self._abort(call, context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
             except BaseException:
-                self._finish(call, context, grpc.StatusCode.UNKNOWN)
+                self._finish(call, context, grpc.StatusCode.UNKNOWN, timed=timed)
                 raise
-            code = self._finish(call, context, grpc.StatusCode.OK)
+            code = self._finish(call, context, grpc.StatusCode.OK, timed=timed)
             if observer is not None and code == grpc.StatusCode.OK:
                 try:
                     observer(request, reply)
                 except Exception:
                     log.exception("metrics: observing %s failed", path)
-            return reply
+            return data
 
         def streamed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from run(request, context)
+                for reply in run(request, context):
+                    yield self._serialize(reply, serializer)
+            except _ReplyTooLarge as error:
+                self._abort(call, context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
             except GeneratorExit:  # the stream was dropped: the caller went away
                 self._finish(call, context, grpc.StatusCode.CANCELLED)
                 raise
@@ -271,26 +266,38 @@ class RequestInterceptor(grpc.ServerInterceptor):
                 raise
             self._finish(call, context, grpc.StatusCode.OK)
 
-        return make(
-            streamed if handler.response_streaming else unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        return admission.handler_like(
+            handler, streamed if handler.response_streaming else unary, response_serializer=_as_sent
         )
 
+    def _abort(self, call: _Call, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        """Fails the call with `code`, counted and logged as such first (abort raises)."""
+        try:
+            context.set_code(code)
+            context.set_details(message)
+        except Exception:  # a context that keeps neither: count and log all the same
+            pass
+        self._finish(call, context, code)
+        context.abort(code, message)
+
     def _finish(
-        self, call: _Call, context: grpc.ServicerContext, default: grpc.StatusCode
+        self, call: _Call, context: grpc.ServicerContext, default: grpc.StatusCode, *, timed: bool = True
     ) -> grpc.StatusCode:
         """Echoes the request id, then counts and logs the call; returns its status code: the one the
         handler set or aborted with, else `default` (OK on a normal return, UNKNOWN on an exception, as
-        grpcio reports them)."""
+        grpcio reports them), or what the caller saw when it was gone before the end (DEADLINE_EXCEEDED,
+        CANCELLED)."""
         code: grpc.StatusCode = context.code() or default  # type: ignore[attr-defined]
+        why = ""
+        if code == grpc.StatusCode.OK and (gone := call_gone(context)) is not None:
+            code, why = gone, "the caller was gone before the reply"
         try:
             trailing = tuple(context.trailing_metadata() or ())
             if not any(key == REQUEST_ID_KEY for key, _ in trailing):
                 context.set_trailing_metadata((*trailing, (REQUEST_ID_KEY, call.request_id)))
         except Exception:  # a context that keeps no trailing metadata: count and log all the same
             pass
-        self._end(call, code, context, "", timed=True)
+        self._end(call, code, context, why, timed=timed)
         return code
 
     def _end(
@@ -312,7 +319,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
         peer = context.peer() if context is not None else ""
         details: Any = why
         if context is not None and code != grpc.StatusCode.OK:
-            details = context.details() or ""  # type: ignore[attr-defined]
+            details = context.details() or why  # type: ignore[attr-defined]
             if isinstance(details, bytes):
                 details = details.decode("utf-8", "replace")
         fields = {
@@ -337,6 +344,15 @@ class RequestInterceptor(grpc.ServerInterceptor):
             f": {details}" if details else "",
             extra={"fields": fields},
         )
+
+
+class _ReplyTooLarge(Exception):
+    """A reply over the message limit: refused by the interceptor instead of failing inside gRPC."""
+
+
+def _as_sent(data: Any) -> bytes:
+    """The response serializer of a wrapped call: the interceptor has serialised the reply already."""
+    return data if isinstance(data, bytes) else data.SerializeToString()  # type: ignore[no-any-return]
 
 
 # What the services add to their registry.

@@ -9,16 +9,17 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from imgsearch.admission import OPEN_PREFIXES, refusal
+
 log = logging.getLogger(__name__)
 
 AUTH_KEY = "authorization"  # gRPC metadata keys are lowercase
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes (Docker, load balancers) carry no token
 PathLike = str | Path
 
 
@@ -100,45 +101,45 @@ def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((AUTH_KEY, f"Bearer {token}"),) if token else ()
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """Returns a handler of the same shape as `handler` that fails the call with UNAUTHENTICATED."""
-
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    # No deserializer: a refused request is never parsed.
-    make: Callable[..., grpc.RpcMethodHandler]
-    if handler.request_streaming and handler.response_streaming:
-        make = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
-    else:
-        make = grpc.unary_unary_rpc_method_handler
-    return make(deny, response_serializer=handler.response_serializer)
-
-
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Lets a call through only with `authorization: Bearer <token>`; the health service stays open."""
+    """Lets a call through only with `authorization: Bearer <token>`; the health service stays open.
 
-    def __init__(self, token: str) -> None:
+    With a read token too, that one is accepted for `read_methods` ("/pkg.Service/Method") only; any
+    other call presenting it gets PERMISSION_DENIED. A refused request is never parsed."""
+
+    def __init__(self, token: str, read_token: str | None = None, read_methods: Collection[str] = ()) -> None:
         if not token:
             raise ValueError("an empty token would let anyone in")
+        if read_token is not None and (not read_token or read_token == token):
+            raise ValueError("the read token must be set and differ from the token")
         self._expected = token.encode("utf-8")
+        self._read = read_token.encode("utf-8") if read_token else None
+        self._read_methods = frozenset(read_methods)
 
-    def check(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-        """Returns None when the metadata carries the token, else why not (never the token itself)."""
+    def check(self, metadata: Sequence[tuple[str, Any]] | None, method: str = "") -> str | None:
+        """Returns None when the metadata carries a token good for `method`, else why not (never the
+        token itself)."""
+        return self._check(metadata, method)[1]
+
+    def _check(
+        self, metadata: Sequence[tuple[str, Any]] | None, method: str
+    ) -> tuple[grpc.StatusCode, str | None]:
         value = next((v for k, v in metadata or () if k == AUTH_KEY), None)
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         scheme, _, presented = (value or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            return "missing bearer token"
+            return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"
+        given = presented.strip().encode("utf-8")
         # compare_digest: the time taken does not tell how much of a guess was right
-        if not hmac.compare_digest(presented.strip().encode("utf-8"), self._expected):
-            return "invalid token"
-        return None
+        if hmac.compare_digest(given, self._expected):
+            return grpc.StatusCode.OK, None
+        if self._read is not None and hmac.compare_digest(given, self._read):
+            if method in self._read_methods:
+                return grpc.StatusCode.OK, None
+            name = method.rpartition("/")[2] or method
+            return grpc.StatusCode.PERMISSION_DENIED, f"the read-only token may not call {name}"
+        return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
 
     def intercept_service(
         self,
@@ -149,8 +150,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        problem = self.check(handler_call_details.invocation_metadata)  # type: ignore[arg-type]
+        code, problem = self._check(handler_call_details.invocation_metadata, method)  # type: ignore[arg-type]
         if problem is None:
             return handler
         log.warning("refused %s: %s", method, problem)
-        return _denied(handler, problem)
+        return refusal(handler, code, problem)

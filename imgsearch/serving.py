@@ -11,8 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent import futures
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,9 +19,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imgsearch import metrics, security
+from imgsearch import admission, metrics, security
 
 log = logging.getLogger("imgsearch")
+# Reflection only describes the services: a read-only token may use it (grpcurl's first call).
+REFLECTION_METHOD = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
 
 
 def env_or(name: str, default: Any) -> Any:
@@ -46,6 +47,8 @@ class ServerSettings:
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the server speaks only TLS
     tls_key: str | None = None
     auth_token: security.Secret | None = None  # when set, every call but health needs it
+    read_token: security.Secret | None = None  # with auth_token: accepted for the service's reads only
+    max_streams: int = 16  # open streams of each kind (health Watch; Scan and reflection)
     # Connections are closed (GOAWAY) after this long, so clients re-resolve DNS and find replicas added
     # since; calls in flight get the grace to finish. 0: connections live on.
     max_connection_age_s: float = 60.0
@@ -56,9 +59,10 @@ class ServerSettings:
 
     def security_summary(self) -> str:
         """Returns e.g. "TLS, bearer token" for the start-up line."""
-        return ", ".join(
-            ["TLS" if self.tls_cert else "plaintext", "bearer token" if self.auth_token else "no auth"]
-        )
+        auth = "bearer token" if self.auth_token else "no auth"
+        if self.read_token:
+            auth += " and read-only token"
+        return ", ".join(["TLS" if self.tls_cert else "plaintext", auth])
 
 
 def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
@@ -108,7 +112,15 @@ def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, defaul
         type=int,
         default=env_or("IMGSEARCH_MAX_CONCURRENT_RPCS", 64),
         help="calls in flight (running or queued) past which a call is refused at once with "
-        "RESOURCE_EXHAUSTED (env IMGSEARCH_MAX_CONCURRENT_RPCS, default 64)",
+        "RESOURCE_EXHAUSTED; health checks never count (env IMGSEARCH_MAX_CONCURRENT_RPCS, default 64)",
+    )
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=env_or("IMGSEARCH_MAX_STREAMS", 16),
+        help="streams open at once of each kind, health Watch and the others (Scan, reflection), each on "
+        "threads of its own, never the workers'; past it a stream is refused with RESOURCE_EXHAUSTED "
+        "(env IMGSEARCH_MAX_STREAMS, default 16)",
     )
     parser.add_argument(
         "--max-connection-age-s",
@@ -145,6 +157,17 @@ def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, defaul
         help="read the token from this file, e.g. a Docker secret (env IMGSEARCH_AUTH_TOKEN_FILE)",
     )
     parser.add_argument(
+        "--read-token",
+        default=env_or("IMGSEARCH_READ_TOKEN", None),
+        help="with --auth-token: a second token, accepted for reads only (searches, gets, stats, scans, "
+        "Embed, Reconstruct, Info); writes presenting it get PERMISSION_DENIED (env IMGSEARCH_READ_TOKEN)",
+    )
+    parser.add_argument(
+        "--read-token-file",
+        default=env_or("IMGSEARCH_READ_TOKEN_FILE", None),
+        help="read the read-only token from this file (env IMGSEARCH_READ_TOKEN_FILE)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=env_or(f"{env_prefix}_METRICS_PORT", None),
@@ -158,17 +181,31 @@ def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, defaul
     )
 
 
-def _auth_token(args: argparse.Namespace) -> security.Secret | None:
-    """Returns the token from --auth-token or --auth-token-file; empty strings mean off."""
-    if args.auth_token and args.auth_token_file:
-        raise SystemExit("give --auth-token or --auth-token-file, not both")
-    if args.auth_token_file:
+def _token(value: str | None, path: str | None, flag: str) -> security.Secret | None:
+    """Returns the token from --FLAG or --FLAG-file; empty strings mean off."""
+    if value and path:
+        raise SystemExit(f"give {flag} or {flag}-file, not both")
+    if path:
         try:
-            return security.Secret(security.read_token_file(args.auth_token_file))
+            return security.Secret(security.read_token_file(path))
         except (OSError, ValueError) as error:
-            raise SystemExit(f"--auth-token-file: {error}") from None
-    token = (args.auth_token or "").strip()
+            raise SystemExit(f"{flag}-file: {error}") from None
+    token = (value or "").strip()
     return security.Secret(token) if token else None
+
+
+def _tokens(args: argparse.Namespace) -> tuple[security.Secret | None, security.Secret | None]:
+    """Returns (the token, the read-only token), checked: a read token needs a token, and another one."""
+    token = _token(args.auth_token, args.auth_token_file, "--auth-token")
+    read = _token(args.read_token, args.read_token_file, "--read-token")
+    if read is not None and token is None:
+        raise SystemExit(
+            "--read-token needs --auth-token (or --auth-token-file) too: without it every call, writes "
+            "included, would be open"
+        )
+    if read is not None and token is not None and read.value == token.value:
+        raise SystemExit("--read-token and --auth-token must differ")
+    return token, read
 
 
 def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
@@ -199,6 +236,7 @@ def _connection_age_options(settings: ServerSettings) -> list[tuple[str, int]]:
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     """Returns the server part of parsed flags, checked; a bad TLS or token setting fails here."""
     tls_cert, tls_key = _tls_files(args)
+    auth_token, read_token = _tokens(args)
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -210,7 +248,9 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        auth_token=_auth_token(args),
+        auth_token=auth_token,
+        read_token=read_token,
+        max_streams=args.max_streams,
         max_connection_age_s=args.max_connection_age_s,
         max_connection_age_grace_s=args.max_connection_age_grace_s,
         metrics_port=args.metrics_port,
@@ -226,6 +266,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         raise SystemExit(f"--max-message-bytes must be at least 1024, got {settings.max_message_bytes}")
     if settings.max_concurrent_rpcs < 1:
         raise SystemExit(f"--max-concurrent-rpcs must be at least 1, got {settings.max_concurrent_rpcs}")
+    if settings.max_streams < 1:
+        raise SystemExit(f"--max-streams must be at least 1, got {settings.max_streams}")
     if settings.metrics_port is not None and not 0 <= settings.metrics_port <= 65535:
         raise SystemExit(f"--metrics-port must be 0 to 65535, got {settings.metrics_port}")
     if settings.metrics_port and settings.metrics_port == settings.port:
@@ -264,26 +306,39 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
 
 class GrpcServer:
     """A grpc.Server with health and reflection, started on a port and stopped gracefully; TLS, token
-    auth and the bound on calls in flight as the settings say; request metrics and logs (`metrics`), served
-    over HTTP when the settings give a metrics port.
+    auth and the bounds on calls in flight as the settings say; request metrics and logs (`metrics`),
+    served over HTTP when the settings give a metrics port.
 
-    Interceptors, outermost first: the request metrics and log (`metrics.interceptor`), then the bearer
-    token. gRPC's own bound on calls in flight refuses a call after the interceptors looked at it and
-    before any handler runs; the metrics interceptor counts those refusals (imgsearch/metrics.py)."""
+    Interceptors, outermost first: the request metrics and log (`metrics.interceptor`), admission (each
+    kind of call on threads of its own, and refused past its bound: imgsearch/admission.py), then the
+    bearer token. `read_methods` ("/pkg.Service/Method") are the calls a read-only token may make."""
 
     def __init__(
         self,
         settings: ServerSettings,
         service_names: Sequence[str],
         register: Callable[[grpc.Server], None],
+        read_methods: Collection[str] = (),
     ) -> None:
         self.settings = settings
-        self.metrics = metrics.ServerMetrics()
-        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [self.metrics.interceptor]
+        self.metrics = metrics.ServerMetrics(max_reply_bytes=settings.max_message_bytes)
+        self.admission = admission.Admission(
+            workers=settings.workers,
+            max_calls=settings.max_concurrent_rpcs,
+            max_streams=settings.max_streams,
+            on_refused=self.metrics.refused,
+        )
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [self.metrics.interceptor, self.admission]
         if settings.auth_token:
-            interceptors.append(security.BearerTokenInterceptor(settings.auth_token.value))
+            interceptors.append(
+                security.BearerTokenInterceptor(
+                    settings.auth_token.value,
+                    settings.read_token.value if settings.read_token else None,
+                    [*read_methods, REFLECTION_METHOD],
+                )
+            )
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="grpc"),
+            self.admission.workers,
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -291,11 +346,9 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),  # a second server on a port in use must fail, not share it
                 *_connection_age_options(settings),
             ],
-            # Past this many calls in flight, gRPC answers RESOURCE_EXHAUSTED at once instead of
-            # queueing without bound behind the workers.
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            # No maximum_concurrent_rpcs: admission bounds each kind of call on its own, so that health
+            # checks and open streams never count against the calls that do the work.
         )
-        self.metrics.interceptor.watch_load(self._server)
         register(self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -344,6 +397,7 @@ class GrpcServer:
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         grace = self.settings.grace_s if grace_s is None else grace_s
         self._server.stop(grace).wait()
+        self.admission.shutdown()
         if self.metrics_server is not None:  # scraped until the calls have drained
             self.metrics_server.close()
             self.metrics_server = None

@@ -60,6 +60,7 @@ from pymilvus.client.types import LoadState
 from index_service.store import (
     MAX_ID_BYTES,
     REINDEX_HINT,
+    Check,
     FailedPrecondition,
     InvalidArgument,
     Match,
@@ -438,7 +439,9 @@ class MilvusStore:
             [i for i in checked_ids if i not in rows],
         )
 
-    def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]:
+    def search(
+        self, queries: np.ndarray, k: int, model_version: str = "", *, check: Check | None = None
+    ) -> list[list[Match]]:
         """Returns the k nearest stored items of each query, nearest first."""
         self._check_k(k)
         array = check_queries(queries, "", "", 0)
@@ -447,9 +450,9 @@ class MilvusStore:
             if layout is None:
                 return [[] for _ in range(array.shape[0])]
             array = check_queries(array, model_version, layout.model_version, layout.dim)
-            return self._search(client, array, k, exclude=None)
+            return self._search(client, array, k, exclude=None, check=check)
 
-    def search_by_id(self, ids: Sequence[str], k: int) -> list[list[Match]]:
+    def search_by_id(self, ids: Sequence[str], k: int, *, check: Check | None = None) -> list[list[Match]]:
         """Returns the k nearest items to each stored id, the item itself excluded."""
         self._check_k(k)
         checked_ids = check_id_batch(ids, unique=False)
@@ -460,15 +463,23 @@ class MilvusStore:
             if missing or layout is None:
                 raise NotFound(f"id {missing[0]!r} is not in the index")
             queries = np.array([rows[i][VECTOR_FIELD] for i in checked_ids], np.float32)
-            return self._search(client, queries.reshape(len(checked_ids), layout.dim), k, list(checked_ids))
+            shaped = queries.reshape(len(checked_ids), layout.dim)
+            return self._search(client, shaped, k, list(checked_ids), check=check)
 
     def _search(
-        self, client: MilvusClient, queries: np.ndarray, k: int, exclude: list[str] | None
+        self,
+        client: MilvusClient,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[str] | None,
+        check: Check | None = None,
     ) -> list[list[Match]]:
         limit = k + (1 if exclude is not None else 0)
         per_call = max(1, MILVUS_MAX_TOPK // limit)  # Milvus bounds the hits of one call as well
         results: list[list[Match]] = []
         for start in range(0, queries.shape[0], per_call):
+            if start and check is not None:
+                check()
             hits = client.search(
                 self.collection,
                 data=list(queries[start : start + per_call]),

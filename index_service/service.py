@@ -25,6 +25,7 @@ log = logging.getLogger("index_service")
 
 DEFAULT_PORT = 50052
 BACKENDS = ("faiss", "milvus")
+READ_METHODS = ("Search", "SearchById", "Get", "Stats", "Scan")  # what a read-only token may call
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class IndexConfig:
     milvus_uri: str = ""
     milvus_collection: str = "imgsearch"
     milvus_timeout_s: float = 10.0
+    max_results: int = 100_000
 
 
 def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
@@ -94,6 +96,14 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         help="most ids or queries in one call (env IMGSEARCH_INDEX_MAX_BATCH, default 10000)",
     )
     parser.add_argument(
+        "--max-results",
+        type=int,
+        default=env_or("IMGSEARCH_INDEX_MAX_RESULTS", 100_000),
+        help="most results one search may ask for, queries x k, refused before any work past it; a reply "
+        "that could not fit in --max-message-bytes is refused too (env IMGSEARCH_INDEX_MAX_RESULTS, "
+        "default 100000)",
+    )
+    parser.add_argument(
         "--snapshot-every-ops",
         type=int,
         default=env_or("IMGSEARCH_SNAPSHOT_EVERY_OPS", 10000),
@@ -106,8 +116,13 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         help="snapshot this often when there were writes (env IMGSEARCH_SNAPSHOT_EVERY_S, default 300)",
     )
     args = parser.parse_args(argv)
-    if min(args.max_k, args.max_batch, args.snapshot_every_ops) < 1 or args.snapshot_every_s <= 0:
-        parser.error("--max-k, --max-batch, --snapshot-every-ops and --snapshot-every-s must be positive")
+    if min(args.max_k, args.max_batch, args.max_results, args.snapshot_every_ops) < 1 or (
+        args.snapshot_every_s <= 0
+    ):
+        parser.error(
+            "--max-k, --max-batch, --max-results, --snapshot-every-ops and --snapshot-every-s "
+            "must be positive"
+        )
     if args.milvus_timeout_s <= 0:
         parser.error("--milvus-timeout-s must be positive")
     if args.backend == "milvus" and not args.milvus_uri:
@@ -123,6 +138,7 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         args.milvus_uri,
         args.milvus_collection,
         args.milvus_timeout_s,
+        args.max_results,
     )
 
 
@@ -158,11 +174,16 @@ class IndexService:
             except (DataDirError, OSError) as error:
                 raise SystemExit(f"index_service: {error}") from error
             self.store = self.durable.store
-        servicer = IndexServicer(self.store, config.max_batch, config.server.max_message_bytes)
+        servicer = IndexServicer(
+            self.store, config.max_batch, config.server.max_message_bytes, config.max_results
+        )
         service = index_pb2.DESCRIPTOR.services_by_name["Index"]
         try:
             self.server = GrpcServer(
-                config.server, [service.full_name], lambda server: add_servicer(server, servicer, service)
+                config.server,
+                [service.full_name],
+                lambda server: add_servicer(server, servicer, service),
+                read_methods=[f"/{service.full_name}/{name}" for name in READ_METHODS],
             )
         except BaseException:
             self._release(snapshot=False)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
 from imgsearch import vectors as wire
 from imgsearch.errors import RequestError, call_gone, grpc_errors
+from imgsearch.memory import release_free_memory
 from imgsearch.v1 import index_pb2, index_pb2_grpc
 from index_service.store import (
+    Check,
     FailedPrecondition,
     InvalidArgument,
     Match,
@@ -22,6 +24,10 @@ from index_service.store import (
 
 DEFAULT_SCAN_PAGE = 1000  # items per Scan page when the request leaves page_size at 0
 ITEM_OVERHEAD_BYTES = 16  # a page's framing per item, beyond the item's own encoded size
+# A match's encoded size beyond its id and metadata: the distance, field tags and lengths, and the
+# metadata map's framing (each entry's key and value are counted in the store's text bytes).
+MATCH_OVERHEAD_BYTES = 24
+RELEASE_AFTER_RESULTS = 50_000  # a search this large hands its heap back to the system afterwards
 
 ERRORS: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -45,9 +51,17 @@ def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
-    def __init__(self, store: Store, max_batch: int, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        store: Store,
+        max_batch: int,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        max_results: int = 100_000,
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_message_bytes = max_message_bytes
+        self.max_results = max_results
         # A Scan page is cut short past this, so that pages of large metadata still fit in a message.
         self.max_page_bytes = max_message_bytes // 2
 
@@ -94,22 +108,77 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
             reply.vectors.CopyFrom(wire.pack(vectors))
         return reply
 
+    def _check_results(self, queries: int, k: int) -> None:
+        """Refuses, before any work, a search whose answer is over the results budget or could not fit
+        in a reply. The reply's size is estimated from the average stored item (its id and metadata);
+        a reply that turns out larger all the same is refused after the work, by the request
+        interceptor, with RESOURCE_EXHAUSTED."""
+        results = queries * k
+        if results > self.max_results:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{queries} queries x k {k} = {results} results, over the limit of {self.max_results} "
+                "results per call (--max-results); send fewer queries per call or a smaller k",
+            )
+        stats = self.store.stats()
+        if not stats.count:
+            return
+        text_bytes = max(0, stats.bytes_used - stats.count * stats.dim * 4) / stats.count
+        estimate = int(queries * min(k, stats.count) * (text_bytes + MATCH_OVERHEAD_BYTES))
+        if estimate > self.max_message_bytes:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the reply to {queries} queries x k {k} would be about {estimate} bytes (the stored items "
+                f"average {text_bytes:.0f} bytes of id and metadata), over the limit of "
+                f"{self.max_message_bytes} bytes per message (--max-message-bytes); send fewer queries "
+                "per call or a smaller k",
+            )
+
+    def _search(
+        self,
+        context: grpc.ServicerContext,
+        queries: int,
+        k: int,
+        search: Callable[[Check], list[list[Match]]],
+    ) -> index_pb2.SearchResponse:
+        """Runs a search checked against the budgets, stopped between chunks once its caller has gone,
+        and hands a large one's heap back to the system afterwards."""
+        self._check_results(queries, k)
+        self._skip_if_gone(context)
+
+        def check() -> None:
+            code = call_gone(context)
+            if code is not None:
+                raise RequestError(code, f"abandoned while searching: {code.name.lower().replace('_', ' ')}")
+
+        try:
+            return _neighbors(search(check))
+        finally:
+            if queries * k >= RELEASE_AFTER_RESULTS:
+                release_free_memory()
+
     @grpc_errors(ERRORS)
     def Search(
         self, request: index_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> index_pb2.SearchResponse:
         queries = wire.unpack(request.queries)
         self._check_batch(queries.shape[0], "queries")
-        self._skip_if_gone(context)
-        return _neighbors(self.store.search(queries, request.k, request.model_version))
+        return self._search(
+            context,
+            queries.shape[0],
+            request.k,
+            lambda check: self.store.search(queries, request.k, request.model_version, check=check),
+        )
 
     @grpc_errors(ERRORS)
     def SearchById(
         self, request: index_pb2.SearchByIdRequest, context: grpc.ServicerContext
     ) -> index_pb2.SearchResponse:
         self._check_batch(len(request.ids), "ids")
-        self._skip_if_gone(context)
-        return _neighbors(self.store.search_by_id(list(request.ids), request.k))
+        ids = list(request.ids)
+        return self._search(
+            context, len(ids), request.k, lambda check: self.store.search_by_id(ids, request.k, check=check)
+        )
 
     @grpc_errors(ERRORS)
     def Stats(

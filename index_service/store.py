@@ -23,6 +23,9 @@ from index_service.rwlock import ReadWriteLock
 MAX_ID_BYTES = 256
 BULK_ITEMS = 4096  # an upsert this large may have grown FAISS's storage: give the slack back
 BATCH_THREADS_FROM = 8  # queries in one call from which FAISS gets every core instead of one
+# A search runs in chunks of queries of about this many distances (a few tens of ms), checking between
+# chunks whether anyone still wants the answer.
+CHUNK_DISTANCES = 1 << 24
 _CORES = len(os.sched_getaffinity(0))
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 256
@@ -125,6 +128,10 @@ class StoreCopy:
         return StoreState(self.dim, self.model_version, self.ids, self.metadata(), self.vectors, self.lsn)
 
 
+# Called between chunks of a long search; raises to stop it (the caller has gone, say).
+Check = Callable[[], None]
+
+
 class Store(Protocol):
     """What the servicer needs of a backend: VectorStore (FAISS here) and MilvusStore both give it,
     with the same validation, errors and distances."""
@@ -138,8 +145,12 @@ class Store(Protocol):
     ) -> int: ...
     def delete(self, ids: Sequence[str]) -> tuple[int, int]: ...
     def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]: ...
-    def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]: ...
-    def search_by_id(self, ids: Sequence[str], k: int) -> list[list[Match]]: ...
+    def search(
+        self, queries: np.ndarray, k: int, model_version: str = "", *, check: Check | None = None
+    ) -> list[list[Match]]: ...
+    def search_by_id(
+        self, ids: Sequence[str], k: int, *, check: Check | None = None
+    ) -> list[list[Match]]: ...
     def stats(self) -> Stats: ...
     def copy(self, *, with_vectors: bool = True) -> StoreCopy: ...
 
@@ -402,14 +413,17 @@ class VectorStore:
                 missing,
             )
 
-    def search(self, queries: np.ndarray, k: int, model_version: str = "") -> list[list[Match]]:
-        """Returns the k nearest stored items of each query, nearest first."""
+    def search(
+        self, queries: np.ndarray, k: int, model_version: str = "", *, check: Check | None = None
+    ) -> list[list[Match]]:
+        """Returns the k nearest stored items of each query, nearest first; `check` runs between
+        chunks of queries and may raise to stop."""
         self._check_k(k)
         with self._lock.read():
             array = check_queries(queries, model_version, self._model_version, self._dim)
-            return self._search(array, k, exclude=None)
+            return self._search(array, k, exclude=None, check=check)
 
-    def search_by_id(self, ids: Sequence[str], k: int) -> list[list[Match]]:
+    def search_by_id(self, ids: Sequence[str], k: int, *, check: Check | None = None) -> list[list[Match]]:
         """Returns the k nearest items to each stored id, the item itself excluded."""
         self._check_k(k)
         checked_ids = check_id_batch(ids, unique=False)
@@ -418,7 +432,7 @@ class VectorStore:
             if missing:
                 raise NotFound(f"id {missing[0]!r} is not in the index")
             rows = [self._row_of[i] for i in checked_ids]
-            return self._search(self._copy(rows), k, exclude=rows)
+            return self._search(self._copy(rows), k, exclude=rows, check=check)
 
     def stats(self) -> Stats:
         with self._lock.read():
@@ -469,15 +483,33 @@ class VectorStore:
     def _metadata_of(self, row: int) -> dict[str, str]:
         return _decode_metadata(self._metadata[row])
 
-    def _search(self, queries: np.ndarray, k: int, exclude: list[int] | None) -> list[list[Match]]:
+    def _search(
+        self, queries: np.ndarray, k: int, exclude: list[int] | None, check: Check | None = None
+    ) -> list[list[Match]]:
         count = len(self._ids)
         if self._index is None or count == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
         fetch = min(k + (1 if exclude is not None else 0), count)
         # One query is fastest on one thread; a batch wants every core. OpenMP keeps this per thread.
         faiss.omp_set_num_threads(1 if queries.shape[0] < BATCH_THREADS_FROM else _CORES)
-        squared, rows = self._index.search(queries, fetch)
-        distances = np.sqrt(np.maximum(squared, 0.0))
+        chunk = max(BATCH_THREADS_FROM, CHUNK_DISTANCES // count)
+        results: list[list[Match]] = []
+        try:
+            for start in range(0, queries.shape[0], chunk):
+                if start and check is not None:
+                    check()
+                stop = min(start + chunk, queries.shape[0])
+                squared, rows = self._index.search(queries[start:stop], fetch)
+                excluded = exclude[start:stop] if exclude is not None else None
+                results += self._matches(np.sqrt(np.maximum(squared, 0.0)), rows, k, excluded)
+        except BaseException:
+            results.clear()  # the traceback keeps this frame: let the partial answer go now
+            raise
+        return results
+
+    def _matches(
+        self, distances: np.ndarray, rows: np.ndarray, k: int, exclude: list[int] | None
+    ) -> list[list[Match]]:
         results = []
         for query, (row_distances, row_rows) in enumerate(
             zip(distances.tolist(), rows.tolist(), strict=True)
