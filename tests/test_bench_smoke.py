@@ -6,14 +6,16 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from bench import e2e, encoder, report
+from bench import e2e, encoder, hostile, report
 from bench.images import label_folder, png_bytes, write_png_folder
 from bench.report import Figure, Section
 from encoder_service.runtime import DEFAULT_MODEL_DIR, LiteRTRuntime
+from imgsearch.local import ServiceProcess, free_port, wait_healthy
 from tests.images import mnist_sample
 
 
@@ -81,3 +83,24 @@ def test_write_report_has_the_figure_row(tmp_path: Path, monkeypatch: pytest.Mon
     assert "- machine: here" in text and "## Smoke" in text and "**a table**" in text
     row = "| encoder service, one image, p50 | 1.1 ms | echo + decode + LiteRT (1 ms) | 1.1 | ratio <= 1.3 |"
     assert row + " yes |" in text
+
+
+@pytest.mark.parametrize("model", hostile.MODELS)
+def test_each_server_model_serves_echo_busy_and_health(model: str) -> None:
+    port = free_port()
+    server = ServiceProcess("bench.model_server", port, [model]).start()
+    try:
+        wait_healthy(server.address, 60, server.process)  # type: ignore[arg-type]
+        with grpc.insecure_channel(server.address) as channel:
+            echo = channel.unary_unary(
+                "/bench.Work/Echo", request_serializer=None, response_deserializer=None
+            )
+            busy = channel.unary_unary(
+                "/bench.Work/Busy", request_serializer=None, response_deserializer=None
+            )
+            assert echo(b"abc", timeout=10) == b"abc"
+            assert busy(b"", timeout=10) == b""
+            with hostile.watches_open(channel, 2) as served:
+                assert served == [True, True]
+    finally:
+        assert server.stop() == 0

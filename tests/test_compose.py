@@ -221,9 +221,9 @@ def test_index_scales_under_the_milvus_profile(compose: dict[str, Any]) -> None:
     index = service(compose, "index")
     assert "container_name" not in index, "a fixed name would stop `--scale index=N`"
     (port,) = index["ports"]
-    assert interpolate(port, {}) == "50052:50052"
+    assert interpolate(port, {}) == "127.0.0.1:50052:50052"
     # A range gives each replica one host port of it.
-    assert interpolate(port, {"IMGSEARCH_INDEX_HOST_PORT": "50052-50054"}) == "50052-50054:50052"
+    assert interpolate(port, {"IMGSEARCH_INDEX_HOST_PORT": "50052-50054"}) == "127.0.0.1:50052-50054:50052"
     assert interpolate(str(index["deploy"]["replicas"]), {"IMGSEARCH_INDEX_REPLICAS": "3"}) == "3"
     # Named volumes only: every replica may mount them (with milvus nothing is written there).
     assert {source for source, _ in volume_mounts(index)} <= set(compose["volumes"])
@@ -336,7 +336,7 @@ WEB_HEALTHCHECK = ["python", "-m", "web.healthcheck", "http://127.0.0.1:8080/hea
 def test_web_gateway_serves_the_page_once_both_services_are_healthy(compose: dict[str, Any]) -> None:
     web = service(compose, "web")
     assert not web.get("profiles"), "`docker compose up` must start the page"
-    assert web["ports"] == ["${IMGSEARCH_WEB_HOST_PORT:-8080}:8080"]
+    assert web["ports"] == ["${IMGSEARCH_PUBLISH_ADDRESS:-127.0.0.1}:${IMGSEARCH_WEB_HOST_PORT:-8080}:8080"]
     depends_on = web["depends_on"]
     assert isinstance(depends_on, dict), "list form cannot wait for health"
     for name in ("encoder", "index"):
@@ -351,6 +351,13 @@ def test_web_gateway_serves_the_page_once_both_services_are_healthy(compose: dic
     assert service(compose, "client")["volumes"] == web["volumes"] == images
     for variable in ("IMGSEARCH_TLS_CA", "IMGSEARCH_TOKEN", "IMGSEARCH_TOKEN_FILE"):
         assert environment[variable] == f"${{{variable}:-}}", "off (read-only, plaintext) unless set"
+    # the page's own read token and --show-source: off unless set
+    for variable in (
+        "IMGSEARCH_WEB_READ_TOKEN",
+        "IMGSEARCH_WEB_READ_TOKEN_FILE",
+        "IMGSEARCH_WEB_SHOW_SOURCE",
+    ):
+        assert environment[variable] == f"${{{variable}:-}}", variable
     assert environment["IMGSEARCH_WEB_ALLOW_INDEXING"] == "${IMGSEARCH_WEB_ALLOW_INDEXING:-}", "read-only"
     test = web["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1:] == WEB_HEALTHCHECK
@@ -396,8 +403,16 @@ def test_the_web_image_carries_no_tensorflow_and_no_faiss() -> None:
 
 
 def published_ports(spec: dict[str, Any]) -> set[tuple[str, str]]:
-    """(host port or range, container port) pairs, from `docker-compose config`'s long form."""
-    return {(str(port.get("published")), str(port["target"])) for port in spec.get("ports", [])}
+    """(host port or range, container port) pairs, from `docker-compose config`: Compose v2's long form,
+    or the HOST:PUBLISHED:TARGET/PROTOCOL string Compose v1 writes for a port with a host address."""
+    pairs = set()
+    for port in spec.get("ports", []):
+        if isinstance(port, dict):
+            pairs.add((str(port.get("published")), str(port["target"])))
+        else:
+            *_, published, target = str(port).split("/")[0].split(":")
+            pairs.add((published, target))
+    return pairs
 
 
 # The settings of the milvus profile's three-replica example (the header of docker-compose.yml).
@@ -421,6 +436,41 @@ MILVUS_ENV = {
 def test_docker_compose_accepts_the_file(
     files: list[Path], profiles: list[str], settings: dict[str, str]
 ) -> None:
+    merged = compose_config(files, profiles, settings)
+    index = merged["services"]["index"]
+    if "monitoring" in profiles:
+        assert {"prometheus", "grafana"} <= set(merged["services"])
+        for name, port in [("prometheus", "9090"), ("grafana", "3000")]:
+            (published,) = merged["services"][name]["ports"]
+            if isinstance(published, dict):  # Compose v2's long form
+                published = f"{published['host_ip']}:{published['published']}:{published['target']}"
+            assert str(published).removesuffix("/tcp") == f"127.0.0.1:{port}:{port}"
+    if "milvus" in profiles:
+        assert published_ports(index) == {("50052-50054", "50052")}
+        assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "milvus"
+        assert index["environment"]["IMGSEARCH_MILVUS_URI"] == "http://milvus:19530"
+        assert index["deploy"]["replicas"] == 3
+        assert {"etcd", "minio", "milvus"} <= set(merged["services"])
+    else:
+        assert published_ports(index) == {("50052", "50052")}
+        assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "faiss"
+        assert index["deploy"]["replicas"] == 1
+    if SECURE_FILE in files:
+        environment = merged["services"]["index"]["environment"]
+        assert environment["IMGSEARCH_TLS_CERT"] == "/run/secrets/imgsearch_tls_cert"
+        assert environment["IMGSEARCH_READ_TOKEN_FILE"] == "/run/secrets/imgsearch_read_token"
+        assert environment["IMGSEARCH_DATA_DIR"] == "/data"  # the base's settings survive the merge
+        assert {s["source"] for s in merged["services"]["encoder"]["secrets"]} >= {"imgsearch_tls_key"}
+        web = merged["services"]["web"]
+        assert {s["source"] for s in web["secrets"]} == {"imgsearch_read_token", "imgsearch_tls_ca"}
+        assert web["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
+        assert web["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_read_token"
+        assert web["environment"]["IMGSEARCH_MEDIA_ROOT"] == "/images"
+
+
+def compose_config(files: list[Path], profiles: list[str], settings: dict[str, str]) -> dict[str, Any]:
+    """`docker-compose config` of the files under the profiles, with only these settings in its
+    environment; skips the test without docker-compose (or one without profiles)."""
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("no docker-compose on PATH")
@@ -443,34 +493,71 @@ def test_docker_compose_accepts_the_file(
         pytest.skip(f"this docker-compose has no profiles: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     merged = yaml.safe_load(result.stdout)
-    index = merged["services"]["index"]
-    if "monitoring" in profiles:
-        assert {"prometheus", "grafana"} <= set(merged["services"])
-        for name, port in [("prometheus", "9090"), ("grafana", "3000")]:
-            (published,) = merged["services"][name]["ports"]
-            if isinstance(published, dict):  # Compose v2's long form
-                published = f"{published['host_ip']}:{published['published']}:{published['target']}"
-            assert str(published).removesuffix("/tcp") == f"127.0.0.1:{port}:{port}"
-    if "milvus" in profiles:
-        assert published_ports(index) == {("50052-50054", "50052")}
-        assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "milvus"
-        assert index["environment"]["IMGSEARCH_MILVUS_URI"] == "http://milvus:19530"
-        assert index["deploy"]["replicas"] == 3
-        assert {"etcd", "minio", "milvus"} <= set(merged["services"])
-    else:
-        assert published_ports(index) == {("50052", "50052")}
-        assert index["environment"]["IMGSEARCH_INDEX_BACKEND"] == "faiss"
-        assert index["deploy"]["replicas"] == 1
-    if SECURE_FILE in files:
-        environment = merged["services"]["index"]["environment"]
-        assert environment["IMGSEARCH_TLS_CERT"] == "/run/secrets/imgsearch_tls_cert"
-        assert environment["IMGSEARCH_DATA_DIR"] == "/data"  # the base's settings survive the merge
-        assert {s["source"] for s in merged["services"]["encoder"]["secrets"]} >= {"imgsearch_tls_key"}
-        web = merged["services"]["web"]
-        assert {s["source"] for s in web["secrets"]} == {"imgsearch_token", "imgsearch_tls_ca"}
-        assert web["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
-        assert web["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
-        assert web["environment"]["IMGSEARCH_MEDIA_ROOT"] == "/images"
+    assert isinstance(merged, dict)
+    return merged
+
+
+# Host ports: on the host's loopback unless IMGSEARCH_PUBLISH_ADDRESS opens the project's own services.
+
+PUBLISH_ADDRESS = "IMGSEARCH_PUBLISH_ADDRESS"
+OPENABLE = {"encoder", "index", "web"}  # what IMGSEARCH_PUBLISH_ADDRESS opens; the rest stays on loopback
+EVERY_PROFILE = ["client", "milvus", "monitoring"]
+
+
+def host_ips(spec: dict[str, Any]) -> list[str]:
+    """The host address of each published port, from `docker-compose config` (long form, or the short
+    HOST:PUBLISHED:TARGET string an older one writes)."""
+    found = []
+    for port in spec.get("ports", []):
+        if isinstance(port, dict):
+            found.append(str(port.get("host_ip", "")))
+        else:
+            parts = str(port).split(":")
+            found.append(parts[0] if len(parts) == 3 else "")
+    return found
+
+
+def test_every_host_port_binds_loopback_unless_opened(compose: dict[str, Any]) -> None:
+    """Each published port names its host address: ${IMGSEARCH_PUBLISH_ADDRESS:-127.0.0.1} for the
+    project's services, 127.0.0.1 always for Milvus, Prometheus and Grafana."""
+    published = {name: spec["ports"] for name, spec in compose["services"].items() if spec.get("ports")}
+    assert {"index", "web"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert isinstance(port, str), f"{name}: the short form names the host address: {port}"
+            assert interpolate(port, {}).count(":") == 2, f"{name}: HOST:PUBLISHED:TARGET, {port}"
+            assert interpolate(port, {}).startswith("127.0.0.1:"), (name, port)
+            opened = interpolate(port, {PUBLISH_ADDRESS: "0.0.0.0"})
+            assert opened.startswith("0.0.0.0:" if name in OPENABLE else "127.0.0.1:"), (name, port)
+            if name in OPENABLE:
+                assert port.startswith(f"${{{PUBLISH_ADDRESS}:-127.0.0.1}}:"), (name, port)
+
+
+def test_the_header_says_how_to_open_the_ports() -> None:
+    header = "\n".join(line for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#"))
+    assert PUBLISH_ADDRESS in header and "127.0.0.1" in header and "0.0.0.0" in header
+
+
+@pytest.mark.parametrize(
+    "files,settings,expected",
+    [
+        ([COMPOSE_FILE], MILVUS_ENV, "127.0.0.1"),
+        ([COMPOSE_FILE, SECURE_FILE], {}, "127.0.0.1"),
+        ([COMPOSE_FILE], {**MILVUS_ENV, PUBLISH_ADDRESS: "0.0.0.0"}, "0.0.0.0"),
+    ],
+    ids=["default", "secure", "opened"],
+)
+def test_docker_compose_publishes_on_loopback_unless_opened(
+    files: list[Path], settings: dict[str, str], expected: str
+) -> None:
+    merged = compose_config(files, EVERY_PROFILE, settings)
+    services = merged["services"]
+    assert {"index", "web", "milvus", "prometheus", "grafana"} <= set(services)
+    for name, spec in services.items():
+        ips = host_ips(spec)
+        want = expected if name in OPENABLE else "127.0.0.1"
+        assert ips == [want] * len(ips), (name, spec.get("ports"))
+    assert host_ips(services["index"]) and host_ips(services["web"])
 
 
 # TLS, tokens and the bound on calls in flight: passed through empty (off) in the base file.
@@ -482,6 +569,8 @@ SERVER_PASS_THROUGH = [
     "IMGSEARCH_TLS_SERVER_NAME",
     "IMGSEARCH_AUTH_TOKEN",
     "IMGSEARCH_AUTH_TOKEN_FILE",
+    "IMGSEARCH_READ_TOKEN",
+    "IMGSEARCH_READ_TOKEN_FILE",
     "IMGSEARCH_MAX_CONCURRENT_RPCS",
 ]
 
@@ -508,6 +597,7 @@ def test_security_settings_pass_through_empty(
 
 SECRET_FILES = {
     "imgsearch_token": "./secrets/token",
+    "imgsearch_read_token": "./secrets/read_token",
     "imgsearch_tls_cert": "./secrets/tls.crt",
     "imgsearch_tls_key": "./secrets/tls.key",
     "imgsearch_tls_ca": "./secrets/ca.crt",
@@ -535,19 +625,35 @@ def test_the_override_turns_on_tls_and_the_token(secure: dict[str, Any], name: s
     assert environment["IMGSEARCH_TLS_KEY"] == "/run/secrets/imgsearch_tls_key"
     assert environment["IMGSEARCH_AUTH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
     assert environment["IMGSEARCH_AUTH_TOKEN"] == "", "a shell token and the file would clash"
+    # the read-only token: reads only (the web gateway's, unless it adds images)
+    assert environment["IMGSEARCH_READ_TOKEN_FILE"] == "/run/secrets/imgsearch_read_token"
+    assert environment["IMGSEARCH_READ_TOKEN"] == ""
     # the HEALTHCHECK probe in the container speaks TLS to localhost, checking the certificate's name
     assert environment["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
     assert environment["IMGSEARCH_TLS_SERVER_NAME"] == name
 
 
-@pytest.mark.parametrize("name", ["client", "web"])
-def test_the_override_gives_the_callers_the_ca_and_token(secure: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize(
+    "name,settings,token",
+    [
+        ("client", {}, "imgsearch_token"),
+        # the gateway reads only, with the services' read-only token, unless it may add images
+        ("web", {}, "imgsearch_read_token"),
+        ("web", {"IMGSEARCH_WEB_TOKEN_SECRET": "imgsearch_token"}, "imgsearch_token"),
+    ],
+    ids=["client", "web", "web-indexing"],
+)
+def test_the_override_gives_the_callers_the_ca_and_token(
+    secure: dict[str, Any], name: str, settings: dict[str, str], token: str
+) -> None:
     caller = service(secure, name)
-    assert mounted(caller) == {"imgsearch_token", "imgsearch_tls_ca"}, f"the {name} needs no key"
-    assert caller["environment"]["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
-    assert caller["environment"]["IMGSEARCH_TOKEN_FILE"] == "/run/secrets/imgsearch_token"
+    secrets = {interpolate(secret, settings) for secret in mounted(caller)}
+    assert secrets == {token, "imgsearch_tls_ca"}, f"the {name} needs no key and one token"
+    environment = {key: interpolate(str(value), settings) for key, value in caller["environment"].items()}
+    assert environment["IMGSEARCH_TLS_CA"] == "/run/secrets/imgsearch_tls_ca"
+    assert environment["IMGSEARCH_TOKEN_FILE"] == f"/run/secrets/{token}"
     # IMGSEARCH_TOKEN comes before the file (the CLI's and the gateway's order): never one from the shell
-    assert caller["environment"]["IMGSEARCH_TOKEN"] == ""
+    assert environment["IMGSEARCH_TOKEN"] == ""
 
 
 def test_the_gateway_reads_the_overrides_ca_and_token(
@@ -557,14 +663,14 @@ def test_the_gateway_reads_the_overrides_ca_and_token(
     where Compose mounts them moved to a temporary folder: TLS to the services and the token."""
     from web.settings import parse_settings
 
-    (tmp_path / "imgsearch_token").write_text("  s3cret-from-file\n")
+    (tmp_path / "imgsearch_read_token").write_text("  s3cret-from-file\n")
     (tmp_path / "imgsearch_tls_ca").write_text("-----BEGIN CERTIFICATE-----\n")
     for variable in list(os.environ):
         if variable.startswith("IMGSEARCH_"):
             monkeypatch.delenv(variable)
     monkeypatch.setenv("IMGSEARCH_TOKEN", "from-the-shell")  # the override empties it
     for variable, value in service(secure, "web")["environment"].items():
-        monkeypatch.setenv(variable, str(value).replace("/run/secrets", str(tmp_path)))
+        monkeypatch.setenv(variable, with_defaults(str(value)).replace("/run/secrets", str(tmp_path)))
     settings = parse_settings([])
     assert settings.tls_ca == str(tmp_path / "imgsearch_tls_ca")
     assert settings.token is not None and settings.token.value == "s3cret-from-file"

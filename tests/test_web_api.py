@@ -335,7 +335,7 @@ def test_a_hostile_id_round_trips_as_data(stack: Stack) -> None:
     assert found["query"]["id"] == HOSTILE_ID
     assert request(f"{stack.url}/api/thumbnail?id={encoded}").status == 200
     # As the query of an upload: its own image finds it first, at distance 0.
-    first = upload(stack.url, Path(item["metadata"]["source"]).read_bytes(), k=3).json()["results"][0]
+    first = upload(stack.url, (stack.media / "hostile.png").read_bytes(), k=3).json()["results"][0]
     assert first["id"] == HOSTILE_ID and first["distance"] == pytest.approx(0, abs=1e-3)
 
 

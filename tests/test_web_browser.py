@@ -16,13 +16,15 @@ import io
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from imgsearch import security
 from imgsearch.client import ImageSearch
 from index_service.service import IndexService
 from tests.images import mnist_sample, write_digits
@@ -44,6 +46,7 @@ README_WIDTH = 1000
 INDEXED = 300
 QUERY = 9500  # a sample digit that is not indexed
 TIMEOUT_MS = 15000
+READ_TOKEN = "page r3ad+token;="  # characters the cookie must carry encoded
 
 
 def chromium_path() -> str | None:
@@ -79,10 +82,12 @@ class Stack:
     hostile_image: Path
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+@contextmanager
+def running_stack(tmp_path: Path, indexed: int = INDEXED, **changes: object) -> Iterator[Stack]:
+    """Both services, `indexed` digits and the hostile item, and the gateway (its settings changed by
+    `changes`)."""
     media = tmp_path / "media"
-    write_digits(media / "digits", INDEXED)
+    write_digits(media / "digits", indexed)
     x, y = mnist_sample(2, QUERY)
     query = tmp_path / "query.png"
     query.write_bytes(png(x[0]))
@@ -100,12 +105,18 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         settings = Settings(
             encoder=address(encoder), index=address(index), media_root=media.resolve(), timeout_s=5
         )
-        with Gateway(settings) as gateway:
+        with Gateway(replace(settings, **changes)) as gateway:  # type: ignore[arg-type]
             yield Stack(gateway.url, index, query, str(y[0]), hostile_image)
     finally:
         search.close()
         index.stop(0)
         encoder.stop(0)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with running_stack(tmp_path) as running:
+        yield running
 
 
 def save_screenshot(page: Any, path: Path, readme_path: str | None) -> None:
@@ -225,6 +236,63 @@ def test_the_page_in_a_real_browser(stack: Stack) -> None:
             expect(page.locator("#status")).to_contain_text("not reachable")
 
             assert not dialogs, f"a dialog opened: {dialogs}"
+            assert not errors, f"errors on the page: {errors}"
+        finally:
+            browser.close()
+
+
+GUARDED_INDEXED = 50
+
+
+def test_the_page_asks_for_the_read_token(tmp_path: Path) -> None:
+    """A gateway with --read-token: the page asks for it, says when it is refused, keeps it in a SameSite
+    cookie, and then searches, its thumbnails (plain <img src>) included."""
+    from playwright.sync_api import expect, sync_playwright
+
+    errors: list[str] = []
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with (
+        running_stack(tmp_path, GUARDED_INDEXED, read_token=security.Secret(READ_TOKEN)) as stack,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            context = browser.new_context(viewport={"width": 1000, "height": 760})
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(stack.url)
+            form = page.locator("#token-form")
+            expect(form).to_be_visible()
+            expect(page.locator("#token-note")).to_contain_text("read token")
+            assert page.locator("body").get_attribute("data-ready") is None, "no data without the token"
+
+            page.fill("#token-input", "wrong")
+            page.click("#token-form button[type=submit]")
+            expect(form).to_be_visible()
+            expect(page.locator("#token-note")).to_contain_text("invalid")
+
+            page.fill("#token-input", READ_TOKEN)
+            page.click("#token-form button[type=submit]")
+            expect(page.locator("body")).to_have_attribute("data-ready", "1")
+            expect(form).to_be_hidden()
+            expect(page.locator("#stats")).to_contain_text(f"{GUARDED_INDEXED + 1} images")
+            (cookie,) = [c for c in context.cookies() if c["name"] == "imgsearch_read_token"]
+            assert cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+
+            page.set_input_files("#file", str(stack.query))
+            cards = page.locator("#results .card")
+            expect(cards).to_have_count(10)
+            thumbnail = cards.first.locator("img.thumb")
+            expect(thumbnail).to_be_visible()
+            page.wait_for_function(
+                "img => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle()
+            )
+            # a reload keeps the cookie: no question asked again
+            page.reload()
+            expect(page.locator("body")).to_have_attribute("data-ready", "1")
+            expect(form).to_be_hidden()
             assert not errors, f"errors on the page: {errors}"
         finally:
             browser.close()

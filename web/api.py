@@ -25,6 +25,7 @@ from web.settings import Settings
 DEFAULT_K = 10
 HEALTH_TIMEOUT_S = 2.0
 THUMBNAIL_CACHE = "max-age=300"  # a stored item's image rarely changes; the ETag catches it when it does
+GUARDED_THUMBNAIL_CACHE = "private, max-age=300"  # behind a read token: the browser may keep it, no proxy
 
 
 class Error(BaseModel):
@@ -36,10 +37,16 @@ class Error(BaseModel):
     )
 
 
+METADATA = (
+    "the item's metadata as stored, less `source` (the image's path on the machine that indexed it) unless "
+    "the gateway runs with --show-source"
+)
+
+
 class Result(BaseModel):
     id: str
     distance: float = Field(description="Euclidean distance to the query, smallest first")
-    metadata: dict[str, str]
+    metadata: dict[str, str] = Field(description=METADATA)
     thumbnail_url: str | None = Field(description="the stored image, downscaled; null when none is served")
 
 
@@ -69,7 +76,7 @@ class IdSearch(BaseModel):
 
 class Item(BaseModel):
     id: str
-    metadata: dict[str, str]
+    metadata: dict[str, str] = Field(description=METADATA)
     thumbnail_url: str | None
     view: ModelView
 
@@ -116,12 +123,20 @@ def thumbnail_url(settings: Settings, item_id: str, metadata: dict[str, str]) ->
     return f"/api/thumbnail?id={quote(item_id, safe='')}"
 
 
+def shown(settings: Settings, metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata a reply may hold: `source` is a path on the indexing machine (user names, folder
+    layout), which the page never needs, since thumbnails go by id; only --show-source returns it."""
+    if settings.show_source:
+        return metadata
+    return {key: value for key, value in metadata.items() if key != media.SOURCE_KEY}
+
+
 def results(settings: Settings, matches: list[Match]) -> list[Result]:
     return [
         Result(
             id=m.id,
             distance=m.distance,
-            metadata=m.metadata,
+            metadata=shown(settings, m.metadata),
             thumbnail_url=thumbnail_url(settings, m.id, m.metadata),
         )
         for m in matches
@@ -182,6 +197,7 @@ def build_router(settings: Settings, search: ImageSearch) -> APIRouter:
     K = Annotated[int, Query(ge=1, le=settings.max_k, description="results wanted")]
     FormK = Annotated[int, Form(ge=1, le=settings.max_k, description="results wanted")]
     ItemId = Annotated[str, Query(min_length=1, description="a stored id (ids may hold any character)")]
+    thumbnail_cache = GUARDED_THUMBNAIL_CACHE if settings.read_token else THUMBNAIL_CACHE
 
     def stored(item_id: str) -> tuple[str, dict[str, str]]:
         items, _ = search.index.get([item_id])
@@ -229,7 +245,7 @@ def build_router(settings: Settings, search: ImageSearch) -> APIRouter:
             view = model_view(search, image)
         return Item(
             id=item_id,
-            metadata=metadata,
+            metadata=shown(settings, metadata),
             thumbnail_url=thumbnail_url(settings, item_id, metadata),
             view=view,
         )
@@ -278,7 +294,7 @@ def build_router(settings: Settings, search: ImageSearch) -> APIRouter:
         _, metadata = stored(id)
         path = media.resolve_source(settings.media_root, metadata.get(media.SOURCE_KEY))
         data, etag = media.thumbnail(path, size)
-        headers = {"ETag": etag, "Cache-Control": THUMBNAIL_CACHE}
+        headers = {"ETag": etag, "Cache-Control": thumbnail_cache}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="image/png", headers=headers)

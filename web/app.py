@@ -1,6 +1,6 @@
 """The gateway as an ASGI app: `create_app(settings)` puts the page, the API, /metrics and /healthz together
-with the error handling, the upload limit, the metrics middleware, the request log and request ids
-(web/requestlog.py) and the security headers."""
+with the error handling, the upload limit, the read token (web/readtoken.py, when one is set), the metrics
+middleware, the request log and request ids (web/requestlog.py) and the security headers."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsearch.client import ImageSearch, ServiceError
 from web import api, media
+from web.connections import BodyDeadline
 from web.errors import http_error
 from web.limits import BodyLimit
 from web.metrics import GatewayMetrics, MetricsMiddleware
+from web.readtoken import ReadTokenGate
 from web.requestlog import RequestLog, request_id_of
 from web.settings import Settings
 
@@ -133,11 +135,19 @@ def create_app(settings: Settings, search: ImageSearch | None = None) -> FastAPI
         return Response(body, media_type=content_type)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
         limit=settings.max_upload_bytes,
     )
+    if settings.read_token is not None:
+        # Before the body limit: a request without the token is refused before its body is read. The
+        # indexing token reads too, so POST /api/items needs only the one header.
+        tokens = [settings.read_token.value]
+        if settings.allow_indexing and settings.token is not None:
+            tokens.append(settings.token.value)
+        app.add_middleware(ReadTokenGate, tokens=tokens)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # it times everything
     app.add_middleware(RequestLog)  # outermost of ours: the request id, and a log line for every answer

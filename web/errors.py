@@ -30,6 +30,8 @@ def http_error(error: ServiceError) -> tuple[int, str]:
         return 400, error.details
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return 409, error.details
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    if code == grpc.StatusCode.UNAUTHENTICATED:
         return 502, f"{error}; the gateway needs the services' token (IMGSEARCH_TOKEN)"
+    if code == grpc.StatusCode.PERMISSION_DENIED:  # a read-only token (the services' --read-token) wrote
+        return 502, f"{error}; adding images needs the services' full token, not their read-only one"
     return 502, str(error)

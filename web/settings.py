@@ -15,8 +15,22 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_K = 100
 DEFAULT_TIMEOUT_S = 10.0
+# Slow and idle HTTP clients (web/connections.py). An idle keep-alive connection costs a socket and little
+# else, and browsers reopen one at once, so 5 s (uvicorn's own default). A request head is a few hundred
+# bytes: 10 s is ample on any link, and a slowloris client dripping headers is cut off there. A body is at
+# most --max-upload-bytes (8 MiB): 30 s is 2.2 Mbit/s for the largest, while the page's drawings and
+# digits are a few KiB; raise it with the upload limit for slow links.
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# Open connections (idle ones included) or requests in flight before uvicorn answers 503 at once: about 30
+# browsers at 6 connections each. The routes run on 40 threads, so more requests than that queue; past 200
+# a caller gets 503 at once instead of a place in an ever longer queue, and the timeouts above keep idle or
+# slow connections from holding the places.
+DEFAULT_MAX_CONNECTIONS = 200
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+READ_TOKEN_COOKIE = "imgsearch_read_token"  # the page keeps the read token here, for <img src> too
 
 
 @dataclass(frozen=True)
@@ -33,8 +47,15 @@ class Settings:
     # Sent to both services; with allow_indexing, also what POST /api/items must present.
     token: security.Secret | None = field(default=None, repr=False)
     allow_indexing: bool = False
+    # What every /api/ request must carry (header or cookie) when set; None: the API is open.
+    read_token: security.Secret | None = field(default=None, repr=False)
+    show_source: bool = False  # return the items' `source` paths (the indexing machine's file names)
     log_level: str = "info"
     log_format: str = "text"
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if self.log_format not in LOG_FORMATS:
@@ -46,10 +67,28 @@ class Settings:
                 "--allow-indexing needs a token (--token, --token-file, IMGSEARCH_TOKEN or "
                 "IMGSEARCH_TOKEN_FILE): without one anyone could write to the index"
             )
+        if (
+            self.allow_indexing
+            and self.token is not None
+            and self.read_token is not None
+            and self.read_token.value == self.token.value
+        ):
+            raise ValueError(
+                "--read-token must differ from the indexing token (--token): whoever may read could write"
+            )
         if self.max_upload_bytes < 1:
             raise ValueError(f"--max-upload-bytes must be positive, got {self.max_upload_bytes}")
         if self.max_k < 1:
             raise ValueError(f"--max-k must be positive, got {self.max_k}")
+        for flag, seconds in (
+            ("--keep-alive-timeout-s", self.keep_alive_timeout_s),
+            ("--header-timeout-s", self.header_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+        ):
+            if not seconds > 0:
+                raise ValueError(f"{flag} must be positive, got {seconds}")
+        if self.max_connections < 1:
+            raise ValueError(f"--max-connections must be positive, got {self.max_connections}")
 
     def summary(self) -> str:
         """One line for the log: everything but the token's value."""
@@ -57,7 +96,11 @@ class Settings:
             f"encoder {self.encoder}, index {self.index}, media root {self.media_root or '-'}, "
             f"max upload {self.max_upload_bytes} bytes, max k {self.max_k}, "
             f"TLS {'on' if self.tls_ca else 'off'}, token {'set' if self.token else 'none'}, "
-            f"indexing {'on' if self.allow_indexing else 'off'}"
+            f"indexing {'on' if self.allow_indexing else 'off'}, "
+            f"read token {'set' if self.read_token else 'none (the API is open)'}, "
+            f"sources {'shown' if self.show_source else 'hidden'}, "
+            f"timeouts: keep-alive {self.keep_alive_timeout_s:g} s, headers {self.header_timeout_s:g} s, "
+            f"body {self.body_timeout_s:g} s, max connections {self.max_connections}"
         )
 
 
@@ -127,10 +170,31 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
     token = parser.add_mutually_exclusive_group()
     token.add_argument(
         "--token",
-        help="bearer token sent to the services; with --allow-indexing also the token POST /api/items "
-        "must carry; prefer the env var, which `ps` does not show (env IMGSEARCH_TOKEN)",
+        help="bearer token sent to the services. Give it the services' read-only token (their "
+        "--read-token), so that the gateway cannot write or delete, unless --allow-indexing is on: then "
+        "their full token, which is also the token POST /api/items must carry. Prefer the env var, "
+        "which `ps` does not show (env IMGSEARCH_TOKEN)",
     )
     token.add_argument("--token-file", help="read the token from this file (env IMGSEARCH_TOKEN_FILE)")
+    read_token = parser.add_mutually_exclusive_group()
+    read_token.add_argument(
+        "--read-token",
+        help="make every /api/ route need this token, as `Authorization: Bearer TOKEN` or the cookie "
+        f"{READ_TOKEN_COOKIE} (percent-encoded), which the page sets once it has asked for the token; "
+        "/, /static/, /healthz and /metrics stay open; 401 without it (env IMGSEARCH_WEB_READ_TOKEN; "
+        "default none: the API is open to whoever reaches the port)",
+    )
+    read_token.add_argument(
+        "--read-token-file", help="read the read token from this file (env IMGSEARCH_WEB_READ_TOKEN_FILE)"
+    )
+    parser.add_argument(
+        "--show-source",
+        action="store_true",
+        default=_truthy(env_or("IMGSEARCH_WEB_SHOW_SOURCE", None)),
+        help="return the items' `source` metadata (the path each image had on the machine that indexed "
+        "it) in the API's replies; by default they are left out, and thumbnails go by id "
+        "(env IMGSEARCH_WEB_SHOW_SOURCE=1)",
+    )
     parser.add_argument(
         "--allow-indexing",
         action="store_true",
@@ -138,6 +202,37 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
         help="accept POST /api/items (add an uploaded image to the index) from requests that carry "
         "`Authorization: Bearer TOKEN`; needs a token (env IMGSEARCH_WEB_ALLOW_INDEXING=1; default off: "
         "read-only)",
+    )
+    parser.add_argument(
+        "--keep-alive-timeout-s",
+        type=float,
+        default=_float_env("IMGSEARCH_WEB_KEEP_ALIVE_TIMEOUT_S", DEFAULT_KEEP_ALIVE_TIMEOUT_S),
+        help="close a keep-alive connection idle this long after a reply "
+        f"(env IMGSEARCH_WEB_KEEP_ALIVE_TIMEOUT_S, default {DEFAULT_KEEP_ALIVE_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=_float_env("IMGSEARCH_WEB_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S),
+        help="time a client has to send a request's line and headers, from its first byte (or from "
+        "connecting); then 408 and the connection is closed: slowloris "
+        f"(env IMGSEARCH_WEB_HEADER_TIMEOUT_S, default {DEFAULT_HEADER_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=_float_env("IMGSEARCH_WEB_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S),
+        help="time a client has to send a request's whole body after its headers; then 408 and the "
+        "connection is closed (env IMGSEARCH_WEB_BODY_TIMEOUT_S, default "
+        f"{DEFAULT_BODY_TIMEOUT_S:g}: an 8 MiB upload at 2.2 Mbit/s)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(env_or("IMGSEARCH_WEB_MAX_CONNECTIONS", None) or DEFAULT_MAX_CONNECTIONS),
+        help="open connections (idle ones included) or requests in flight past which a request gets "
+        "503 at once (uvicorn's limit_concurrency; env IMGSEARCH_WEB_MAX_CONNECTIONS, default "
+        f"{DEFAULT_MAX_CONNECTIONS})",
     )
     parser.add_argument(
         "--log-level",
@@ -157,15 +252,19 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
     return parser
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    """--token, --token-file, IMGSEARCH_TOKEN, IMGSEARCH_TOKEN_FILE: the first given wins (as in the CLI)."""
-    if args.token:
-        return str(args.token)
-    if args.token_file:
-        return security.read_token_file(args.token_file)
-    if env_or("IMGSEARCH_TOKEN", None):
-        return env_or("IMGSEARCH_TOKEN", None)
-    path = env_or("IMGSEARCH_TOKEN_FILE", None)
+def _float_env(name: str, default: float) -> float:
+    return float(env_or(name, None) or default)
+
+
+def _token(flag: str | None, flag_file: str | None, env: str) -> str | None:
+    """The flag, its file, the env var, its file (env + "_FILE"): the first given wins (as in the CLI)."""
+    if flag:
+        return str(flag)
+    if flag_file:
+        return security.read_token_file(flag_file)
+    if env_or(env, None):
+        return env_or(env, None)
+    path = env_or(f"{env}_FILE", None)
     return security.read_token_file(path) if path else None
 
 
@@ -179,7 +278,8 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "python -m web
         if not media_root.is_dir():
             parser.error(f"--media-root {args.media_root} is not a folder")
     try:
-        token = _token(args)
+        token = _token(args.token, args.token_file, "IMGSEARCH_TOKEN")
+        read_token = _token(args.read_token, args.read_token_file, "IMGSEARCH_WEB_READ_TOKEN")
         return Settings(
             encoder=args.encoder,
             index=args.index,
@@ -192,8 +292,14 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "python -m web
             tls_ca=args.tls_ca,
             token=security.Secret(token) if token else None,
             allow_indexing=args.allow_indexing,
+            read_token=security.Secret(read_token) if read_token else None,
+            show_source=args.show_source,
             log_level=args.log_level,
             log_format=args.log_format,
+            keep_alive_timeout_s=args.keep_alive_timeout_s,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+            max_connections=args.max_connections,
         )
     except (OSError, ValueError) as error:
         parser.error(str(error))

@@ -24,10 +24,57 @@
     }
   }
 
+  // The read token (a gateway started with --read-token): a 401 marked auth "read-token" shows the token
+  // form; the token goes into a cookie, which every later request carries, thumbnails' <img src> too,
+  // and the request runs again. One form for all the requests waiting on it.
+  const READ_TOKEN_COOKIE = "imgsearch_read_token";
+  const readToken = { waiting: null, resolve: null };
+
+  function askForReadToken(detail) {
+    $("token-note").textContent = detail;
+    $("token-form").hidden = false;
+    $("token-input").focus();
+    if (!readToken.waiting) {
+      readToken.waiting = new Promise((resolve) => {
+        readToken.resolve = resolve;
+      });
+    }
+    return readToken.waiting;
+  }
+
+  function setUpReadToken() {
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = $("token-input").value.trim();
+      if (!token || !readToken.resolve) return;
+      const secure = window.location.protocol === "https:" ? "; Secure" : "";
+      document.cookie =
+        `${READ_TOKEN_COOKIE}=${encodeURIComponent(token)}; path=/; SameSite=Strict${secure}`;
+      $("token-input").value = "";
+      $("token-form").hidden = true;
+      const resolve = readToken.resolve;
+      readToken.waiting = null;
+      readToken.resolve = null;
+      resolve();
+    });
+  }
+
+  // fetch, asking for the read token (and trying again) for as long as the gateway says it is missing
+  // or wrong; throws what fetch throws.
+  async function authorizedFetch(path, options) {
+    for (;;) {
+      const response = await fetch(path, options);
+      if (response.status !== 401) return response;
+      const body = await response.clone().json().catch(() => null);
+      if (!body || body.auth !== "read-token") return response;
+      await askForReadToken(body.detail);
+    }
+  }
+
   async function api(path, options) {
     let response;
     try {
-      response = await fetch(path, options);
+      response = await authorizedFetch(path, options);
     } catch (error) {
       throw new ApiError(0, `the gateway is not reachable (${error.message})`);
     }
@@ -78,7 +125,7 @@
   async function refreshStatus() {
     let health = null;
     try {
-      const response = await fetch("/api/health");
+      const response = await authorizedFetch("/api/health");
       health = await response.json();
     } catch (error) {
       showStatus(`The web gateway is not reachable (${error.message}).`);
@@ -410,6 +457,7 @@
   }
 
   async function start() {
+    setUpReadToken();
     try {
       state.config = await api("/api/config");
     } catch (error) {
