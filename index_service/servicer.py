@@ -110,9 +110,9 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
 
     def _check_results(self, queries: int, k: int) -> None:
         """Refuses, before any work, a search whose answer is over the results budget or could not fit
-        in a reply. The reply's size is estimated from the average stored item (its id and metadata);
-        a reply that turns out larger all the same is refused after the work, by the request
-        interceptor, with RESOURCE_EXHAUSTED."""
+        in a reply. The reply's size is estimated from the average stored item (its id and metadata),
+        where the store can say cheaply; a reply that turns out larger all the same is refused after the
+        work, by the request interceptor, with RESOURCE_EXHAUSTED."""
         results = queries * k
         if results > self.max_results:
             raise RequestError(
@@ -120,11 +120,11 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                 f"{queries} queries x k {k} = {results} results, over the limit of {self.max_results} "
                 "results per call (--max-results); send fewer queries per call or a smaller k",
             )
-        stats = self.store.stats()
-        if not stats.count:
+        sizes = self.store.item_sizes()
+        if sizes is None or not sizes[0]:
             return
-        text_bytes = max(0, stats.bytes_used - stats.count * stats.dim * 4) / stats.count
-        estimate = int(queries * min(k, stats.count) * (text_bytes + MATCH_OVERHEAD_BYTES))
+        count, text_bytes = sizes
+        estimate = int(queries * min(k, count) * (text_bytes + MATCH_OVERHEAD_BYTES))
         if estimate > self.max_message_bytes:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,

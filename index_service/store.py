@@ -152,6 +152,7 @@ class Store(Protocol):
         self, ids: Sequence[str], k: int, *, check: Check | None = None
     ) -> list[list[Match]]: ...
     def stats(self) -> Stats: ...
+    def item_sizes(self) -> tuple[int, float] | None: ...
     def copy(self, *, with_vectors: bool = True) -> StoreCopy: ...
 
 
@@ -438,6 +439,12 @@ class VectorStore:
         with self._lock.read():
             count = len(self._ids)
             return Stats(count, self._dim, self._model_version, count * self._dim * 4 + self._text_bytes)
+
+    def item_sizes(self) -> tuple[int, float] | None:
+        """(items stored, their average bytes of id and metadata), for sizing a reply before the work."""
+        with self._lock.read():
+            count = len(self._ids)
+            return count, (self._text_bytes / count if count else 0.0)
 
     def state(self, while_consistent: Callable[[], None] | None = None) -> StoreState:
         """Returns a consistent copy of everything stored (for a snapshot).

@@ -27,7 +27,7 @@ from imgsearch.client import IndexClient, ServiceError
 from imgsearch.local import free_port, wait_healthy
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from index_service.service import IndexService
-from tests.conftest import start_index
+from tests.conftest import both_backends, start_index
 from tests.images import encode, glyph
 from tests.test_encoder_service import start_encoder
 from tests.test_load import BIG
@@ -403,3 +403,24 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+@both_backends
+def test_the_results_budget_holds_on_both_backends(tmp_path: Path, backend_args: list[str]) -> None:
+    service = start_index(tmp_path / "index", "--max-results", "500", *backend_args)
+    client = IndexClient(f"127.0.0.1:{service.server.port}", timeout_s=30)
+    try:
+        vectors = fill(client, 60)
+        assert len(client.search(vectors[:50], k=10)) == 50  # 500 results: at the limit
+        for call in (
+            lambda: client.search(vectors[:51], k=10),
+            lambda: client.search_by_id(["item-1"], k=501),
+        ):
+            with pytest.raises(ServiceError) as caught:
+                call()
+            assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "--max-results" in str(caught.value)
+        assert client.stats().count == 60
+    finally:
+        client.close()
+        service.stop(0)
