@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder_service.preprocess import raise_pillow_limit
 from encoder_service.runtime import load_runtime, shipped_model
-from encoder_service.servicer import EncoderServicer
+from encoder_service.servicer import DEFAULT_DECODE_BUDGET_MIB, DEFAULT_DECODE_WAIT_S, EncoderServicer
 from imgsearch import metrics
 from imgsearch.handlers import add_servicer
 from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
@@ -20,6 +21,7 @@ from imgsearch.v1 import encoder_pb2
 log = logging.getLogger("encoder_service")
 
 DEFAULT_PORT = 50051
+GRAY_PNG_DECODE_BYTES = 2  # per pixel, the cheapest image to decode (preprocess.ImageHeader.decode_bytes)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class EncoderConfig:
     max_image_pixels: int
     batch_window_ms: float = 0.0
     replica_id: str = ""
+    decode_budget_mib: int = DEFAULT_DECODE_BUDGET_MIB
+    decode_wait_s: float = DEFAULT_DECODE_WAIT_S
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
@@ -79,6 +83,25 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         help="largest image in pixels, checked before decoding (env IMGSEARCH_MAX_IMAGE_PIXELS, default 40M)",
     )
     parser.add_argument(
+        "--decode-budget-mib",
+        type=int,
+        default=env_or("IMGSEARCH_ENCODER_DECODE_BUDGET_MIB", DEFAULT_DECODE_BUDGET_MIB),
+        help="memory, in MiB, that images may take while they are decoded, across all calls at once: "
+        "each image holds its estimated peak (width x height x about 2 bytes for 8-bit gray, 5 for colour, "
+        "21 for WebP; docs/PREPROCESSING.md) from before its first pixel is decoded until it is fitted; "
+        "an image that can never fit is refused at once, one past a full budget waits up to "
+        "--decode-wait-s, both with RESOURCE_EXHAUSTED "
+        f"(env IMGSEARCH_ENCODER_DECODE_BUDGET_MIB, default {DEFAULT_DECODE_BUDGET_MIB}: with it the "
+        "encoder stays under about 1 GiB)",
+    )
+    parser.add_argument(
+        "--decode-wait-s",
+        type=float,
+        default=env_or("IMGSEARCH_ENCODER_DECODE_WAIT_S", DEFAULT_DECODE_WAIT_S),
+        help="longest an image waits for room in the decoding budget, never past its call's deadline "
+        f"(env IMGSEARCH_ENCODER_DECODE_WAIT_S, default {DEFAULT_DECODE_WAIT_S:g})",
+    )
+    parser.add_argument(
         "--batch-window-ms",
         type=float,
         default=env_or("IMGSEARCH_ENCODER_BATCH_WINDOW_MS", 0.0),
@@ -97,6 +120,10 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")
     if not 0 <= args.batch_window_ms <= 1000:
         parser.error("--batch-window-ms must be 0 to 1000")
+    if args.decode_budget_mib < 1:
+        parser.error("--decode-budget-mib must be at least 1")
+    if not 0 <= args.decode_wait_s <= 60:
+        parser.error("--decode-wait-s must be 0 to 60")
     if args.model_dir is None:
         try:
             args.model_dir = shipped_model(args.model)
@@ -111,6 +138,8 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         args.max_image_pixels,
         args.batch_window_ms,
         args.replica_id,
+        args.decode_budget_mib,
+        args.decode_wait_s,
     )
 
 
@@ -134,6 +163,16 @@ class EncoderService:
             self.runtime.name,
         )
         replica = config.replica_id or default_replica_id()
+        # --max-image-pixels over Pillow's own guard (about 89 M pixels) decides: Pillow would refuse first
+        raise_pillow_limit(config.max_image_pixels)
+        if config.max_image_pixels * GRAY_PNG_DECODE_BYTES > config.decode_budget_mib * 1024 * 1024:
+            log.warning(
+                "--decode-budget-mib %d cannot hold even an 8-bit PNG of --max-image-pixels %d (about %d "
+                "MiB to decode): such images are refused with RESOURCE_EXHAUSTED",
+                config.decode_budget_mib,
+                config.max_image_pixels,
+                config.max_image_pixels * GRAY_PNG_DECODE_BYTES // (1024 * 1024),
+            )
         servicer = EncoderServicer(
             self.runtime,
             max_batch=config.max_batch,
@@ -141,6 +180,8 @@ class EncoderService:
             max_image_pixels=config.max_image_pixels,
             batch_window_s=config.batch_window_ms / 1000,
             replica_id=replica,
+            decode_budget_mib=config.decode_budget_mib,
+            decode_wait_s=config.decode_wait_s,
         )
         service = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
         self.server = GrpcServer(

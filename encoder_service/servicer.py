@@ -3,22 +3,36 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import grpc
 import numpy as np
 
-from encoder_service.preprocess import ImageError, decode_image, from_raw_pixels
+from encoder_service.preprocess import ImageError, ImageHeader, decode_image, from_raw_pixels
 from encoder_service.runtime import NoDecoderError, Runtime
 from imgsearch import vectors as wire
 from imgsearch.errors import RequestError, call_gone, grpc_errors
+from imgsearch.memory import release_free_memory
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
 
 BAD_IMAGE_KEY = "imgsearch-bad-image"  # trailing metadata: the position of the image that failed
 CHECK_EVERY_S = 0.005  # while decoding a batch, look this often whether its caller still waits
+MIB = 1024 * 1024
+DEFAULT_DECODE_BUDGET_MIB = 512  # see DecodeBudget
+DEFAULT_DECODE_WAIT_S = 2.0
+# An image whose decoding takes less than this (about 0.1 M pixels) is not counted against the budget:
+# at most --workers of them decode at once (32 MiB at the default 8), and a burst of large images cannot
+# hold up small ones.
+UNCOUNTED_DECODE_BYTES = 4 * MIB
+# After a call whose images took at least this much to decode, the heap's free pages go back to the
+# system (malloc_trim, a few milliseconds), so a burst leaves no resident slack; smaller calls skip it.
+RELEASE_AFTER_BYTES = 64 * MIB
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +47,8 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         max_image_pixels: int,
         batch_window_s: float = 0.0,
         replica_id: str = "",
+        decode_budget_mib: int = DEFAULT_DECODE_BUDGET_MIB,
+        decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
     ) -> None:
         self.runtime = runtime
         self.replica_id = replica_id
@@ -40,11 +56,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.max_batch = max_batch
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.budget = DecodeBudget(decode_budget_mib * MIB)
+        self.decode_wait_s = decode_wait_s
         self._embedded = 0
         self._abandoned = 0
         self._counts_lock = threading.Lock()
 
-    def _decode(self, position: int, image: encoder_pb2.Image) -> np.ndarray:
+    def _decode(
+        self, position: int, image: encoder_pb2.Image, context: grpc.ServicerContext, call: _CallMemory
+    ) -> np.ndarray:
         try:
             kind = image.WhichOneof("content")
             if kind == "raw":
@@ -56,13 +76,55 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 raise ImageError(
                     f"{len(data)} bytes, over the limit of {self.max_image_bytes} bytes per image"
                 )
-            return decode_image(data, max_pixels=self.max_image_pixels)
+
+            def admit(header: ImageHeader) -> AbstractContextManager[None]:
+                call.decoded_bytes += header.decode_bytes
+                return self._admit(position, header, context)
+
+            return decode_image(data, max_pixels=self.max_image_pixels, admit=admit)
         except ImageError as error:
+            if error.oversize is not None:
+                width, height = error.oversize
+                message = (
+                    f"image {position}: {width} x {height} = {width * height} pixels, over the limit of "
+                    f"{self.max_image_pixels} pixels per image (--max-image-pixels)"
+                )
+            else:
+                message = f"image {position}: {error}"
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"image {position}: {error}",
-                ((BAD_IMAGE_KEY, str(position)),),
+                grpc.StatusCode.INVALID_ARGUMENT, message, ((BAD_IMAGE_KEY, str(position)),)
             ) from error
+
+    @contextmanager
+    def _admit(self, position: int, header: ImageHeader, context: grpc.ServicerContext) -> Iterator[None]:
+        """Holds the image's decoding memory in the budget while it is decoded and fitted; refuses it
+        with RESOURCE_EXHAUSTED when it can never fit, or when the budget stays full past the wait."""
+        if header.decode_bytes < UNCOUNTED_DECODE_BYTES:
+            yield
+            return
+        size = f"image {position}: {header.width} x {header.height} = {header.pixels} pixels"
+        needs = f"{header.decode_bytes / MIB:.0f} MiB to decode ({header.format} {header.mode})"
+        capacity = f"{self.budget.capacity // MIB} MiB (--decode-budget-mib)"
+        if header.decode_bytes > self.budget.capacity:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{size} needs about {needs}, more than the whole decoding budget of {capacity}: "
+                "this encoder can never decode it",
+                ((BAD_IMAGE_KEY, str(position)),),
+            )
+        remaining = context.time_remaining()
+        wait_s = self.decode_wait_s if remaining is None else max(0.0, min(self.decode_wait_s, remaining))
+        if not self.budget.take(header.decode_bytes, wait_s):
+            self._give_up_if_gone(context, f"waiting to decode image {position}")
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{size} needs about {needs}, and the decoding budget of {capacity} had no room for "
+                f"it within {wait_s:g} s (--decode-wait-s): other calls' images hold it; try again",
+            )
+        try:
+            yield
+        finally:
+            self.budget.give_back(header.decode_bytes)
 
     @grpc_errors({})
     def Embed(
@@ -91,8 +153,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self, request: encoder_pb2.ReconstructRequest, context: grpc.ServicerContext
     ) -> encoder_pb2.ReconstructResponse:
         """Each image as the model's input and as the decoder's output from its embedding, both uint8
-        (0 = background, 255 = ink). Limits, bad images and deadlines as in Embed; runs the model
-        directly, never through the batcher. Not counted in Info's images_embedded, which counts Embed."""
+        (0 = background, 255 = ink). Limits, bad images, the decoding budget, deadlines and the refusal
+        of an empty batch as in Embed; runs the model directly, never through the batcher. Not counted in
+        Info's images_embedded, which counts Embed."""
         self.runtime.check_decoder()  # before any decoding: a model without a decoder fails at once
         self._check_batch_size(len(request.images))
         batch = self._decode_all(request, context)
@@ -109,6 +172,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return reply
 
     def _check_batch_size(self, count: int) -> None:
+        if count == 0:  # the index refuses an empty batch too: say so here, before anything is stored
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "the batch is empty: send at least one image"
+            )
         if count > self.max_batch:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -120,17 +187,24 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         request: encoder_pb2.EmbedRequest | encoder_pb2.ReconstructRequest,
         context: grpc.ServicerContext,
     ) -> np.ndarray:
-        """The request's images as the model's input batch, float32 [N, H, W]."""
+        """The request's images as the model's input batch, float32 [N, H, W]. One image at a time, so
+        a call holds at most one image's decoding memory; a call that decoded much hands the freed
+        memory back to the system at its end (RELEASE_AFTER_BYTES)."""
         count = len(request.images)
         height, width, _ = self.runtime.input_shape
         batch = np.empty((count, height, width), dtype=np.float32)
+        call = _CallMemory()
         checked = -CHECK_EVERY_S
-        for position, image in enumerate(request.images):
-            now = time.monotonic()
-            if now - checked >= CHECK_EVERY_S:  # before each image of a slow batch, not of a fast one
-                self._give_up_if_gone(context, f"after decoding {position} of {count} images")
-                checked = now
-            batch[position] = self._decode(position, image)
+        try:
+            for position, image in enumerate(request.images):
+                now = time.monotonic()
+                if now - checked >= CHECK_EVERY_S:  # before each image of a slow batch, not of a fast one
+                    self._give_up_if_gone(context, f"after decoding {position} of {count} images")
+                    checked = now
+                batch[position] = self._decode(position, image, context, call)
+        finally:
+            if call.decoded_bytes >= RELEASE_AFTER_BYTES:
+                release_free_memory()
         self._give_up_if_gone(context, f"after decoding {count} images, before the model")
         return batch
 
@@ -158,6 +232,54 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             calls_abandoned=self._abandoned,
             replica=self.replica_id,
         )
+
+
+class _CallMemory:
+    """What one call's images took to decode, so far (estimated: ImageHeader.decode_bytes)."""
+
+    def __init__(self) -> None:
+        self.decoded_bytes = 0
+
+
+class DecodeBudget:
+    """The memory images may take while they decode, shared by every call in flight (--decode-budget-mib).
+
+    Each image takes its estimated peak (ImageHeader.decode_bytes) before any pixel is decoded and gives
+    it back once fitted. Takers are served in arrival order, so a large image is not starved by a stream
+    of smaller ones that would each fit."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._in_use = 0
+        self._changed = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def take(self, amount: int, wait_s: float) -> bool:
+        """Takes `amount` bytes, waiting up to wait_s for earlier takers and for room; False on timeout."""
+        deadline = time.monotonic() + wait_s
+        turn = object()
+        with self._changed:
+            self._queue.append(turn)
+            try:
+                while self._queue[0] is not turn or self._in_use + amount > self.capacity:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._changed.wait(left)
+                self._in_use += amount
+                return True
+            finally:
+                self._queue.remove(turn)
+                self._changed.notify_all()
+
+    def give_back(self, amount: int) -> None:
+        with self._changed:
+            self._in_use -= amount
+            self._changed.notify_all()
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

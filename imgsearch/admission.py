@@ -8,8 +8,10 @@ health probe. Here each kind of call has threads of its own and a bound of its o
   running; past it, RESOURCE_EXHAUSTED at once;
 - health `Watch` streams, and other streams (Scan, reflection): `--max-streams` open of each, each
   stream on a thread of that kind's pool, never a worker's;
-- health `Check` and every refusal (load, a missing token): a small control pool that never waits
-  behind work, so a probe answers in milliseconds under any load and counts against no bound.
+- health `Check`: a small pool of its own that never waits behind work (nor behind refusals), so a probe
+  answers in milliseconds under any load and counts against no bound;
+- every refusal (load, a missing or wrong token): another small pool, so a flood of refused calls
+  delays neither the work nor the probes.
 
 The bounds are read from the pools themselves (tasks queued or running), in gRPC's serving thread just
 before it submits the call: the decision and the count cannot drift apart.
@@ -25,10 +27,10 @@ from typing import Any
 import grpc
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes (Docker, load balancers) carry no token
-CONTROL_THREADS = 2
+SMALL_POOL_THREADS = 2  # health checks and refusals each take microseconds
 REFUSED_FOR_CALLS = "max_concurrent_rpcs"
 REFUSED_FOR_STREAMS = "max_streams"
-_REFUSAL = "imgsearch_refusal"  # marks a behaviour that only aborts: it runs on the control pool
+_REFUSAL = "imgsearch_refusal"  # marks a behaviour that only aborts: it runs on the refusals' pool
 FOR_LOAD = "for load"
 
 
@@ -113,7 +115,7 @@ def refusal(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, *, for_load: bool = False
 ) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s shape that fails the call with `code` and never parses the request;
-    admission runs it on the control pool."""
+    admission runs it on the refusals' pool."""
 
     def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
@@ -149,7 +151,8 @@ class Admission(grpc.ServerInterceptor):
         self.workers = CountingPool(workers, "grpc")
         self.streams = CountingPool(max_streams, "grpc-stream")
         self.watches = CountingPool(max_streams, "grpc-watch")
-        self.control = CountingPool(CONTROL_THREADS, "grpc-control")
+        self.health = CountingPool(SMALL_POOL_THREADS, "grpc-health")
+        self.refusals = CountingPool(SMALL_POOL_THREADS, "grpc-refusal")
         self.max_calls = max_calls
         self.max_streams = max_streams
         self._on_refused = on_refused
@@ -163,12 +166,12 @@ class Admission(grpc.ServerInterceptor):
         if handler is None:
             return None
         if getattr(behavior_of(handler), _REFUSAL, False):
-            return _on(self.control, handler)
+            return _on(self.refusals, handler)
         path = handler_call_details.method
         streamed = handler.request_streaming or handler.response_streaming
         if not streamed:
             if path.startswith(OPEN_PREFIXES):
-                return _on(self.control, handler)
+                return _on(self.health, handler)
             if self.workers.pending >= self.max_calls:
                 return self._refuse(handler, path, REFUSED_FOR_CALLS, f"{self.max_calls} calls in flight")
             return handler  # the server's default pool: the workers
@@ -185,9 +188,9 @@ class Admission(grpc.ServerInterceptor):
         flag = "--max-concurrent-rpcs" if reason == REFUSED_FOR_CALLS else "--max-streams"
         message = f"refused for load: {what} ({flag}); retry later"
         refused = refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, message, for_load=True)
-        return _on(self.control, refused)
+        return _on(self.refusals, refused)
 
     def shutdown(self) -> None:
         """Lets the pools' threads go once their tasks end (after the server stopped)."""
-        for pool in (self.workers, self.streams, self.watches, self.control):
+        for pool in (self.workers, self.streams, self.watches, self.health, self.refusals):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -136,6 +136,28 @@ def test_a_scan_nobody_reads_takes_no_worker(index: IndexService, index_client: 
         channel.close()
 
 
+def test_a_flood_of_calls_without_a_token_leaves_probes_and_token_calls_alone(
+    index: IndexService, index_client: IndexClient
+) -> None:
+    vectors = fill(index_client, 100)
+    with grpc.insecure_channel(f"127.0.0.1:{index.server.port}") as channel:
+        stub = index_pb2_grpc.IndexStub(channel)
+        request = index_pb2.SearchRequest(queries=wire.pack(vectors[:1]), k=3)
+        flood = [stub.Search.future(request, timeout=60) for _ in range(2000)]
+        slowest = 0.0
+        for _ in range(5):
+            started = time.perf_counter()
+            assert healthy(index.server.port)
+            assert len(index_client.search(vectors[:1], k=3)[0]) == 3
+            slowest = max(slowest, time.perf_counter() - started)
+        codes = [call.exception().code() for call in flood]  # type: ignore[union-attr]
+    # Refused before its request is read: now and then the client sees its stream cut (CANCELLED) first.
+    assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED}
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) > len(codes) // 2
+    assert slowest < 1.0
+    assert index_client.stats().count == 100
+
+
 # ---- bounded work per call -------------------------------------------------------------------
 
 

@@ -152,12 +152,14 @@ def test_the_reply_names_model_and_replica(encoder: EncoderService) -> None:
         image = encoder_pb2.Image(encoded=encode(glyph(), "PNG"))
         reply = stub.Reconstruct(encoder_pb2.ReconstructRequest(images=[image]), timeout=30)
         info = stub.Info(encoder_pb2.InfoRequest(), timeout=30)
-        empty = stub.Reconstruct(encoder_pb2.ReconstructRequest(), timeout=30)
+        with pytest.raises(grpc.RpcError) as empty:
+            stub.Reconstruct(encoder_pb2.ReconstructRequest(), timeout=30)
     assert reply.model_version == info.model_version and reply.replica == info.replica != ""
     (item,) = reply.items
     for raw in (item.input, item.reconstruction):
         assert (raw.height, raw.width, len(raw.pixels)) == (28, 28, 784)
-    assert len(empty.items) == 0 and empty.model_version == info.model_version
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the batch is empty" in (empty.value.details() or "")
 
 
 def test_a_bad_image_names_its_position(client: EncoderClient) -> None:
