@@ -182,14 +182,18 @@ def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
     return 0 if not (skipped or bad) else 1
 
 
+RESULTS_PER_CALL = 100_000  # the index's default --max-results: queries x k in one search
+
+
 def _search_in_batches(
     search: ImageSearch, vectors: np.ndarray, k: int, version: str, batch_size: int
 ) -> list[list[Match]]:
-    """The matches of every query, asked for in calls of `batch_size` queries (each within the index's
-    --max-batch and --max-results)."""
+    """The matches of every query, asked for in calls of up to `batch_size` queries, fewer where k is
+    large, so that each call stays within the index's default results budget (--max-results)."""
+    per_call = max(1, min(batch_size, RESULTS_PER_CALL // max(k, 1)))
     results: list[list[Match]] = []
-    for start in range(0, len(vectors), batch_size):
-        results += search.index.search(vectors[start : start + batch_size], k, version)
+    for start in range(0, len(vectors), per_call):
+        results += search.index.search(vectors[start : start + per_call], k, version)
     return results
 
 

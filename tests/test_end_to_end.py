@@ -113,6 +113,18 @@ def test_the_cli_end_to_end(services: LocalServices, folders: tuple[Path, Path],
     assert json.loads(imgsearch(services, "stats", "--json").stdout)["count"] == COUNT - 1
 
 
+def test_a_large_k_is_searched_in_calls_within_the_results_budget(
+    services: LocalServices, folders: tuple[Path, Path]
+) -> None:
+    """1,000 queries at k = 1000 are a million results: the CLI asks for them 100 queries a call, each
+    within the index's default --max-results, instead of being refused."""
+    db, _ = folders
+    result = imgsearch(services, "eval", str(db), "-k", "1000", "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    quality = json.loads(result.stdout)
+    assert quality["queries"] == COUNT and quality["k"] == 1000
+
+
 def test_a_service_that_is_down_gives_one_clear_line(services: LocalServices) -> None:
     result = imgsearch(services, "stats", index=f"localhost:{free_port()}")
     assert result.returncode != 0
