@@ -4,6 +4,7 @@ healthy, and that nothing it holds changed."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -327,6 +328,76 @@ def test_sigterm_during_a_long_search_stops_within_the_grace(tmp_path: Path) -> 
             process.wait()
         if process.stderr is not None:
             process.stderr.close()
+
+
+def test_every_failed_call_has_its_metric_and_a_warning_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One call failing each way, each with its own request id: each is counted with its real code
+    and logged once at WARNING with that id."""
+    caplog.set_level(logging.DEBUG, logger="imgsearch.requests")
+    service = start_index(
+        tmp_path / "index",
+        *("--auth-token", TOKEN, "--read-token", READ_TOKEN, "--metrics-port", "0"),
+        *("--max-results", "1000", "--max-message-bytes", str(128 * 1024)),
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
+            stub = index_pb2_grpc.IndexStub(channel)
+            writer = IndexClient(f"127.0.0.1:{service.server.port}", timeout_s=30, token=TOKEN)
+            vectors = np.random.default_rng(6).standard_normal((60, DIM)).astype(np.float32)
+            for start in range(0, 60, 10):
+                blobs = [{"blob": "z" * 4000}] * 10
+                writer.upsert(
+                    [f"fat-{n}" for n in range(start, start + 10)], vectors[start : start + 10], blobs
+                )
+            writer.close()
+            one = wire.pack(vectors[:1])
+            cases: list[tuple[str, str, Any, grpc.StatusCode]] = [
+                (
+                    "Search",
+                    "f-no-token",
+                    lambda m: stub.Search(index_pb2.SearchRequest(queries=one, k=3), metadata=m),
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ),
+                (
+                    "Delete",
+                    "f-read-token",
+                    lambda m: stub.Delete(index_pb2.DeleteRequest(ids=["fat-1"]), metadata=m),
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ),
+                (
+                    "Search",
+                    "f-budget",
+                    lambda m: stub.Search(index_pb2.SearchRequest(queries=one, k=1001), metadata=m),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ),
+                (
+                    "SearchById",
+                    "f-missing",
+                    lambda m: stub.SearchById(index_pb2.SearchByIdRequest(ids=["nobody"], k=3), metadata=m),
+                    grpc.StatusCode.NOT_FOUND,
+                ),
+                (
+                    "Get",
+                    "f-too-big",
+                    lambda m: stub.Get(index_pb2.GetRequest(ids=[f"fat-{n}" for n in range(60)]), metadata=m),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                ),
+            ]
+            for _, request_id, call, expected in cases:
+                token = {"f-no-token": None, "f-read-token": READ_TOKEN}.get(request_id, TOKEN)
+                metadata = (*security.call_metadata(token), (metrics.REQUEST_ID_KEY, request_id))
+                code, details, _ = call_details(functools.partial(call, metadata))
+                assert code == expected, (request_id, details)
+        samples = scrape(service.server.metrics_port)
+        for method, request_id, _, expected in cases:
+            assert (requests(samples, INDEX, method, expected.name) or 0) >= 1, request_id
+            lines = [r for r in caplog.records if f"request_id={request_id}" in r.getMessage()]
+            assert len(lines) == 1 and lines[0].levelno == logging.WARNING, request_id
+            assert f"{method} {expected.name}" in lines[0].getMessage()
+    finally:
+        service.stop(0)
 
 
 # ---- health under load -----------------------------------------------------------------------
