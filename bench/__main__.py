@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         section_started = time.monotonic()
         sections += module.run(args.out, args.quick)
         print(f"bench: {name} took {time.monotonic() - section_started:.0f} s", file=sys.stderr, flush=True)
-    command = "make bench" if not args.quick else "python -m bench --quick"
+    command = "make bench"
+    if args.quick or args.sections != ",".join(SECTIONS):
+        command = " ".join(
+            ["python -m bench", *(["--quick"] if args.quick else []), f"--sections {args.sections}"]
+        )
     report = write_report(sections, args.out / "REPORT.md", command, time.monotonic() - started)
     print(f"bench: wrote {report} in {(time.monotonic() - started) / 60:.1f} minutes", file=sys.stderr)
     return 0
