@@ -26,8 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.echo import EchoServer
 from bench.images import fashion_mnist, png_bytes
 from bench.report import Figure, Section, p50_p99_ms, rss_mib, samples_s
+from encoder_service.model_dir import DEFAULT_MODEL_DIR, ENCODER_KERAS
 from encoder_service.preprocess import decode_image
-from encoder_service.runtime import DEFAULT_MODEL_DIR, KERAS_FILE, LiteRTRuntime, Runtime
+from encoder_service.runtime import LiteRTRuntime, Runtime
 from imgsearch.client import EncoderClient
 from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import encoder_pb2
@@ -366,7 +367,7 @@ def _tensorflow_in_process() -> tuple[Runtime, Any]:
     from encoder_service.runtime import TensorFlowRuntime
 
     runtime = TensorFlowRuntime(DEFAULT_MODEL_DIR)
-    model = keras.saving.load_model(DEFAULT_MODEL_DIR / KERAS_FILE, compile=False)
+    model = keras.saving.load_model(DEFAULT_MODEL_DIR / ENCODER_KERAS, compile=False)
     return runtime, model
 
 

@@ -39,7 +39,7 @@ from imgsearch.client import IndexClient
 from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import index_pb2
 from index_service.durable import DurableStore
-from index_service.store import VectorStore
+from index_service.faiss_store import VectorStore
 
 DIM = 128
 K = 10

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from encoder_service import train
+from encoder_service.model_dir import CARD_JSON, ENCODER_KERAS
 
 # name -> (what it changes, the training flags)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -40,11 +41,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 def run_variant(dataset: str, name: str, out: Path) -> dict[str, object]:
     """Trains one variant (unless a previous run left its card) and returns its card."""
     output = out / name
-    if not (output / "card.json").is_file():
+    if not (output / CARD_JSON).is_file():
         flags = VARIANTS[name][1]
         if train.main(["--dataset", dataset, *flags, "--output", str(output)]) != 0:
             raise SystemExit(f"ablation: training variant {name!r} failed")
-    card: dict[str, object] = json.loads((output / "card.json").read_text())
+    card: dict[str, object] = json.loads((output / CARD_JSON).read_text())
     return card
 
 
@@ -58,7 +59,7 @@ def unit_length_figures(model_dir: Path, dataset: str) -> dict[str, float]:
     from imgsearch.evaluate import nearest_labels, retrieval_quality
 
     data = load_dataset(dataset)
-    encoder = keras.saving.load_model(model_dir / "encoder.keras", compile=False)
+    encoder = keras.saving.load_model(model_dir / ENCODER_KERAS, compile=False)
 
     def unit(images: np.ndarray) -> np.ndarray:
         vectors = np.asarray(

@@ -24,9 +24,15 @@ from typing import Any
 
 import numpy as np
 
-DECODER_TFLITE = "decoder.tflite"
-AUTOENCODER_KERAS = "autoencoder.keras"
-MAX_ABS_DIFF = 1e-4  # decoder(encoder(x)) against autoencoder(x), and LiteRT against Keras
+from encoder_service.model_dir import (
+    AUTOENCODER_KERAS,
+    DECODER_TFLITE,
+    ENCODER_KERAS,
+    MAX_ABS_DIFF,
+    check_tflite,
+    read_card,
+    to_tflite,
+)
 
 
 def split_decoder(autoencoder: Any, encoder: Any) -> Any:
@@ -96,16 +102,14 @@ def write_decoder(autoencoder: Any, encoder: Any, model_dir: Path, x: np.ndarray
     flatbuffer matches Keras. Returns both max abs differences (the LiteRT one None without LiteRT).
 
     Raises RuntimeError when either is over MAX_ABS_DIFF; nothing is written then."""
-    from encoder_service.train import _check_tflite, _to_tflite
-
     decoder = split_decoder(autoencoder, encoder)
     embeddings = np.asarray(encoder(x, training=False))
     pictures = np.asarray(decoder(embeddings, training=False))
     split_diff = float(np.max(np.abs(pictures - np.asarray(autoencoder(x, training=False)))))
     if split_diff > MAX_ABS_DIFF:
         raise RuntimeError(f"decoder(encoder(x)) differs from autoencoder(x) by {split_diff}")
-    tflite = _to_tflite(decoder)
-    tflite_diff = _check_tflite(tflite, decoder, embeddings)
+    tflite = to_tflite(decoder)
+    tflite_diff = check_tflite(tflite, decoder, embeddings)
     tmp = model_dir / f".{DECODER_TFLITE}.tmp-{os.getpid()}"
     try:
         tmp.write_bytes(tflite)
@@ -126,19 +130,18 @@ def export(model_dir: str | Path, x: np.ndarray | None = None) -> dict[str, Any]
     import keras
 
     from encoder_service.model import model_version
-    from encoder_service.runtime import KERAS_FILE, read_card
 
     model_dir = Path(model_dir)
     card = read_card(model_dir)
-    for name in (AUTOENCODER_KERAS, KERAS_FILE):
+    for name in (AUTOENCODER_KERAS, ENCODER_KERAS):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"no {name} in model directory {model_dir}")
     autoencoder = keras.saving.load_model(model_dir / AUTOENCODER_KERAS, compile=False)
-    encoder = keras.saving.load_model(model_dir / KERAS_FILE, compile=False)
+    encoder = keras.saving.load_model(model_dir / ENCODER_KERAS, compile=False)
     version = model_version(str(card.get("architecture", "")), encoder)
     if version != card["model_version"]:
         raise ValueError(
-            f"{model_dir / KERAS_FILE} hashes to {version}, but the card names {card['model_version']}"
+            f"{model_dir / ENCODER_KERAS} hashes to {version}, but the card names {card['model_version']}"
         )
     if x is None:
         x = _check_images()

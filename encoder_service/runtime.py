@@ -19,7 +19,6 @@ imports neither LiteRT nor TensorFlow until a runtime of that kind is created.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -28,25 +27,15 @@ from typing import Any
 
 import numpy as np
 
-SHIPPED_MODELS = Path(__file__).parent / "models"
-DEFAULT_MODEL_DIR = SHIPPED_MODELS / "default"
+from encoder_service.model_dir import (
+    AUTOENCODER_KERAS,
+    DECODER_TFLITE,
+    DEFAULT_MODEL_DIR,
+    ENCODER_KERAS,
+    ENCODER_TFLITE,
+    read_card,
+)
 
-
-def shipped_model(name: str) -> Path:
-    """The directory of a model shipped in encoder_service/models by name (`default`, `tutorial`, ...).
-
-    Raises ValueError naming the shipped models when there is none of that name."""
-    known = sorted(p.name for p in SHIPPED_MODELS.iterdir() if (p / "card.json").is_file())
-    if name not in known:
-        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(known)}")
-    return SHIPPED_MODELS / name
-
-
-CARD_FILE = "card.json"
-TFLITE_FILE = "encoder.tflite"
-KERAS_FILE = "encoder.keras"
-DECODER_TFLITE_FILE = "decoder.tflite"  # written by training and by `python -m encoder_service.export`
-AUTOENCODER_FILE = "autoencoder.keras"
 DEFAULT_MAX_CHUNK = 32  # images per LiteRT invoke: see LiteRTRuntime
 
 
@@ -120,7 +109,7 @@ class Runtime(ABC):
 
     def _no_decoder_message(self) -> str:
         return (
-            f"model {self.model_dir} has no decoder ({DECODER_TFLITE_FILE}), so it cannot reconstruct; "
+            f"model {self.model_dir} has no decoder ({DECODER_TFLITE}), so it cannot reconstruct; "
             f"add one with: python -m encoder_service.export {self.model_dir}"
         )
 
@@ -162,9 +151,9 @@ class LiteRTRuntime(Runtime):
         if max_chunk < 1:
             raise ValueError(f"max_chunk must be at least 1, got {max_chunk}")
         self.max_chunk = max_chunk
-        path = self.model_dir / TFLITE_FILE
+        path = self.model_dir / ENCODER_TFLITE
         if not path.is_file():
-            raise FileNotFoundError(f"no LiteRT model {TFLITE_FILE} in {self.model_dir} ({path})")
+            raise FileNotFoundError(f"no LiteRT model {ENCODER_TFLITE} in {self.model_dir} ({path})")
         from ai_edge_litert.interpreter import Interpreter
 
         self._interpreter_class = Interpreter
@@ -175,7 +164,7 @@ class LiteRTRuntime(Runtime):
         details = state.interpreter.get_output_details()[0]
         if int(details["shape_signature"][-1]) != self.dim:
             raise ValueError(f"{path} outputs {details['shape_signature']}, the card says dim {self.dim}")
-        decoder_path = self.model_dir / DECODER_TFLITE_FILE
+        decoder_path = self.model_dir / DECODER_TFLITE
         self._decoder = decoder_path.read_bytes() if decoder_path.is_file() else None
         self.has_decoder = self._decoder is not None
         if self._decoder is not None:  # as for the encoder: a bad file fails at startup
@@ -251,9 +240,9 @@ class TensorFlowRuntime(Runtime):
 
     def __init__(self, model_dir: str | Path) -> None:
         super().__init__(model_dir)
-        path = self.model_dir / KERAS_FILE
+        path = self.model_dir / ENCODER_KERAS
         if not path.is_file():
-            raise FileNotFoundError(f"no Keras model {KERAS_FILE} in {self.model_dir} ({path})")
+            raise FileNotFoundError(f"no Keras model {ENCODER_KERAS} in {self.model_dir} ({path})")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
@@ -269,7 +258,7 @@ class TensorFlowRuntime(Runtime):
         out = self._encode(tf.zeros([1, *self.input_shape], tf.float32))  # trace now, not on the first call
         if tuple(out.shape) != (1, self.dim):
             raise ValueError(f"{path} outputs shape {tuple(out.shape)[1:]}, the card says dim {self.dim}")
-        autoencoder_path = self.model_dir / AUTOENCODER_FILE
+        autoencoder_path = self.model_dir / AUTOENCODER_KERAS
         self.has_decoder = autoencoder_path.is_file()
         if self.has_decoder:
             from encoder_service.export import split_decoder
@@ -292,7 +281,7 @@ class TensorFlowRuntime(Runtime):
 
     def _no_decoder_message(self) -> str:
         return (
-            f"model {self.model_dir} has no {AUTOENCODER_FILE}, which the tensorflow runtime takes the "
+            f"model {self.model_dir} has no {AUTOENCODER_KERAS}, which the tensorflow runtime takes the "
             "decoder from, so it cannot reconstruct"
         )
 
@@ -310,20 +299,3 @@ def load_runtime(model_dir: str | Path = DEFAULT_MODEL_DIR, name: str = "litert"
     except KeyError:
         raise ValueError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)}") from None
     return runtime_class(model_dir)
-
-
-def read_card(model_dir: str | Path) -> dict[str, Any]:
-    """The model directory's card.json as a dict; it must hold a `model_version`."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    path = model_dir / CARD_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CARD_FILE} in model directory {model_dir} ({path})")
-    try:
-        card = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(card, dict) or not card.get("model_version"):
-        raise ValueError(f"{path} has no model_version")
-    return card

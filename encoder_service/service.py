@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder_service.model_dir import shipped_model
 from encoder_service.preprocess import raise_pillow_limit
-from encoder_service.runtime import load_runtime, shipped_model
+from encoder_service.runtime import load_runtime
 from encoder_service.servicer import DEFAULT_DECODE_BUDGET_MIB, DEFAULT_DECODE_WAIT_S, EncoderServicer
 from imgsearch import metrics
+from imgsearch.flags import Flag, add_flags
 from imgsearch.handlers import add_servicer
-from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
+from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
 from imgsearch.v1 import encoder_pb2
 
 log = logging.getLogger("encoder_service")
@@ -38,6 +40,87 @@ class EncoderConfig:
     decode_wait_s: float = DEFAULT_DECODE_WAIT_S
 
 
+def encoder_flags() -> list[Flag]:
+    """The encoder's own flags, beside the server's (serving.server_flags)."""
+    return [
+        Flag(
+            "--model",
+            "a shipped model by name: default (digits), tutorial (the tutorial's, for comparison), "
+            "fashion, fashion-tutorial",
+            "IMGSEARCH_MODEL",
+            "default",
+        ),
+        Flag(
+            "--model-dir",
+            "a directory written by `imgsearch train`, instead of a shipped model",
+            "IMGSEARCH_MODEL_DIR",
+            None,
+            Path,
+        ),
+        Flag(
+            "--runtime",
+            "litert runs encoder.tflite (no TensorFlow needed); tensorflow runs encoder.keras through a "
+            "compiled tf.function",
+            "IMGSEARCH_RUNTIME",
+            "litert",
+            choices=("litert", "tensorflow"),
+        ),
+        Flag("--max-batch", "most images in one Embed call", "IMGSEARCH_ENCODER_MAX_BATCH", 1024, int),
+        Flag(
+            "--max-image-bytes",
+            "largest encoded image",
+            "IMGSEARCH_MAX_IMAGE_BYTES",
+            16 * 1024 * 1024,
+            int,
+            shown_default="16 MiB",
+        ),
+        Flag(
+            "--max-image-pixels",
+            "largest image in pixels, checked before decoding",
+            "IMGSEARCH_MAX_IMAGE_PIXELS",
+            40_000_000,
+            int,
+            shown_default="40M",
+        ),
+        Flag(
+            "--decode-budget-mib",
+            "memory, in MiB, that images may take while they are decoded, across all calls at once: "
+            "each image holds its estimated peak (width x height x about 2 bytes for 8-bit gray, 5 for "
+            "colour, 21 for WebP; docs/PREPROCESSING.md) from before its first pixel is decoded until it "
+            "is fitted; an image that can never fit is refused at once, one past a full budget waits up "
+            "to --decode-wait-s, both with RESOURCE_EXHAUSTED",
+            "IMGSEARCH_ENCODER_DECODE_BUDGET_MIB",
+            DEFAULT_DECODE_BUDGET_MIB,
+            int,
+            shown_default=f"{DEFAULT_DECODE_BUDGET_MIB}: with it the encoder stays under about 1 GiB",
+        ),
+        Flag(
+            "--decode-wait-s",
+            "longest an image waits for room in the decoding budget, never past its call's deadline",
+            "IMGSEARCH_ENCODER_DECODE_WAIT_S",
+            DEFAULT_DECODE_WAIT_S,
+            float,
+            shown_default=f"{DEFAULT_DECODE_WAIT_S:g}",
+        ),
+        Flag(
+            "--batch-window-ms",
+            "dynamic batching: the first of several calls in flight waits up to this long to run the "
+            "model once for all of them; 0 turns it off",
+            "IMGSEARCH_ENCODER_BATCH_WINDOW_MS",
+            0.0,
+            float,
+            shown_default="0: on the shipped model its gain is within the noise, see bench/results/REPORT.md",
+        ),
+        Flag(
+            "--replica-id",
+            "this replica's name in Embed replies and Info, so a client can count what each replica served",
+            "IMGSEARCH_REPLICA_ID",
+            default_replica_id(),
+            shown_default="HOSTNAME:PID; a container's hostname is its id",
+        ),
+    ]
+
+
 def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
     """Returns the configuration from flags, each defaulting to an env var."""
     parser = argparse.ArgumentParser(
@@ -45,76 +128,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         description="The imgsearch encoder service (images to 128-d vectors).",
     )
     add_server_flags(parser, env_prefix="IMGSEARCH_ENCODER", default_port=DEFAULT_PORT)
-    parser.add_argument(
-        "--model",
-        default=env_or("IMGSEARCH_MODEL", "default"),
-        help="a shipped model by name: default (digits), tutorial (the tutorial's, for comparison), "
-        "fashion, fashion-tutorial (env IMGSEARCH_MODEL, default: default)",
-    )
-    parser.add_argument(
-        "--model-dir",
-        type=Path,
-        default=env_or("IMGSEARCH_MODEL_DIR", None),
-        help="a directory written by `imgsearch train`, instead of a shipped model (env IMGSEARCH_MODEL_DIR)",
-    )
-    parser.add_argument(
-        "--runtime",
-        choices=["litert", "tensorflow"],
-        default=env_or("IMGSEARCH_RUNTIME", "litert"),
-        help="litert runs encoder.tflite (no TensorFlow needed); tensorflow runs encoder.keras through a "
-        "compiled tf.function (env IMGSEARCH_RUNTIME, default litert)",
-    )
-    parser.add_argument(
-        "--max-batch",
-        type=int,
-        default=env_or("IMGSEARCH_ENCODER_MAX_BATCH", 1024),
-        help="most images in one Embed call (env IMGSEARCH_ENCODER_MAX_BATCH, default 1024)",
-    )
-    parser.add_argument(
-        "--max-image-bytes",
-        type=int,
-        default=env_or("IMGSEARCH_MAX_IMAGE_BYTES", 16 * 1024 * 1024),
-        help="largest encoded image (env IMGSEARCH_MAX_IMAGE_BYTES, default 16 MiB)",
-    )
-    parser.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=env_or("IMGSEARCH_MAX_IMAGE_PIXELS", 40_000_000),
-        help="largest image in pixels, checked before decoding (env IMGSEARCH_MAX_IMAGE_PIXELS, default 40M)",
-    )
-    parser.add_argument(
-        "--decode-budget-mib",
-        type=int,
-        default=env_or("IMGSEARCH_ENCODER_DECODE_BUDGET_MIB", DEFAULT_DECODE_BUDGET_MIB),
-        help="memory, in MiB, that images may take while they are decoded, across all calls at once: "
-        "each image holds its estimated peak (width x height x about 2 bytes for 8-bit gray, 5 for colour, "
-        "21 for WebP; docs/PREPROCESSING.md) from before its first pixel is decoded until it is fitted; "
-        "an image that can never fit is refused at once, one past a full budget waits up to "
-        "--decode-wait-s, both with RESOURCE_EXHAUSTED "
-        f"(env IMGSEARCH_ENCODER_DECODE_BUDGET_MIB, default {DEFAULT_DECODE_BUDGET_MIB}: with it the "
-        "encoder stays under about 1 GiB)",
-    )
-    parser.add_argument(
-        "--decode-wait-s",
-        type=float,
-        default=env_or("IMGSEARCH_ENCODER_DECODE_WAIT_S", DEFAULT_DECODE_WAIT_S),
-        help="longest an image waits for room in the decoding budget, never past its call's deadline "
-        f"(env IMGSEARCH_ENCODER_DECODE_WAIT_S, default {DEFAULT_DECODE_WAIT_S:g})",
-    )
-    parser.add_argument(
-        "--batch-window-ms",
-        type=float,
-        default=env_or("IMGSEARCH_ENCODER_BATCH_WINDOW_MS", 0.0),
-        help="dynamic batching: the first of several calls in flight waits up to this long to run the "
-        "model once for all of them; 0 turns it off (env IMGSEARCH_ENCODER_BATCH_WINDOW_MS, default 0: "
-        "on the shipped model its gain is within the noise, see bench/results/REPORT.md)",
-    )
-    parser.add_argument(
-        "--replica-id",
-        default=env_or("IMGSEARCH_REPLICA_ID", default_replica_id()),
-        help="this replica's name in Embed replies and Info, so a client can count what each replica "
-        "served (env IMGSEARCH_REPLICA_ID, default HOSTNAME:PID; a container's hostname is its id)",
-    )
+    add_flags(parser, encoder_flags())
     args = parser.parse_args(argv)
     if min(args.max_batch, args.max_image_bytes, args.max_image_pixels) < 1:
         parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
@@ -47,11 +46,19 @@ import numpy as np
 
 from encoder_service.augment import PRESETS as AUGMENTATIONS
 from encoder_service.datasets import Dataset, load_dataset
+from encoder_service.model_dir import (
+    AUTOENCODER_KERAS,
+    CARD_JSON,
+    ENCODER_KERAS,
+    ENCODER_TFLITE,
+    MODEL_FILES,
+    check_tflite,
+    to_tflite,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_ARCHITECTURE = "wide"
 
-MODEL_FILES = ("autoencoder.keras", "encoder.keras", "encoder.tflite", "decoder.tflite", "card.json")
 DEFAULT_OUTPUT = "models/custom"
 
 
@@ -291,13 +298,13 @@ def train(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the model directory should read like any other
     try:
-        autoencoder.save(tmp / "autoencoder.keras")
-        encoder.save(tmp / "encoder.keras")
-        tflite = _to_tflite(encoder)
-        (tmp / "encoder.tflite").write_bytes(tflite)
-        card["tflite_max_abs_diff"] = _check_tflite(tflite, encoder, x[:16])
+        autoencoder.save(tmp / AUTOENCODER_KERAS)
+        encoder.save(tmp / ENCODER_KERAS)
+        tflite = to_tflite(encoder)
+        (tmp / ENCODER_TFLITE).write_bytes(tflite)
+        card["tflite_max_abs_diff"] = check_tflite(tflite, encoder, x[:16])
         card.update(write_decoder(autoencoder, encoder, tmp, x[:16]))  # decoder.tflite, checked
-        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         _swap_in(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -385,35 +392,6 @@ def _portable(source: str) -> str:
 def _to_input(images: np.ndarray) -> np.ndarray:
     """uint8 [N, 28, 28] -> float32 [N, 28, 28, 1] in [0, 1]."""
     return (np.asarray(images, np.float32) / np.float32(255.0))[..., None]
-
-
-def _to_tflite(encoder: Any) -> bytes:
-    """The encoder as a LiteRT flatbuffer, with Keras's dynamic batch dimension: input [-1, 28, 28, 1]."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(encoder)
-    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its temporary SavedModel
-        return bytes(converter.convert())
-
-
-def _check_tflite(tflite: bytes, encoder: Any, x: np.ndarray) -> float | None:
-    """Max abs difference between the flatbuffer's and Keras's outputs for `x` (None without LiteRT);
-    `encoder` may be any Keras model (the decoder too)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        return None
-    interpreter = Interpreter(model_content=tflite)
-    (inp,) = interpreter.get_input_details()
-    (out,) = interpreter.get_output_details()
-    interpreter.resize_tensor_input(inp["index"], list(x.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], np.ascontiguousarray(x, np.float32))
-    interpreter.invoke()
-    diff = float(np.max(np.abs(interpreter.get_tensor(out["index"]) - np.asarray(encoder(x)))))
-    if diff > 1e-4:
-        raise RuntimeError(f"the LiteRT flatbuffer disagrees with the Keras {encoder.name} by {diff}")
-    return diff
 
 
 def _check_output(output: Path) -> Path:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
 
-from imgsearch import security
+from imgsearch import client_flags
 from imgsearch.addresses import endpoint_count
-from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX, ImageSearch, Match, ServiceError
+from imgsearch.client import ImageSearch, Match, ServiceError
 from imgsearch.evaluate import retrieval_quality
+from imgsearch.flags import Entry, Flag, add_flags, secret
 from imgsearch.ingest import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
@@ -262,43 +262,27 @@ def cmd_show(search: ImageSearch, args: argparse.Namespace) -> int:
     return 0
 
 
+GLOBAL_FLAGS: list[Entry] = [
+    client_flags.ENCODER,
+    client_flags.INDEX,
+    Flag(
+        "--timeout-s",
+        "deadline of each call in seconds",
+        "IMGSEARCH_TIMEOUT_S",
+        60.0,
+        float,
+        shown_default="60",
+    ),
+    client_flags.TLS_CA,
+    client_flags.TOKEN,
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated global flags: they would claim the commands' flags too (`reindex --to` would be
     # taken for an ambiguous `--token`).
     parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__, allow_abbrev=False)
-    parser.add_argument(
-        "--encoder",
-        default=os.environ.get("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
-        help="encoder address: host:port, dns:///host:port, or a comma list "
-        f"(env IMGSEARCH_ENCODER, default {DEFAULT_ENCODER})",
-    )
-    parser.add_argument(
-        "--index",
-        default=os.environ.get("IMGSEARCH_INDEX", DEFAULT_INDEX),
-        help=f"index address (env IMGSEARCH_INDEX, default {DEFAULT_INDEX})",
-    )
-    parser.add_argument(
-        "--timeout-s",
-        type=float,
-        default=float(os.environ.get("IMGSEARCH_TIMEOUT_S", "60")),
-        help="deadline of each call in seconds (env IMGSEARCH_TIMEOUT_S, default 60)",
-    )
-    parser.add_argument(
-        "--tls-ca",
-        default=os.environ.get("IMGSEARCH_TLS_CA") or None,
-        help="CA certificate (PEM) that signed the services' certificates; turns on TLS "
-        "(env IMGSEARCH_TLS_CA)",
-    )
-    token = parser.add_mutually_exclusive_group()
-    token.add_argument(
-        "--token",
-        help="bearer token sent on every call; prefer the env var, which `ps` does not show "
-        "(env IMGSEARCH_TOKEN)",
-    )
-    token.add_argument(
-        "--token-file",
-        help="read the token from this file, e.g. a Docker secret (env IMGSEARCH_TOKEN_FILE)",
-    )
+    add_flags(parser, GLOBAL_FLAGS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
@@ -424,13 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    """Returns the bearer token: --token, --token-file, IMGSEARCH_TOKEN, IMGSEARCH_TOKEN_FILE, first wins."""
-    if args.token or args.token_file:
-        return args.token or security.read_token_file(args.token_file)
-    if os.environ.get("IMGSEARCH_TOKEN"):
-        return os.environ["IMGSEARCH_TOKEN"]
-    path = os.environ.get("IMGSEARCH_TOKEN_FILE")
-    return security.read_token_file(path) if path else None
+    """The bearer token: --token, --token-file, IMGSEARCH_TOKEN, IMGSEARCH_TOKEN_FILE, the first set wins."""
+    return secret(args, client_flags.TOKEN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from encoder_service.model_dir import CARD_JSON
 from imgsearch.client import EncoderClient, IndexClient
 from imgsearch.evaluate import Quality, nearest_labels, retrieval_quality
 from imgsearch.local import ServiceProcess, free_port
@@ -293,7 +294,7 @@ def evaluate_suite(
             abs(served.p_at_k - fast.p_at_k),
             abs(served.map_at_k - fast.map_at_k),
         )
-        card = json.loads((model_dir / "card.json").read_text()).get("retrieval") or None
+        card = json.loads((model_dir / CARD_JSON).read_text()).get("retrieval") or None
         if card and not limit:
             row.card_figures = {key: card[key] for key in ("p_at_1", "p_at_k", "map_at_k")}
         rows.append(row)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -20,16 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imgsearch import admission, metrics, security
+from imgsearch.flags import Entry, Flag, SecretFlag, add_flags, secret
 
 log = logging.getLogger("imgsearch")
 # Reflection only describes the services: a read-only token may use it (grpcurl's first call).
 REFLECTION_METHOD = f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"
-
-
-def env_or(name: str, default: Any) -> Any:
-    """Returns the env var `name` (as a string, argparse converts it) or the default."""
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
 
 
 @dataclass(frozen=True)
@@ -65,139 +59,128 @@ class ServerSettings:
         return ", ".join(["TLS" if self.tls_cert else "plaintext", auth])
 
 
+AUTH_TOKEN = SecretFlag(
+    "--auth-token", "IMGSEARCH_AUTH_TOKEN", "require `authorization: Bearer TOKEN` on every call but health"
+)
+READ_TOKEN = SecretFlag(
+    "--read-token",
+    "IMGSEARCH_READ_TOKEN",
+    "with --auth-token: a second token, accepted for reads only (searches, gets, stats, scans, Embed, "
+    "Reconstruct, Info); writes presenting it get PERMISSION_DENIED",
+    what="read-only token",
+)
+
+
+def server_flags(*, env_prefix: str, default_port: int) -> list[Entry]:
+    """The flags every service takes; those of one service's own (its port, workers, metrics port) read
+    the env vars under its prefix."""
+    return [
+        Flag(
+            "--host", "address to listen on", "IMGSEARCH_HOST", "[::]", shown_default="[::], all interfaces"
+        ),
+        Flag("--port", "port to listen on, 0 picks a free one", f"{env_prefix}_PORT", default_port, int),
+        Flag("--workers", "gRPC worker threads for unary calls", f"{env_prefix}_WORKERS", 8, int),
+        Flag(
+            "--max-message-bytes",
+            "largest request or reply in bytes",
+            "IMGSEARCH_MAX_MESSAGE_BYTES",
+            64 * 1024 * 1024,
+            int,
+            shown_default="64 MiB",
+        ),
+        Flag(
+            "--grace-s",
+            "on SIGTERM/SIGINT, seconds in-flight calls get to finish",
+            "IMGSEARCH_GRACE_S",
+            10.0,
+            float,
+            shown_default="10",
+        ),
+        Flag(
+            "--log-format",
+            "log lines as text or JSON",
+            "IMGSEARCH_LOG_FORMAT",
+            "text",
+            choices=("text", "json"),
+        ),
+        Flag("--log-level", "log level", "IMGSEARCH_LOG_LEVEL", "INFO"),
+        Flag(
+            "--max-concurrent-rpcs",
+            "calls in flight (running or queued) past which a call is refused at once with "
+            "RESOURCE_EXHAUSTED; health checks never count",
+            "IMGSEARCH_MAX_CONCURRENT_RPCS",
+            64,
+            int,
+        ),
+        Flag(
+            "--max-streams",
+            "streams open at once of each kind, health Watch and the others (Scan, reflection), each on "
+            "threads of its own, never the workers'; past it a stream is refused with RESOURCE_EXHAUSTED",
+            "IMGSEARCH_MAX_STREAMS",
+            16,
+            int,
+        ),
+        Flag(
+            "--max-connection-age-s",
+            "close each client connection after this long (clients reconnect at once and re-resolve "
+            "DNS, finding replicas added since); 0: never",
+            "IMGSEARCH_MAX_CONNECTION_AGE_S",
+            60.0,
+            float,
+            shown_default="60",
+        ),
+        Flag(
+            "--max-connection-age-grace-s",
+            "time calls in flight on a closing connection get to finish, long scans included",
+            "IMGSEARCH_MAX_CONNECTION_AGE_GRACE_S",
+            300.0,
+            float,
+            shown_default="300",
+        ),
+        Flag(
+            "--tls-cert",
+            "PEM certificate chain; with --tls-key the service speaks only TLS",
+            "IMGSEARCH_TLS_CERT",
+        ),
+        Flag("--tls-key", "PEM private key of --tls-cert", "IMGSEARCH_TLS_KEY"),
+        AUTH_TOKEN,
+        READ_TOKEN,
+        Flag(
+            "--metrics-port",
+            "serve Prometheus metrics over HTTP on this port at /metrics, 0 picks a free one",
+            f"{env_prefix}_METRICS_PORT",
+            None,
+            int,
+            shown_default="no metrics server",
+        ),
+        Flag(
+            "--metrics-host",
+            "address the metrics server listens on",
+            "IMGSEARCH_METRICS_HOST",
+            "",
+            shown_default="--host's",
+        ),
+    ]
+
+
 def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
     """Adds the flags every service takes; each defaults to an env var, then to a built-in value."""
-    parser.add_argument(
-        "--host",
-        default=env_or("IMGSEARCH_HOST", "[::]"),
-        help="address to listen on (env IMGSEARCH_HOST, default [::], all interfaces)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=env_or(f"{env_prefix}_PORT", default_port),
-        help=f"port to listen on, 0 picks a free one (env {env_prefix}_PORT, default {default_port})",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=env_or(f"{env_prefix}_WORKERS", 8),
-        help=f"gRPC worker threads (env {env_prefix}_WORKERS, default 8)",
-    )
-    parser.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=env_or("IMGSEARCH_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
-        help="largest request or reply in bytes (env IMGSEARCH_MAX_MESSAGE_BYTES, default 64 MiB)",
-    )
-    parser.add_argument(
-        "--grace-s",
-        type=float,
-        default=env_or("IMGSEARCH_GRACE_S", 10.0),
-        help="on SIGTERM/SIGINT, seconds in-flight calls get to finish (env IMGSEARCH_GRACE_S, default 10)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        default=env_or("IMGSEARCH_LOG_FORMAT", "text"),
-        help="log lines as text or JSON (env IMGSEARCH_LOG_FORMAT, default text)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=env_or("IMGSEARCH_LOG_LEVEL", "INFO"),
-        help="log level (env IMGSEARCH_LOG_LEVEL, default INFO)",
-    )
-    parser.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=env_or("IMGSEARCH_MAX_CONCURRENT_RPCS", 64),
-        help="calls in flight (running or queued) past which a call is refused at once with "
-        "RESOURCE_EXHAUSTED; health checks never count (env IMGSEARCH_MAX_CONCURRENT_RPCS, default 64)",
-    )
-    parser.add_argument(
-        "--max-streams",
-        type=int,
-        default=env_or("IMGSEARCH_MAX_STREAMS", 16),
-        help="streams open at once of each kind, health Watch and the others (Scan, reflection), each on "
-        "threads of its own, never the workers'; past it a stream is refused with RESOURCE_EXHAUSTED "
-        "(env IMGSEARCH_MAX_STREAMS, default 16)",
-    )
-    parser.add_argument(
-        "--max-connection-age-s",
-        type=float,
-        default=env_or("IMGSEARCH_MAX_CONNECTION_AGE_S", 60.0),
-        help="close each client connection after this long (clients reconnect at once and re-resolve "
-        "DNS, finding replicas added since); 0: never (env IMGSEARCH_MAX_CONNECTION_AGE_S, default 60)",
-    )
-    parser.add_argument(
-        "--max-connection-age-grace-s",
-        type=float,
-        default=env_or("IMGSEARCH_MAX_CONNECTION_AGE_GRACE_S", 300.0),
-        help="time calls in flight on a closing connection get to finish, long scans included "
-        "(env IMGSEARCH_MAX_CONNECTION_AGE_GRACE_S, default 300)",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=env_or("IMGSEARCH_TLS_CERT", None),
-        help="PEM certificate chain; with --tls-key the service speaks only TLS (env IMGSEARCH_TLS_CERT)",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=env_or("IMGSEARCH_TLS_KEY", None),
-        help="PEM private key of --tls-cert (env IMGSEARCH_TLS_KEY)",
-    )
-    parser.add_argument(
-        "--auth-token",
-        default=env_or("IMGSEARCH_AUTH_TOKEN", None),
-        help="require `authorization: Bearer TOKEN` on every call but health (env IMGSEARCH_AUTH_TOKEN)",
-    )
-    parser.add_argument(
-        "--auth-token-file",
-        default=env_or("IMGSEARCH_AUTH_TOKEN_FILE", None),
-        help="read the token from this file, e.g. a Docker secret (env IMGSEARCH_AUTH_TOKEN_FILE)",
-    )
-    parser.add_argument(
-        "--read-token",
-        default=env_or("IMGSEARCH_READ_TOKEN", None),
-        help="with --auth-token: a second token, accepted for reads only (searches, gets, stats, scans, "
-        "Embed, Reconstruct, Info); writes presenting it get PERMISSION_DENIED (env IMGSEARCH_READ_TOKEN)",
-    )
-    parser.add_argument(
-        "--read-token-file",
-        default=env_or("IMGSEARCH_READ_TOKEN_FILE", None),
-        help="read the read-only token from this file (env IMGSEARCH_READ_TOKEN_FILE)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=env_or(f"{env_prefix}_METRICS_PORT", None),
-        help=f"serve Prometheus metrics over HTTP on this port at /metrics, 0 picks a free one "
-        f"(env {env_prefix}_METRICS_PORT, default: no metrics server)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=env_or("IMGSEARCH_METRICS_HOST", ""),
-        help="address the metrics server listens on (env IMGSEARCH_METRICS_HOST, default: --host's)",
-    )
+    add_flags(parser, server_flags(env_prefix=env_prefix, default_port=default_port))
 
 
-def _token(value: str | None, path: str | None, flag: str) -> security.Secret | None:
-    """Returns the token from --FLAG or --FLAG-file; empty strings mean off."""
-    if value and path:
-        raise SystemExit(f"give {flag} or {flag}-file, not both")
-    if path:
-        try:
-            return security.Secret(security.read_token_file(path))
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"{flag}-file: {error}") from None
-    token = (value or "").strip()
-    return security.Secret(token) if token else None
+def _token(args: argparse.Namespace, flag: SecretFlag) -> security.Secret | None:
+    """Returns the secret of `flag` (flags, then env vars); empty strings mean off."""
+    try:
+        value = secret(args, flag)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{flag.name}: {error}") from None
+    return security.Secret(value) if value else None
 
 
 def _tokens(args: argparse.Namespace) -> tuple[security.Secret | None, security.Secret | None]:
     """Returns (the token, the read-only token), checked: a read token needs a token, and another one."""
-    token = _token(args.auth_token, args.auth_token_file, "--auth-token")
-    read = _token(args.read_token, args.read_token_file, "--read-token")
+    token = _token(args, AUTH_TOKEN)
+    read = _token(args, READ_TOKEN)
     if read is not None and token is None:
         raise SystemExit(
             "--read-token needs --auth-token (or --auth-token-file) too: without it every call, writes "

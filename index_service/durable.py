@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 from imgsearch.memory import release_free_memory
+from index_service.faiss_store import VectorStore
 from index_service.snapshot import newest_valid_snapshot, remove_older_snapshots, write_snapshot
-from index_service.store import Operation, StorageFull, StorageUnavailable, VectorStore
+from index_service.store import Operation, StorageFull, StorageUnavailable
 from index_service.wal import LogWriteError, RecoveryError, WriteAheadLog, recover
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The index on Milvus: VectorStore's interface and semantics, with every item kept in a Milvus collection.
+"""The index on Milvus: the `Store` contract, with the FAISS store's semantics, over a Milvus collection.
 
 `index_service --backend milvus --milvus-uri URI` serves this instead of the FAISS store. The service
 then holds no state of its own: each call reads and writes Milvus, so any number of replicas can serve

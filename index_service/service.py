@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgsearch import metrics
+from imgsearch.flags import Flag, add_flags
 from imgsearch.handlers import add_servicer
-from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, env_or, server_settings
+from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
 from imgsearch.v1 import index_pb2
 from index_service.durable import DataDirError, DurableStore
 from index_service.servicer import IndexServicer
@@ -43,6 +44,73 @@ class IndexConfig:
     max_results: int = 100_000
 
 
+INDEX_FLAGS = [
+    Flag(
+        "--backend",
+        "where the vectors live: faiss (in this process, kept in --data-dir) or milvus (a Milvus "
+        "collection; the service then keeps no state and scales by replicas)",
+        "IMGSEARCH_INDEX_BACKEND",
+        "faiss",
+        choices=BACKENDS,
+    ),
+    Flag(
+        "--milvus-uri",
+        "with --backend milvus: a Milvus server (http://host:19530) or a Milvus Lite file in this "
+        "process (./milvus.db)",
+        "IMGSEARCH_MILVUS_URI",
+        "",
+    ),
+    Flag(
+        "--milvus-collection",
+        "with --backend milvus: the collection",
+        "IMGSEARCH_MILVUS_COLLECTION",
+        "imgsearch",
+    ),
+    Flag(
+        "--milvus-timeout-s",
+        "with --backend milvus: how long one Milvus call may take, retries included, before the "
+        "request fails with UNAVAILABLE",
+        "IMGSEARCH_MILVUS_TIMEOUT_S",
+        10.0,
+        float,
+        shown_default="10",
+    ),
+    Flag(
+        "--data-dir",
+        "with --backend faiss: where the index is kept across restarts",
+        "IMGSEARCH_DATA_DIR",
+        Path("index-data"),
+        Path,
+        shown_default="./index-data",
+    ),
+    Flag("--max-k", "largest k a search may ask for", "IMGSEARCH_MAX_K", 1000, int),
+    Flag("--max-batch", "most ids or queries in one call", "IMGSEARCH_INDEX_MAX_BATCH", 10000, int),
+    Flag(
+        "--max-results",
+        "most results one search may ask for, queries x k, refused before any work past it; a reply "
+        "that could not fit in --max-message-bytes is refused too",
+        "IMGSEARCH_INDEX_MAX_RESULTS",
+        100_000,
+        int,
+    ),
+    Flag(
+        "--snapshot-every-ops",
+        "snapshot after this many logged writes",
+        "IMGSEARCH_SNAPSHOT_EVERY_OPS",
+        10000,
+        int,
+    ),
+    Flag(
+        "--snapshot-every-s",
+        "snapshot this often when there were writes",
+        "IMGSEARCH_SNAPSHOT_EVERY_S",
+        300.0,
+        float,
+        shown_default="300",
+    ),
+]
+
+
 def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
     """Returns the configuration from flags, each defaulting to an env var."""
     parser = argparse.ArgumentParser(
@@ -50,71 +118,7 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         description="The imgsearch index service (exact L2 k-NN over gRPC: FAISS in process, or Milvus).",
     )
     add_server_flags(parser, env_prefix="IMGSEARCH_INDEX", default_port=DEFAULT_PORT)
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default=env_or("IMGSEARCH_INDEX_BACKEND", "faiss"),
-        help="where the vectors live: faiss (in this process, kept in --data-dir) or milvus (a Milvus "
-        "collection; the service then keeps no state and scales by replicas) (env IMGSEARCH_INDEX_BACKEND, "
-        "default faiss)",
-    )
-    parser.add_argument(
-        "--milvus-uri",
-        default=env_or("IMGSEARCH_MILVUS_URI", ""),
-        help="with --backend milvus: a Milvus server (http://host:19530) or a Milvus Lite file in this "
-        "process (./milvus.db) (env IMGSEARCH_MILVUS_URI)",
-    )
-    parser.add_argument(
-        "--milvus-collection",
-        default=env_or("IMGSEARCH_MILVUS_COLLECTION", "imgsearch"),
-        help="with --backend milvus: the collection (env IMGSEARCH_MILVUS_COLLECTION, default imgsearch)",
-    )
-    parser.add_argument(
-        "--milvus-timeout-s",
-        type=float,
-        default=env_or("IMGSEARCH_MILVUS_TIMEOUT_S", 10.0),
-        help="with --backend milvus: how long one Milvus call may take, retries included, before the "
-        "request fails with UNAVAILABLE (env IMGSEARCH_MILVUS_TIMEOUT_S, default 10)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=env_or("IMGSEARCH_DATA_DIR", "index-data"),
-        help="with --backend faiss: where the index is kept across restarts (env IMGSEARCH_DATA_DIR, "
-        "default ./index-data)",
-    )
-    parser.add_argument(
-        "--max-k",
-        type=int,
-        default=env_or("IMGSEARCH_MAX_K", 1000),
-        help="largest k a search may ask for (env IMGSEARCH_MAX_K, default 1000)",
-    )
-    parser.add_argument(
-        "--max-batch",
-        type=int,
-        default=env_or("IMGSEARCH_INDEX_MAX_BATCH", 10000),
-        help="most ids or queries in one call (env IMGSEARCH_INDEX_MAX_BATCH, default 10000)",
-    )
-    parser.add_argument(
-        "--max-results",
-        type=int,
-        default=env_or("IMGSEARCH_INDEX_MAX_RESULTS", 100_000),
-        help="most results one search may ask for, queries x k, refused before any work past it; a reply "
-        "that could not fit in --max-message-bytes is refused too (env IMGSEARCH_INDEX_MAX_RESULTS, "
-        "default 100000)",
-    )
-    parser.add_argument(
-        "--snapshot-every-ops",
-        type=int,
-        default=env_or("IMGSEARCH_SNAPSHOT_EVERY_OPS", 10000),
-        help="snapshot after this many logged writes (env IMGSEARCH_SNAPSHOT_EVERY_OPS, default 10000)",
-    )
-    parser.add_argument(
-        "--snapshot-every-s",
-        type=float,
-        default=env_or("IMGSEARCH_SNAPSHOT_EVERY_S", 300.0),
-        help="snapshot this often when there were writes (env IMGSEARCH_SNAPSHOT_EVERY_S, default 300)",
-    )
+    add_flags(parser, INDEX_FLAGS)
     args = parser.parse_args(argv)
     if min(args.max_k, args.max_batch, args.max_results, args.snapshot_every_ops) < 1 or (
         args.snapshot_every_s <= 0

@@ -1,10 +1,11 @@
-"""The Index gRPC servicer: protobuf in, plain calls on the VectorStore, protobuf out."""
+"""The Index gRPC servicer: protobuf in, plain calls on a Store, protobuf out; the server's conversions."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 
 from imgsearch import vectors as wire
 from imgsearch.errors import RequestError, call_gone, grpc_errors
@@ -16,6 +17,7 @@ from index_service.store import (
     InvalidArgument,
     Match,
     NotFound,
+    Stats,
     StorageFull,
     StorageUnavailable,
     Store,
@@ -39,6 +41,9 @@ ERRORS: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+# ---- the store's values as protobuf: every conversion of the server side ----------------------
+
+
 def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
     return index_pb2.SearchResponse(
         results=[
@@ -48,6 +53,49 @@ def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
             for row in results
         ]
     )
+
+
+def _got(
+    items: list[tuple[str, dict[str, str]]], vectors: np.ndarray, missing: list[str], with_vectors: bool
+) -> index_pb2.GetResponse:
+    reply = index_pb2.GetResponse(
+        items=[index_pb2.Item(id=i, metadata=m) for i, m in items], missing_ids=missing
+    )
+    if with_vectors:
+        reply.vectors.CopyFrom(wire.pack(vectors))
+    return reply
+
+
+def _stats(stats: Stats) -> index_pb2.StatsResponse:
+    return index_pb2.StatsResponse(
+        count=stats.count, dim=stats.dim, model_version=stats.model_version, bytes_used=stats.bytes_used
+    )
+
+
+def _page(
+    copied: StoreCopy, start: int, page_size: int, with_vectors: bool, max_page_bytes: int
+) -> index_pb2.ScanResponse:
+    """Up to page_size items from row `start`, fewer where more would pass max_page_bytes (never none)."""
+    page = index_pb2.ScanResponse(total=len(copied.ids), model_version=copied.model_version)
+    add = page.items.add
+    row_bytes = copied.dim * 4 if with_vectors else 0
+    size = 0
+    stop = min(start + page_size, len(copied.ids))
+    for row, (item_id, metadata) in enumerate(
+        zip(copied.ids[start:stop], copied.metadata(start, stop), strict=True), start
+    ):
+        item = add(id=item_id, metadata=metadata)
+        size += item.ByteSize() + row_bytes + ITEM_OVERHEAD_BYTES
+        if size > max_page_bytes and row > start:
+            del page.items[-1]
+            stop = row
+            break
+    if with_vectors:
+        page.vectors.CopyFrom(wire.pack(copied.vectors[start:stop]))
+    return page
+
+
+# ---- the servicer -----------------------------------------------------------------------------
 
 
 class IndexServicer(index_pb2_grpc.IndexServicer):
@@ -101,12 +149,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     def Get(self, request: index_pb2.GetRequest, context: grpc.ServicerContext) -> index_pb2.GetResponse:
         self._check_batch(len(request.ids), "ids")
         items, vectors, missing = self.store.get(list(request.ids))
-        reply = index_pb2.GetResponse(
-            items=[index_pb2.Item(id=i, metadata=m) for i, m in items], missing_ids=missing
-        )
-        if request.with_vectors:
-            reply.vectors.CopyFrom(wire.pack(vectors))
-        return reply
+        return _got(items, vectors, missing, request.with_vectors)
 
     def _check_results(self, queries: int, k: int) -> None:
         """Refuses, before any work, a search whose answer is over the results budget or could not fit
@@ -184,10 +227,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     def Stats(
         self, request: index_pb2.StatsRequest, context: grpc.ServicerContext
     ) -> index_pb2.StatsResponse:
-        stats = self.store.stats()
-        return index_pb2.StatsResponse(
-            count=stats.count, dim=stats.dim, model_version=stats.model_version, bytes_used=stats.bytes_used
-        )
+        return _stats(self.store.stats())
 
     @grpc_errors(ERRORS)
     def Scan(
@@ -203,28 +243,6 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         copied = self.store.copy(with_vectors=request.with_vectors)  # the lock is released from here on
         start = 0
         while start < len(copied.ids):
-            page = self._page(copied, start, page_size, request.with_vectors)
+            page = _page(copied, start, page_size, request.with_vectors, self.max_page_bytes)
             start += len(page.items)
             yield page
-
-    def _page(
-        self, copied: StoreCopy, start: int, page_size: int, with_vectors: bool
-    ) -> index_pb2.ScanResponse:
-        """Up to page_size items from row `start`, fewer where more would pass max_page_bytes (never none)."""
-        page = index_pb2.ScanResponse(total=len(copied.ids), model_version=copied.model_version)
-        add = page.items.add
-        row_bytes = copied.dim * 4 if with_vectors else 0
-        size = 0
-        stop = min(start + page_size, len(copied.ids))
-        for row, (item_id, metadata) in enumerate(
-            zip(copied.ids[start:stop], copied.metadata(start, stop), strict=True), start
-        ):
-            item = add(id=item_id, metadata=metadata)
-            size += item.ByteSize() + row_bytes + ITEM_OVERHEAD_BYTES
-            if size > self.max_page_bytes and row > start:
-                del page.items[-1]
-                stop = row
-                break
-        if with_vectors:
-            page.vectors.CopyFrom(wire.pack(copied.vectors[start:stop]))
-        return page

@@ -14,7 +14,8 @@ from PIL import Image
 from bench import e2e, encoder, hostile, report
 from bench.images import label_folder, png_bytes, write_png_folder
 from bench.report import Figure, Section
-from encoder_service.runtime import DEFAULT_MODEL_DIR, LiteRTRuntime
+from encoder_service.model_dir import DEFAULT_MODEL_DIR
+from encoder_service.runtime import LiteRTRuntime
 from imgsearch.local import ServiceProcess, free_port, wait_healthy
 from tests.images import mnist_sample
 

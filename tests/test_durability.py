@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from index_service.durable import DataDirError, DurableStore
+from index_service.faiss_store import VectorStore
 from index_service.snapshot import snapshots
-from index_service.store import StorageFull, StorageUnavailable, VectorStore
+from index_service.store import StorageFull, StorageUnavailable
 from index_service.wal import HEADER, segments
 
 DIM = 8

@@ -222,7 +222,7 @@ def test_a_batching_window_gives_each_concurrent_call_its_own_vectors(client: En
 
 
 def test_shipped_models_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from encoder_service.runtime import DEFAULT_MODEL_DIR, SHIPPED_MODELS
+    from encoder_service.model_dir import DEFAULT_MODEL_DIR, SHIPPED_MODELS
 
     assert parse_config([]).model_dir == DEFAULT_MODEL_DIR
     assert parse_config(["--model", "tutorial"]).model_dir == SHIPPED_MODELS / "tutorial"

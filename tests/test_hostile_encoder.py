@@ -22,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from encoder_service import preprocess, servicer
-from encoder_service.runtime import load_runtime, shipped_model
+from encoder_service.model_dir import shipped_model
+from encoder_service.runtime import load_runtime
 from imgsearch import vectors
 from imgsearch.errors import RequestError
 from imgsearch.local import ServiceProcess, free_port

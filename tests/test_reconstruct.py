@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from encoder_service import export
+from encoder_service.model_dir import shipped_model
 from encoder_service.preprocess import decode_image
-from encoder_service.runtime import NoDecoderError, load_runtime, shipped_model
+from encoder_service.runtime import NoDecoderError, load_runtime
 from encoder_service.service import EncoderService, parse_config
 from encoder_service.servicer import EncoderServicer
 from imgsearch.client import BadImage, EncoderClient, ServiceError

@@ -13,15 +13,8 @@ import numpy as np
 import pytest
 
 from encoder_service.datasets import SAMPLE_PATH
-from encoder_service.runtime import (
-    DEFAULT_MODEL_DIR,
-    LiteRTRuntime,
-    Runtime,
-    TensorFlowRuntime,
-    load_runtime,
-    read_card,
-    shipped_model,
-)
+from encoder_service.model_dir import DEFAULT_MODEL_DIR, read_card, shipped_model
+from encoder_service.runtime import LiteRTRuntime, Runtime, TensorFlowRuntime, load_runtime
 
 
 @pytest.fixture(scope="module")

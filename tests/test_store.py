@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index_service.faiss_store import VectorStore
 from index_service.snapshot import SnapshotError, newest_valid_snapshot, read_snapshot, write_snapshot
-from index_service.store import FailedPrecondition, InvalidArgument, NotFound, VectorStore
+from index_service.store import FailedPrecondition, InvalidArgument, NotFound
 
 
 def brute_force(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from encoder_service import train
 from encoder_service.datasets import SAMPLE_PATH, load_dataset, read_idx
+from encoder_service.model_dir import MODEL_FILES
 
 TINY = 256
 
@@ -37,8 +38,8 @@ def trained(tiny_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_writes_the_model_files_and_nothing_else(trained: Path) -> None:
-    assert sorted(p.name for p in trained.iterdir()) == sorted(train.MODEL_FILES)
-    for name in train.MODEL_FILES:
+    assert sorted(p.name for p in trained.iterdir()) == sorted(MODEL_FILES)
+    for name in MODEL_FILES:
         size = (trained / name).stat().st_size
         assert 0 < size < 3_000_000, (name, size)
     leftovers = [p.name for p in trained.parent.iterdir() if p.name.startswith(".")]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imgsearch import security
+from imgsearch import client_flags, security
 from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX
-from imgsearch.serving import env_or
+from imgsearch.flags import Entry, Flag, SecretFlag, add_flags, secret
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
@@ -104,8 +104,128 @@ class Settings:
         )
 
 
-def _truthy(text: str | None) -> bool:
-    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+READ_TOKEN = SecretFlag(
+    "--read-token",
+    "IMGSEARCH_WEB_READ_TOKEN",
+    "make every /api/ route need this token, as `Authorization: Bearer TOKEN` or the cookie "
+    f"{READ_TOKEN_COOKIE} (percent-encoded), which the page sets once it has asked for the token; "
+    "/, /static/, /healthz and /metrics stay open; 401 without it (default none: the API is open to whoever "
+    "reaches the port)",
+    what="read token",
+)
+SERVICE_TOKEN = SecretFlag(
+    "--token",
+    "IMGSEARCH_TOKEN",
+    "bearer token sent to the services. Give it the services' read-only token (their --read-token), so "
+    "that the gateway cannot write or delete, unless --allow-indexing is on: then their full token, which "
+    "is also the token POST /api/items must carry. Prefer the env var, which `ps` does not show",
+)
+WEB_FLAGS: list[Entry] = [
+    Flag(
+        "--host",
+        "address to listen on",
+        "IMGSEARCH_WEB_HOST",
+        "127.0.0.1",
+        shown_default="127.0.0.1; 0.0.0.0 for every interface",
+    ),
+    Flag("--port", "port", "IMGSEARCH_WEB_PORT", DEFAULT_PORT, int),
+    replace(client_flags.ENCODER, help="encoder address, as the CLI takes it"),
+    client_flags.INDEX,
+    Flag(
+        "--media-root",
+        "folder of the stored images: thumbnails and item views read an item's `source` path only inside it",
+        "IMGSEARCH_MEDIA_ROOT",
+        None,
+        Path,
+        shown_default="none: no thumbnails",
+    ),
+    Flag(
+        "--max-upload-bytes",
+        "largest image a request may upload; larger gets 413",
+        "IMGSEARCH_WEB_MAX_UPLOAD_BYTES",
+        DEFAULT_MAX_UPLOAD_BYTES,
+        int,
+    ),
+    Flag("--max-k", "most results per search", "IMGSEARCH_WEB_MAX_K", DEFAULT_MAX_K, int),
+    Flag(
+        "--timeout-s",
+        "deadline of each gRPC call",
+        "IMGSEARCH_WEB_TIMEOUT_S",
+        DEFAULT_TIMEOUT_S,
+        float,
+        shown_default=f"{DEFAULT_TIMEOUT_S:.0f}",
+    ),
+    replace(client_flags.TLS_CA, help="CA certificate (PEM) of the services; turns on TLS to them"),
+    SERVICE_TOKEN,
+    READ_TOKEN,
+    Flag(
+        "--show-source",
+        "return the items' `source` metadata (the path each image had on the machine that indexed it) in "
+        "the API's replies; by default they are left out, and thumbnails go by id",
+        "IMGSEARCH_WEB_SHOW_SOURCE",
+        False,
+        switch=True,
+    ),
+    Flag(
+        "--allow-indexing",
+        "accept POST /api/items (add an uploaded image to the index) from requests that carry "
+        "`Authorization: Bearer TOKEN`; needs a token (default off: read-only)",
+        "IMGSEARCH_WEB_ALLOW_INDEXING",
+        False,
+        switch=True,
+    ),
+    Flag(
+        "--keep-alive-timeout-s",
+        "close a keep-alive connection idle this long after a reply",
+        "IMGSEARCH_WEB_KEEP_ALIVE_TIMEOUT_S",
+        DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+        float,
+        shown_default=f"{DEFAULT_KEEP_ALIVE_TIMEOUT_S:g}",
+    ),
+    Flag(
+        "--header-timeout-s",
+        "time a client has to send a request's line and headers, from its first byte (or from "
+        "connecting); then 408 and the connection is closed: slowloris",
+        "IMGSEARCH_WEB_HEADER_TIMEOUT_S",
+        DEFAULT_HEADER_TIMEOUT_S,
+        float,
+        shown_default=f"{DEFAULT_HEADER_TIMEOUT_S:g}",
+    ),
+    Flag(
+        "--body-timeout-s",
+        "time a client has to send a request's whole body after its headers; then 408 and the "
+        "connection is closed",
+        "IMGSEARCH_WEB_BODY_TIMEOUT_S",
+        DEFAULT_BODY_TIMEOUT_S,
+        float,
+        shown_default=f"{DEFAULT_BODY_TIMEOUT_S:g}: an 8 MiB upload at 2.2 Mbit/s",
+    ),
+    Flag(
+        "--max-connections",
+        "open connections (idle ones included) or requests in flight past which a request gets 503 at "
+        "once (uvicorn's limit_concurrency)",
+        "IMGSEARCH_WEB_MAX_CONNECTIONS",
+        DEFAULT_MAX_CONNECTIONS,
+        int,
+    ),
+    Flag(
+        "--log-level",
+        "log level of the gateway and uvicorn; debug adds one line per request, errors (status 400 and "
+        "up) are logged at warning",
+        "IMGSEARCH_LOG_LEVEL",
+        "info",
+        str.lower,
+        choices=LOG_LEVELS,
+    ),
+    Flag(
+        "--log-format",
+        "log lines as text or JSON, as the services write them",
+        "IMGSEARCH_LOG_FORMAT",
+        "text",
+        str.lower,
+        choices=LOG_FORMATS,
+    ),
+]
 
 
 def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
@@ -115,157 +235,8 @@ def build_parser(prog: str = "python -m web") -> argparse.ArgumentParser:
         "services, Prometheus metrics at /metrics, health at /healthz.",
         allow_abbrev=False,
     )
-    parser.add_argument(
-        "--host",
-        default=env_or("IMGSEARCH_WEB_HOST", "127.0.0.1"),
-        help="address to listen on (env IMGSEARCH_WEB_HOST, default 127.0.0.1; 0.0.0.0 for every interface)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(env_or("IMGSEARCH_WEB_PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
-        help=f"port (env IMGSEARCH_WEB_PORT, default {DEFAULT_PORT})",
-    )
-    parser.add_argument(
-        "--encoder",
-        default=env_or("IMGSEARCH_ENCODER", DEFAULT_ENCODER),
-        help=f"encoder address, as the CLI takes it (env IMGSEARCH_ENCODER, default {DEFAULT_ENCODER})",
-    )
-    parser.add_argument(
-        "--index",
-        default=env_or("IMGSEARCH_INDEX", DEFAULT_INDEX),
-        help=f"index address (env IMGSEARCH_INDEX, default {DEFAULT_INDEX})",
-    )
-    parser.add_argument(
-        "--media-root",
-        type=Path,
-        default=env_or("IMGSEARCH_MEDIA_ROOT", None),
-        help="folder of the stored images: thumbnails and item views read an item's `source` path only "
-        "inside it (env IMGSEARCH_MEDIA_ROOT; none: no thumbnails)",
-    )
-    parser.add_argument(
-        "--max-upload-bytes",
-        type=int,
-        default=int(env_or("IMGSEARCH_WEB_MAX_UPLOAD_BYTES", str(DEFAULT_MAX_UPLOAD_BYTES)) or 0),
-        help="largest image a request may upload; larger gets 413 "
-        f"(env IMGSEARCH_WEB_MAX_UPLOAD_BYTES, default {DEFAULT_MAX_UPLOAD_BYTES})",
-    )
-    parser.add_argument(
-        "--max-k",
-        type=int,
-        default=int(env_or("IMGSEARCH_WEB_MAX_K", str(DEFAULT_MAX_K)) or 0),
-        help=f"most results per search (env IMGSEARCH_WEB_MAX_K, default {DEFAULT_MAX_K})",
-    )
-    parser.add_argument(
-        "--timeout-s",
-        type=float,
-        default=float(env_or("IMGSEARCH_WEB_TIMEOUT_S", str(DEFAULT_TIMEOUT_S)) or DEFAULT_TIMEOUT_S),
-        help=f"deadline of each gRPC call (env IMGSEARCH_WEB_TIMEOUT_S, default {DEFAULT_TIMEOUT_S:.0f})",
-    )
-    parser.add_argument(
-        "--tls-ca",
-        default=env_or("IMGSEARCH_TLS_CA", None),
-        help="CA certificate (PEM) of the services; turns on TLS to them (env IMGSEARCH_TLS_CA)",
-    )
-    token = parser.add_mutually_exclusive_group()
-    token.add_argument(
-        "--token",
-        help="bearer token sent to the services. Give it the services' read-only token (their "
-        "--read-token), so that the gateway cannot write or delete, unless --allow-indexing is on: then "
-        "their full token, which is also the token POST /api/items must carry. Prefer the env var, "
-        "which `ps` does not show (env IMGSEARCH_TOKEN)",
-    )
-    token.add_argument("--token-file", help="read the token from this file (env IMGSEARCH_TOKEN_FILE)")
-    read_token = parser.add_mutually_exclusive_group()
-    read_token.add_argument(
-        "--read-token",
-        help="make every /api/ route need this token, as `Authorization: Bearer TOKEN` or the cookie "
-        f"{READ_TOKEN_COOKIE} (percent-encoded), which the page sets once it has asked for the token; "
-        "/, /static/, /healthz and /metrics stay open; 401 without it (env IMGSEARCH_WEB_READ_TOKEN; "
-        "default none: the API is open to whoever reaches the port)",
-    )
-    read_token.add_argument(
-        "--read-token-file", help="read the read token from this file (env IMGSEARCH_WEB_READ_TOKEN_FILE)"
-    )
-    parser.add_argument(
-        "--show-source",
-        action="store_true",
-        default=_truthy(env_or("IMGSEARCH_WEB_SHOW_SOURCE", None)),
-        help="return the items' `source` metadata (the path each image had on the machine that indexed "
-        "it) in the API's replies; by default they are left out, and thumbnails go by id "
-        "(env IMGSEARCH_WEB_SHOW_SOURCE=1)",
-    )
-    parser.add_argument(
-        "--allow-indexing",
-        action="store_true",
-        default=_truthy(env_or("IMGSEARCH_WEB_ALLOW_INDEXING", None)),
-        help="accept POST /api/items (add an uploaded image to the index) from requests that carry "
-        "`Authorization: Bearer TOKEN`; needs a token (env IMGSEARCH_WEB_ALLOW_INDEXING=1; default off: "
-        "read-only)",
-    )
-    parser.add_argument(
-        "--keep-alive-timeout-s",
-        type=float,
-        default=_float_env("IMGSEARCH_WEB_KEEP_ALIVE_TIMEOUT_S", DEFAULT_KEEP_ALIVE_TIMEOUT_S),
-        help="close a keep-alive connection idle this long after a reply "
-        f"(env IMGSEARCH_WEB_KEEP_ALIVE_TIMEOUT_S, default {DEFAULT_KEEP_ALIVE_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--header-timeout-s",
-        type=float,
-        default=_float_env("IMGSEARCH_WEB_HEADER_TIMEOUT_S", DEFAULT_HEADER_TIMEOUT_S),
-        help="time a client has to send a request's line and headers, from its first byte (or from "
-        "connecting); then 408 and the connection is closed: slowloris "
-        f"(env IMGSEARCH_WEB_HEADER_TIMEOUT_S, default {DEFAULT_HEADER_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--body-timeout-s",
-        type=float,
-        default=_float_env("IMGSEARCH_WEB_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S),
-        help="time a client has to send a request's whole body after its headers; then 408 and the "
-        "connection is closed (env IMGSEARCH_WEB_BODY_TIMEOUT_S, default "
-        f"{DEFAULT_BODY_TIMEOUT_S:g}: an 8 MiB upload at 2.2 Mbit/s)",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=int(env_or("IMGSEARCH_WEB_MAX_CONNECTIONS", None) or DEFAULT_MAX_CONNECTIONS),
-        help="open connections (idle ones included) or requests in flight past which a request gets "
-        "503 at once (uvicorn's limit_concurrency; env IMGSEARCH_WEB_MAX_CONNECTIONS, default "
-        f"{DEFAULT_MAX_CONNECTIONS})",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=str.lower,
-        default=(env_or("IMGSEARCH_LOG_LEVEL", "info") or "info").lower(),
-        choices=LOG_LEVELS,
-        help="log level of the gateway and uvicorn; debug adds one line per request, errors (status 400 "
-        "and up) are logged at warning (env IMGSEARCH_LOG_LEVEL, default info)",
-    )
-    parser.add_argument(
-        "--log-format",
-        type=str.lower,
-        default=(env_or("IMGSEARCH_LOG_FORMAT", "text") or "text").lower(),
-        choices=LOG_FORMATS,
-        help="log lines as text or JSON, as the services write them (env IMGSEARCH_LOG_FORMAT, default text)",
-    )
+    add_flags(parser, WEB_FLAGS)
     return parser
-
-
-def _float_env(name: str, default: float) -> float:
-    return float(env_or(name, None) or default)
-
-
-def _token(flag: str | None, flag_file: str | None, env: str) -> str | None:
-    """The flag, its file, the env var, its file (env + "_FILE"): the first given wins (as in the CLI)."""
-    if flag:
-        return str(flag)
-    if flag_file:
-        return security.read_token_file(flag_file)
-    if env_or(env, None):
-        return env_or(env, None)
-    path = env_or(f"{env}_FILE", None)
-    return security.read_token_file(path) if path else None
 
 
 def parse_settings(argv: Sequence[str] | None = None, prog: str = "python -m web") -> Settings:
@@ -278,8 +249,8 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "python -m web
         if not media_root.is_dir():
             parser.error(f"--media-root {args.media_root} is not a folder")
     try:
-        token = _token(args.token, args.token_file, "IMGSEARCH_TOKEN")
-        read_token = _token(args.read_token, args.read_token_file, "IMGSEARCH_WEB_READ_TOKEN")
+        token = secret(args, SERVICE_TOKEN)
+        read_token = secret(args, READ_TOKEN)
         return Settings(
             encoder=args.encoder,
             index=args.index,
