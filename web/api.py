@@ -1,23 +1,27 @@
 """The JSON API under /api/: search by upload or by id, items, thumbnails, stats, health, config.
 
-Every route goes through the client's Python API (`ImageSearch`, its `encoder` and `index`); a failed
-call becomes an HTTP error in web/app.py (web/errors.py says which).
+`router` is module-level and shared by every app; each route reaches its app's settings and client
+through the dependencies in web/deps.py. Every route goes through the client's Python API (`ImageSearch`,
+its `encoder` and `index`); a failed call becomes an HTTP error in web/app.py (web/errors.py says which).
 
-No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and those built in
-`build_router` (the limits from the settings) must be evaluated where they are defined."""
+One limit differs per app and so is no part of a signature: k's bound, --max-k, and its default.
+`limited_k` enforces them and `document_limits` writes them into the app's OpenAPI document, as a bound in
+the signature would have. No `from __future__ import annotations`: FastAPI reads the annotations."""
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import grpc
-from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel, Field
 
-from imgsearch import security
 from imgsearch.client import BadImage, EncoderClient, ImageSearch, IndexClient, Match, ServiceError
 from web import media
+from web.deps import MediaRoot, SearchDep, SettingsDep, require_indexing_token
 from web.errors import http_error
 from web.limits import too_large_message
 from web.settings import Settings
@@ -26,6 +30,7 @@ DEFAULT_K = 10
 HEALTH_TIMEOUT_S = 2.0
 THUMBNAIL_CACHE = "max-age=300"  # a stored item's image rarely changes; the ETag catches it when it does
 GUARDED_THUMBNAIL_CACHE = "private, max-age=300"  # behind a read token: the browser may keep it, no proxy
+K_NOT_SENT = 0  # k's default in the signatures, read as "the gateway's default"; a 0 sent fails ge=1
 
 
 class Error(BaseModel):
@@ -117,10 +122,63 @@ def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
     return {code: {"model": Error} for code in codes}
 
 
+K = Annotated[int, Query(ge=1, description="results wanted")]
+FormK = Annotated[int, Form(ge=1, description="results wanted")]
+ItemId = Annotated[str, Query(min_length=1, description="a stored id (ids may hold any character)")]
+ThumbnailSize = Annotated[int, Query(ge=media.THUMBNAIL_SIZES[0], le=media.THUMBNAIL_SIZES[1])]
+
+router = APIRouter(prefix="/api", tags=["api"])
+
+
+def default_k(settings: Settings) -> int:
+    return min(DEFAULT_K, settings.max_k)
+
+
+def health_timeout_s(settings: Settings) -> float:
+    """The health checks' deadline: short, so that /healthz answers before a prober gives up on it."""
+    return min(HEALTH_TIMEOUT_S, settings.timeout_s)
+
+
+def limited_k(k: int, settings: Settings, where: str) -> int:
+    """k as sent, if within --max-k, or the gateway's default when not sent. Out of bounds, the error a
+    bound in the signature would have raised (pydantic's, at `where`: "query" or "body")."""
+    if k == K_NOT_SENT:
+        return default_k(settings)
+    if k > settings.max_k:
+        message = f"Input should be less than or equal to {settings.max_k}"
+        raise RequestValidationError(
+            [{"type": "less_than_equal", "loc": (where, "k"), "msg": message, "input": k}]
+        )
+    return k
+
+
+def document_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The app's OpenAPI document with its k bound and default, as pydantic writes them from a bound in the
+    signature: `maximum` after `type`, in the number type of `minimum` (a float in a form)."""
+
+    def limited(schema: dict[str, Any]) -> dict[str, Any]:
+        maximum = type(schema["minimum"])(settings.max_k)
+        return {"type": schema["type"], "maximum": maximum, **schema, "default": default_k(settings)}
+
+    search = openapi["paths"][f"{router.prefix}/search"]
+    for parameter in search["get"]["parameters"]:
+        if parameter["name"] == "k":
+            parameter["schema"] = limited(parameter["schema"])
+    form = search["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    fields = openapi["components"]["schemas"][form.rsplit("/", 1)[-1]]["properties"]
+    fields["k"] = limited(fields["k"])
+    return openapi
+
+
 def thumbnail_url(settings: Settings, item_id: str, metadata: dict[str, str]) -> str | None:
     if settings.media_root is None or not metadata.get(media.SOURCE_KEY):
         return None
     return f"/api/thumbnail?id={quote(item_id, safe='')}"
+
+
+def thumbnail_cache(settings: Settings) -> str:
+    """Cache-Control of a thumbnail: behind a read token, no shared cache may keep it."""
+    return GUARDED_THUMBNAIL_CACHE if settings.read_token else THUMBNAIL_CACHE
 
 
 def shown(settings: Settings, metadata: dict[str, str]) -> dict[str, str]:
@@ -143,19 +201,39 @@ def results(settings: Settings, matches: list[Match]) -> list[Result]:
     ]
 
 
+def no_view(note: str) -> ModelView:
+    return ModelView(input=None, reconstruction=None, note=note)
+
+
 def model_view(search: ImageSearch, image: bytes) -> ModelView:
     """The image's preprocessed input and reconstruction from the encoder (Reconstruct); a note instead
     when the encoder cannot give them (a model without a decoder, an older encoder, a bad stored file)."""
     try:
         [view] = search.encoder.reconstruct([image])
     except BadImage as error:
-        _, message = http_error(error)
-        return ModelView(input=None, reconstruction=None, note=message)
+        return no_view(http_error(error)[1])
     except ServiceError as error:
-        return ModelView(input=None, reconstruction=None, note=str(error))
+        return no_view(str(error))
     return ModelView(
         input=media.png_data_url(view.input), reconstruction=media.png_data_url(view.output), note=None
     )
+
+
+def stored_view(search: ImageSearch, root: Path | None, metadata: dict[str, str]) -> ModelView:
+    """The model's view of a stored item's image, read from the media root; a note when there is none."""
+    try:
+        image = media.read_source(root, metadata.get(media.SOURCE_KEY))
+    except media.NoImage as missing:
+        return no_view(str(missing))
+    return model_view(search, image)
+
+
+def stored(search: ImageSearch, item_id: str) -> tuple[str, dict[str, str]]:
+    """The stored item's id and metadata; 404 when the index has no such item."""
+    items, _ = search.index.get([item_id])
+    if not items:
+        raise HTTPException(404, f"no item with id {item_id!r}")
+    return items[0].id, items[0].metadata
 
 
 def read_upload(file: UploadFile, limit: int) -> bytes:
@@ -190,142 +268,118 @@ def health(search: ImageSearch, timeout_s: float) -> Health:
     return Health(ok=encoder.ok and index.ok, encoder=encoder, index=index)
 
 
-def build_router(settings: Settings, search: ImageSearch) -> APIRouter:
-    router = APIRouter(prefix="/api", tags=["api"])
-    health_timeout_s = min(HEALTH_TIMEOUT_S, settings.timeout_s)
-    default_k = min(DEFAULT_K, settings.max_k)
-    K = Annotated[int, Query(ge=1, le=settings.max_k, description="results wanted")]
-    FormK = Annotated[int, Form(ge=1, le=settings.max_k, description="results wanted")]
-    ItemId = Annotated[str, Query(min_length=1, description="a stored id (ids may hold any character)")]
-    thumbnail_cache = GUARDED_THUMBNAIL_CACHE if settings.read_token else THUMBNAIL_CACHE
+@router.post(
+    "/search",
+    response_model=UploadSearch,
+    summary="Search by an uploaded image",
+    responses=_errors(400, 413, 503),
+)
+def search_upload(
+    file: Annotated[UploadFile, File(description="an image: PNG, JPEG, BMP, GIF, WebP or TIFF")],
+    settings: SettingsDep,
+    search: SearchDep,
+    k: FormK = K_NOT_SENT,
+) -> UploadSearch:
+    k = limited_k(k, settings, "body")
+    image = read_upload(file, settings.max_upload_bytes)
+    [matches] = search.search([image], k)  # a bad image fails here: 400 with the encoder's reason
+    return UploadSearch(k=k, query=model_view(search, image), results=results(settings, matches))
 
-    def stored(item_id: str) -> tuple[str, dict[str, str]]:
-        items, _ = search.index.get([item_id])
-        if not items:
-            raise HTTPException(404, f"no item with id {item_id!r}")
-        return items[0].id, items[0].metadata
 
-    @router.post(
-        "/search",
-        response_model=UploadSearch,
-        summary="Search by an uploaded image",
-        responses=_errors(400, 413, 503),
+@router.get(
+    "/search",
+    response_model=IdSearch,
+    summary="More like a stored item (SearchById; the item itself is left out)",
+    responses=_errors(404, 503),
+)
+def search_by_id(id: ItemId, settings: SettingsDep, search: SearchDep, k: K = K_NOT_SENT) -> IdSearch:
+    k = limited_k(k, settings, "query")
+    [matches] = search.search_by_id([id], k)
+    return IdSearch(k=k, query=IdQuery(id=id), results=results(settings, matches))
+
+
+@router.get(
+    "/items",
+    response_model=Item,
+    summary="A stored item, with its image as the model sees it",
+    responses=_errors(404, 503),
+)
+def get_item(id: ItemId, settings: SettingsDep, root: MediaRoot, search: SearchDep) -> Item:
+    item_id, metadata = stored(search, id)
+    return Item(
+        id=item_id,
+        metadata=shown(settings, metadata),
+        thumbnail_url=thumbnail_url(settings, item_id, metadata),
+        view=stored_view(search, root, metadata),
     )
-    def search_upload(
-        file: Annotated[UploadFile, File(description="an image: PNG, JPEG, BMP, GIF, WebP or TIFF")],
-        k: FormK = default_k,
-    ) -> UploadSearch:
-        image = read_upload(file, settings.max_upload_bytes)
-        [matches] = search.search([image], k)  # a bad image fails here: 400 with the encoder's reason
-        return UploadSearch(k=k, query=model_view(search, image), results=results(settings, matches))
 
-    @router.get(
-        "/search",
-        response_model=IdSearch,
-        summary="More like a stored item (SearchById; the item itself is left out)",
-        responses=_errors(404, 503),
+
+@router.post(
+    "/items",
+    response_model=Added,
+    status_code=201,
+    summary="Add an uploaded image to the index (only with --allow-indexing and the token)",
+    responses=_errors(400, 401, 403, 413, 503),
+    dependencies=[Depends(require_indexing_token)],
+)
+def add_item(
+    file: Annotated[UploadFile, File(description="the image to embed and store")],
+    id: Annotated[str, Form(min_length=1, description="the id to store it under")],
+    settings: SettingsDep,
+    search: SearchDep,
+    label: Annotated[str, Form(description="the metadata `label`")] = "",
+) -> Added:
+    image = read_upload(file, settings.max_upload_bytes)
+    count = search.add([id], [image], [{"label": label}] if label else [{}])
+    return Added(id=id, count=count)
+
+
+@router.get(
+    "/thumbnail",
+    summary="A stored item's image, downscaled (PNG)",
+    responses={200: {"content": {"image/png": {}}}, **_errors(404, 503)},
+    response_class=Response,
+)
+def get_thumbnail(
+    request: Request,
+    id: ItemId,
+    settings: SettingsDep,
+    root: MediaRoot,
+    search: SearchDep,
+    size: ThumbnailSize = media.DEFAULT_THUMBNAIL_SIZE,
+) -> Response:
+    _, metadata = stored(search, id)
+    data, etag = media.thumbnail(media.resolve_source(root, metadata.get(media.SOURCE_KEY)), size)
+    headers = {"ETag": etag, "Cache-Control": thumbnail_cache(settings)}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type="image/png", headers=headers)
+
+
+@router.get("/stats", response_model=Stats, summary="The collection: count, dim, model version")
+def stats(search: SearchDep) -> Stats:
+    return Stats.model_validate(search.index.stats(), from_attributes=True)
+
+
+@router.get(
+    "/health",
+    response_model=Health,
+    summary="Both services' gRPC health; 503 when either is not serving",
+    responses={503: {"model": Health}},
+)
+def get_health(response: Response, settings: SettingsDep, search: SearchDep) -> Health:
+    found = health(search, health_timeout_s(settings))
+    if not found.ok:
+        response.status_code = 503
+    return found
+
+
+@router.get("/config", response_model=Config, summary="What the page needs to know of this gateway")
+def config(settings: SettingsDep) -> Config:
+    return Config(
+        max_upload_bytes=settings.max_upload_bytes,
+        max_k=settings.max_k,
+        default_k=default_k(settings),
+        thumbnails=settings.media_root is not None,
+        indexing=settings.allow_indexing,
     )
-    def search_by_id(id: ItemId, k: K = default_k) -> IdSearch:
-        [matches] = search.search_by_id([id], k)
-        return IdSearch(k=k, query=IdQuery(id=id), results=results(settings, matches))
-
-    @router.get(
-        "/items",
-        response_model=Item,
-        summary="A stored item, with its image as the model sees it",
-        responses=_errors(404, 503),
-    )
-    def get_item(id: ItemId) -> Item:
-        item_id, metadata = stored(id)
-        try:
-            image = media.read_source(settings.media_root, metadata.get(media.SOURCE_KEY))
-        except media.NoImage as missing:
-            view = ModelView(input=None, reconstruction=None, note=str(missing))
-        else:
-            view = model_view(search, image)
-        return Item(
-            id=item_id,
-            metadata=shown(settings, metadata),
-            thumbnail_url=thumbnail_url(settings, item_id, metadata),
-            view=view,
-        )
-
-    @router.post(
-        "/items",
-        response_model=Added,
-        status_code=201,
-        summary="Add an uploaded image to the index (only with --allow-indexing and the token)",
-        responses=_errors(400, 401, 403, 413, 503),
-    )
-    def add_item(
-        file: Annotated[UploadFile, File(description="the image to embed and store")],
-        id: Annotated[str, Form(min_length=1, description="the id to store it under")],
-        label: Annotated[str, Form(description="the metadata `label`")] = "",
-        authorization: Annotated[str | None, Header(description="Bearer TOKEN")] = None,
-    ) -> Added:
-        if not settings.allow_indexing or settings.token is None:
-            raise HTTPException(
-                403, "this gateway is read-only (start it with --allow-indexing to add images)"
-            )
-        problem = security.BearerTokenInterceptor(settings.token.value).check(
-            [(security.AUTH_KEY, authorization or "")]
-        )
-        if problem is not None:
-            raise HTTPException(
-                401, f"{problem}: send Authorization: Bearer TOKEN", {"WWW-Authenticate": "Bearer"}
-            )
-        image = read_upload(file, settings.max_upload_bytes)
-        count = search.add([id], [image], [{"label": label}] if label else [{}])
-        return Added(id=id, count=count)
-
-    @router.get(
-        "/thumbnail",
-        summary="A stored item's image, downscaled (PNG)",
-        responses={200: {"content": {"image/png": {}}}, **_errors(404, 503)},
-        response_class=Response,
-    )
-    def get_thumbnail(
-        request: Request,
-        id: ItemId,
-        size: Annotated[int, Query(ge=media.THUMBNAIL_SIZES[0], le=media.THUMBNAIL_SIZES[1])] = (
-            media.DEFAULT_THUMBNAIL_SIZE
-        ),
-    ) -> Response:
-        _, metadata = stored(id)
-        path = media.resolve_source(settings.media_root, metadata.get(media.SOURCE_KEY))
-        data, etag = media.thumbnail(path, size)
-        headers = {"ETag": etag, "Cache-Control": thumbnail_cache}
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return Response(data, media_type="image/png", headers=headers)
-
-    @router.get("/stats", response_model=Stats, summary="The collection: count, dim, model version")
-    def stats() -> Stats:
-        found = search.index.stats()
-        return Stats(
-            count=found.count, dim=found.dim, model_version=found.model_version, bytes_used=found.bytes_used
-        )
-
-    @router.get(
-        "/health",
-        response_model=Health,
-        summary="Both services' gRPC health; 503 when either is not serving",
-        responses={503: {"model": Health}},
-    )
-    def get_health(response: Response) -> Health:
-        found = health(search, health_timeout_s)
-        if not found.ok:
-            response.status_code = 503
-        return found
-
-    @router.get("/config", response_model=Config, summary="What the page needs to know of this gateway")
-    def config() -> Config:
-        return Config(
-            max_upload_bytes=settings.max_upload_bytes,
-            max_k=settings.max_k,
-            default_k=default_k,
-            thumbnails=settings.media_root is not None,
-            indexing=settings.allow_indexing,
-        )
-
-    return router
