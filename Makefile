@@ -61,13 +61,13 @@ test: setup ## run the test suite
 lint: setup ## ruff (lint and format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy imgsearch encoder_service index_service web bench tests
+	$(VENV)/bin/mypy imgsearch imgsearch_server encoder_service index_service web bench tools tests
 
 demo: setup ## index the MNIST sample through both services, evaluate, write out/similar.png; the page on :8080 meanwhile (KEEP=1: keep it all running)
-	$(PY) -m imgsearch.demo$(if $(KEEP), --keep-running)
+	$(PY) -m tools.demo$(if $(KEEP), --keep-running)
 
 up: setup ## run both services in the foreground (Ctrl-C stops them)
-	$(PY) -m imgsearch.local
+	$(PY) -m tools.local
 
 train: setup ## retrain the shipped default model on the MNIST sample's index split
 	$(PY) -m encoder_service.train --dataset mnist-sample --output encoder_service/models/default

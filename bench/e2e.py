@@ -3,7 +3,7 @@ search by image against them, beside the same work done in one process (decode +
 
 The images are written as PNG files, one folder per label, to a temporary folder (on tmpfs when there
 is one); the index's data dir is on disk, so every upsert is fsync'd as in production. Both services run
-as child processes with their default settings (imgsearch.local); the real CLI is timed as a child
+as child processes with their default settings (tools.local); the real CLI is timed as a child
 process, from its start to its exit."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from encoder_service.preprocess import decode_image
 from encoder_service.runtime import load_runtime
 from imgsearch.client import ImageSearch
 from imgsearch.ingest import DEFAULT_IN_FLIGHT, collect_images, index_images
-from imgsearch.local import LocalServices, ServiceProcess, free_port
+from tools.local import LocalServices, ServiceProcess, free_port
 
 K = 10
 

@@ -5,7 +5,7 @@ The images are Fashion-MNIST's test split as 28x28 8-bit grayscale PNG files (be
 that no two calls in a row send the same image. "Model only" rows take the pixels already decoded
 (float32 [N, 28, 28] in [0, 1]); "decode +" rows and the service take the PNG bytes and decode each
 with encoder_service.preprocess.decode_image, as the service does. Clients are threads of this
-process, each with its own channel; the services are child processes (imgsearch.local)."""
+process, each with its own channel; the services are child processes (tools.local)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from encoder_service.model_dir import DEFAULT_MODEL_DIR, ENCODER_KERAS
 from encoder_service.preprocess import decode_image
 from encoder_service.runtime import LiteRTRuntime, Runtime
 from imgsearch.client import EncoderClient
-from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import encoder_pb2
+from tools.local import ServiceProcess, free_port
 
 BATCHES = (1, 32, 256)
 CLIENTS = (1, 2, 4)
@@ -468,15 +468,15 @@ def _sweep(plan: Plan, images: Images, litert: Runtime, service: Service) -> dic
 def _decomposition(
     plan: Plan, images: Images, litert: Runtime, payload: int
 ) -> dict[str, tuple[float, float]]:
-    """Where a one-image call's time goes: the encoder's own server set-up (imgsearch.serving's
+    """Where a one-image call's time goes: the encoder's own server set-up (imgsearch_server.serving's
     GrpcServer, the servicer registered as the service registers it) in this process, answering Embed
     with a canned reply, then also decoding the PNG, then the real servicer; beside the echo and the
     in-process work. p50/p99 ms, alternating round by round."""
     from encoder_service.servicer import EncoderServicer
-    from imgsearch import vectors as wire
-    from imgsearch.handlers import add_servicer
-    from imgsearch.serving import GrpcServer, ServerSettings
+    from imgsearch import wire
     from imgsearch.v1 import encoder_pb2_grpc
+    from imgsearch_server.handlers import add_servicer
+    from imgsearch_server.serving import GrpcServer, ServerSettings
 
     canned = encoder_pb2.EmbedResponse(
         vectors=wire.pack(litert.embed(images.pixels[:1])), model_version=litert.model_version

@@ -2,8 +2,8 @@
 `Watch` streams are held open, for three ways of serving (bench/model_server.py) and for the real
 encoder service, every server in a process of its own.
 
-This is the measurement behind the services' server model (imgsearch/admission.py): it keeps grpcio's
-sync server and gives each kind of call threads of its own, rather than moving to `grpc.aio`."""
+This is the measurement behind the services' server model (imgsearch_server/admission.py): it keeps
+grpcio's sync server and gives each kind of call threads of its own, rather than moving to `grpc.aio`."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.encoder import start_serving
 from bench.report import Figure, Section, p50_p99_ms
-from imgsearch.local import ServiceProcess, free_port, wait_healthy
 from imgsearch.v1 import encoder_pb2
 from tests.images import encode, glyph
+from tools.local import ServiceProcess, free_port, wait_healthy
 
 MODELS = ("shared", "pools", "aio")
 IN_FLIGHT = 150
@@ -159,8 +159,8 @@ def run(out: Path, quick: bool) -> list[Section]:
     section.tables.append(
         (
             "Each server in its own process; `shared`: one pool for every call (the services before), "
-            "`pools`: imgsearch/admission.py (the services now), `aio`: grpc.aio with the work on an "
-            f"executor. {IN_FLIGHT} calls in flight each hold a worker for 0.2 s.",
+            "`pools`: imgsearch_server/admission.py (the services now), `aio`: grpc.aio with the work on "
+            f"an executor. {IN_FLIGHT} calls in flight each hold a worker for 0.2 s.",
             "\n".join(rows),
         )
     )

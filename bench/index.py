@@ -34,12 +34,12 @@ import numpy as np
 
 from bench.echo import EchoServer
 from bench.report import Figure, Section, p50_p99_ms, rss_mib
-from imgsearch import vectors as wire
+from imgsearch import wire
 from imgsearch.client import IndexClient
-from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import index_pb2
 from index_service.durable import DurableStore
 from index_service.faiss_store import VectorStore
+from tools.local import ServiceProcess, free_port
 
 DIM = 128
 K = 10

@@ -5,8 +5,8 @@ health, for bench/hostile.py to compare, each in a process of its own.
   included, gRPC's own `maximum_concurrent_rpcs` (64) over all of them, and an interceptor that wraps
   every handler, as the services' request metrics do. A wrapped health `Watch` loses grpcio's
   non-blocking mark, so each open stream holds a worker: the stall the services had;
-- `pools`: the same server and interceptor with `imgsearch.admission` after it: workers for unary calls,
-  pools of their own for streams and for health checks and refusals (what the services run now);
+- `pools`: the same server and interceptor with `imgsearch_server.admission` after it: workers for unary
+  calls, pools of their own for streams and for health checks and refusals (what the services run now);
 - `aio`: `grpc.aio`, health on the event loop, the work on an executor of 8 threads.
 
 `/bench.Work/Echo` returns its request; `/bench.Work/Busy` holds a worker for BUSY_S (sleeping, as a call
@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imgsearch.admission import Admission, behavior_of, handler_like
+from imgsearch_server.admission import Admission, behavior_of, handler_like
 
 MODELS = ("shared", "pools", "aio")
 WORKERS = 8

@@ -49,8 +49,8 @@ from bench.index import (
 )
 from bench.report import Figure, Section, p50_p99_ms, rss_mib
 from imgsearch.client import IndexClient
-from imgsearch.local import ServiceProcess, free_port
 from imgsearch.migrate import DEFAULT_PAGE_SIZE, migrate
+from tools.local import ServiceProcess, free_port
 
 SPEEDUP_TARGET = 10.0
 Search = Callable[[np.ndarray], list[int]]  # one query [dim] -> row ids, nearest first

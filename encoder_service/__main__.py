@@ -6,7 +6,7 @@ import logging
 
 from encoder_service.preprocess import quiet_pillow_warnings
 from encoder_service.service import EncoderService, parse_config
-from imgsearch.serving import configure_logging, describe, run_until_signal
+from imgsearch_server.serving import configure_logging, describe, run_until_signal
 
 log = logging.getLogger("encoder_service")
 

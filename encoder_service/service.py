@@ -10,15 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder_service import metrics
 from encoder_service.model_dir import shipped_model
 from encoder_service.preprocess import raise_pillow_limit
 from encoder_service.runtime import load_runtime
 from encoder_service.servicer import DEFAULT_DECODE_BUDGET_MIB, DEFAULT_DECODE_WAIT_S, EncoderServicer
-from imgsearch import metrics
 from imgsearch.flags import Flag, add_flags
-from imgsearch.handlers import add_servicer
-from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
 from imgsearch.v1 import encoder_pb2
+from imgsearch_server.handlers import add_servicer
+from imgsearch_server.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
 
 log = logging.getLogger("encoder_service")
 

@@ -16,12 +16,12 @@ import numpy as np
 
 from encoder_service.preprocess import ImageError, ImageHeader, decode_image, from_raw_pixels
 from encoder_service.runtime import NoDecoderError, Runtime
-from imgsearch import vectors as wire
-from imgsearch.errors import RequestError, call_gone, grpc_errors
-from imgsearch.memory import release_free_memory
+from imgsearch import wire
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch.wire import BAD_IMAGE_KEY
+from imgsearch_server.errors import RequestError, call_gone, grpc_errors
+from imgsearch_server.memory import release_free_memory
 
-BAD_IMAGE_KEY = "imgsearch-bad-image"  # trailing metadata: the position of the image that failed
 CHECK_EVERY_S = 0.005  # while decoding a batch, look this often whether its caller still waits
 MIB = 1024 * 1024
 DEFAULT_DECODE_BUDGET_MIB = 512  # see DecodeBudget

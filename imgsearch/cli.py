@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 
 import grpc
 import numpy as np
@@ -407,6 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PLUGINS = "imgsearch.commands"  # entry points (pyproject.toml): commands the client does not import
+PLUGIN_EXTRAS = {"train": "train", "web": "web", "eval-suite": "train"}
+
+
+def _plugin(name: str, argv: list[str]) -> int:
+    """Runs the command another package provides (training, the gateway, the quality suite) through its
+    entry point, so the client imports none of their code, nor TensorFlow or FastAPI."""
+    install = f"pip install 'imgsearch[{PLUGIN_EXTRAS[name]}]'"
+    found = entry_points(group=PLUGINS, name=name)
+    if not found:
+        raise SystemExit(f"imgsearch {name.replace('-', ' --')}: not installed here; {install}")
+    try:
+        command = next(iter(found)).load()
+    except ImportError as error:
+        raise SystemExit(f"imgsearch {name}: {error}; {install}") from None
+    return int(command(argv))
+
+
 def _token(args: argparse.Namespace) -> str | None:
     """The bearer token: --token, --token-file, IMGSEARCH_TOKEN, IMGSEARCH_TOKEN_FILE, the first set wins."""
     return secret(args, client_flags.TOKEN)
@@ -414,18 +433,10 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        from encoder_service.train import main as train_main
-
-        return train_main(argv[1:])
-    if argv[:1] == ["web"]:
-        from web.server import main as web_main  # FastAPI only from here on: the [web] extra
-
-        return web_main(argv[1:], prog="imgsearch web")
+    if argv[:1] in (["train"], ["web"]):
+        return _plugin(argv[0], argv[1:])
     if argv[:2] == ["eval", "--suite"]:
-        from imgsearch.quality import main as quality_main
-
-        return quality_main(argv[2:])
+        return _plugin("eval-suite", argv[2:])
     args = build_parser().parse_args(argv)
     if args.command in ("train", "web"):  # global flags before them: theirs come after the command
         raise SystemExit(f"imgsearch: put the flags after {args.command}: imgsearch {args.command} --help")

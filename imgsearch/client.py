@@ -18,15 +18,14 @@ from typing import Any
 import grpc
 import numpy as np
 
-from imgsearch import security
-from imgsearch import vectors as wire
+from imgsearch import security, wire
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
+from imgsearch.wire import BAD_IMAGE_KEY
 
 DEFAULT_ENCODER = "localhost:50051"
 DEFAULT_INDEX = "localhost:50052"
 DEFAULT_TIMEOUT_S = 60.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-BAD_IMAGE_KEY = "imgsearch-bad-image"
 
 # round_robin spreads calls over every address a target resolves to (scaled encoder replicas);
 # a call that finds a replica gone (UNAVAILABLE) is retried, on another one where there is one.

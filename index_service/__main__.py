@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from imgsearch.serving import configure_logging, describe, run_until_signal
+from imgsearch_server.serving import configure_logging, describe, run_until_signal
 from index_service.service import IndexService, parse_config
 
 log = logging.getLogger("index_service")

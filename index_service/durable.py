@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from imgsearch.memory import release_free_memory
+from imgsearch_server.memory import release_free_memory
 from index_service.faiss_store import VectorStore
 from index_service.snapshot import newest_valid_snapshot, remove_older_snapshots, write_snapshot
 from index_service.store import Operation, StorageFull, StorageUnavailable

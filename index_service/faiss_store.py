@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import faiss
 import numpy as np
 
-from imgsearch.memory import release_free_memory
+from imgsearch_server.memory import release_free_memory
 from index_service.rwlock import ReadWriteLock
 from index_service.store import (
     REINDEX_HINT,

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgsearch import metrics
 from imgsearch.flags import Flag, add_flags
-from imgsearch.handlers import add_servicer
-from imgsearch.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
 from imgsearch.v1 import index_pb2
+from imgsearch_server.handlers import add_servicer
+from imgsearch_server.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
+from index_service import metrics
 from index_service.durable import DataDirError, DurableStore
 from index_service.servicer import IndexServicer
 from index_service.store import StorageUnavailable, Store

@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 
-from imgsearch import vectors as wire
-from imgsearch.errors import RequestError, call_gone, grpc_errors
-from imgsearch.memory import release_free_memory
+from imgsearch import wire
 from imgsearch.v1 import index_pb2, index_pb2_grpc
+from imgsearch_server.errors import RequestError, call_gone, grpc_errors
+from imgsearch_server.memory import release_free_memory
 from index_service.store import (
     Check,
     FailedPrecondition,

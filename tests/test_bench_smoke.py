@@ -16,8 +16,8 @@ from bench.images import label_folder, png_bytes, write_png_folder
 from bench.report import Figure, Section
 from encoder_service.model_dir import DEFAULT_MODEL_DIR
 from encoder_service.runtime import LiteRTRuntime
-from imgsearch.local import ServiceProcess, free_port, wait_healthy
 from tests.images import mnist_sample
+from tools.local import ServiceProcess, free_port, wait_healthy
 
 
 def test_png_bytes_reads_back_pixel_for_pixel() -> None:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from imgsearch.client import EncoderClient, channel_target
-from imgsearch.local import ServiceProcess, free_port
 from tests.images import encode, glyph, mnist_sample
 from tests.test_encoder_service import start_encoder
+from tools.local import ServiceProcess, free_port
 
 
 def test_channel_targets() -> None:

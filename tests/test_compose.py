@@ -1,4 +1,4 @@
-"""Checks docker-compose.yml, the three Dockerfiles and the imgsearch.healthcheck probe they use."""
+"""Checks docker-compose.yml, the three Dockerfiles and the imgsearch_server.healthcheck probe they use."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from imgsearch import healthcheck
+from imgsearch_server import healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SECURE_FILE = ROOT / "docker-compose.secure.yml"
-HEALTHCHECK_MODULE = "imgsearch.healthcheck"
+HEALTHCHECK_MODULE = "imgsearch_server.healthcheck"
 # service -> (the pip extra its image installs, the container port it listens on; None for the CLI)
 SERVICES: dict[str, tuple[str, int | None]] = {
     "encoder": ("encoder", 50051),
@@ -768,14 +768,18 @@ def dashboard_queries() -> list[str]:
 
 
 def test_the_dashboard_queries_what_the_services_export() -> None:
-    """Each metric a panel names is one imgsearch/metrics.py exports (tests/test_metrics.py checks those
+    """Each metric a panel names is one the services export (imgsearch_server/metrics.py's shared names and
+    each service's metrics.py's own; tests/test_metrics.py checks those
     names against a live scrape of both services) or one the web gateway's registry holds, and the panels
     the issue asks for are there."""
-    from imgsearch import metrics
+    from encoder_service import metrics as encoder_metrics
+    from imgsearch_server import metrics
+    from index_service import metrics as index_metrics
     from web.metrics import GatewayMetrics
 
     gateway = {family.name for family in GatewayMetrics().registry.collect()}
-    families = {*metrics.EXPORTED, *gateway, *(f"{name}_total" for name in gateway)}
+    exported_by_services = {*metrics.EXPORTED, *encoder_metrics.EXPORTED, *index_metrics.EXPORTED}
+    families = {*exported_by_services, *gateway, *(f"{name}_total" for name in gateway)}
     exported = families | {f"{name}_{suffix}" for name in families for suffix in ("bucket", "sum", "count")}
     queries = dashboard_queries()
     named = {name for query in queries for name in re.findall(r"\b(imgsearch_[a-z_]+)", query)}
@@ -785,7 +789,7 @@ def test_the_dashboard_queries_what_the_services_export() -> None:
     assert 'imgsearch_grpc_requests_total{code!="OK"}' in text  # errors
     assert "histogram_quantile(0.5, " in text and "histogram_quantile(0.99, " in text  # latency p50, p99
     assert "imgsearch_grpc_request_seconds_bucket" in text
-    assert {metrics.INDEX_VECTORS, metrics.ENCODER_IMAGES, metrics.GRPC_REJECTED} <= named
+    assert {index_metrics.INDEX_VECTORS, encoder_metrics.ENCODER_IMAGES, metrics.GRPC_REJECTED} <= named
     assert any(name.startswith("imgsearch_http_") for name in named), "the gateway's requests"
 
 
@@ -795,7 +799,7 @@ def test_the_header_says_how_to_run_the_monitoring_profile() -> None:
         assert text in header, text
 
 
-# imgsearch.healthcheck, against an in-process server.
+# imgsearch_server.healthcheck, against an in-process server.
 
 
 @pytest.fixture

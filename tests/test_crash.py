@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from imgsearch.client import IndexClient, ServiceError
-from imgsearch.local import ServiceProcess, free_port
 from tests.images import mnist_sample
+from tools.local import ServiceProcess, free_port
 
 DIM = 16
 THREADS = 4

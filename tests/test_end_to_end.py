@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imgsearch.local import LocalServices, free_port
 from tests.images import mnist_sample
+from tools.local import LocalServices, free_port
 
 COUNT = 1000
 

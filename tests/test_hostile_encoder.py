@@ -24,11 +24,11 @@ from PIL import Image
 from encoder_service import preprocess, servicer
 from encoder_service.model_dir import shipped_model
 from encoder_service.runtime import load_runtime
-from imgsearch import vectors
-from imgsearch.errors import RequestError
-from imgsearch.local import ServiceProcess, free_port
+from imgsearch import wire
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch_server.errors import RequestError
 from tests.images import encode, glyph
+from tools.local import ServiceProcess, free_port
 
 MIB = 1024 * 1024
 # The bound the issue sets: the encoder's peak resident size with the default flags, under any burst.
@@ -129,7 +129,7 @@ class Encoder:
         """The health service answers SERVING and a normal call still gets its vector."""
         check = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
-        assert vectors.unpack(self.embed(GOOD).vectors).shape == (1, 128)
+        assert wire.unpack(self.embed(GOOD).vectors).shape == (1, 128)
 
     def close(self) -> None:
         self.channel.close()
@@ -188,7 +188,7 @@ def assert_vectors_or_budget_refusal(outcomes: list[object], images: int) -> tup
     served = refused = 0
     for outcome in outcomes:
         if isinstance(outcome, encoder_pb2.EmbedResponse):
-            assert vectors.unpack(outcome.vectors).shape == (images, 128)
+            assert wire.unpack(outcome.vectors).shape == (images, 128)
             served += 1
         else:
             assert isinstance(outcome, grpc.RpcError), outcome
@@ -271,7 +271,7 @@ def test_an_image_over_pillows_limit_within_ours_is_decoded(large_limit_encoder:
     """9500 x 9500 = 90.25 M pixels: over Pillow's default limit, within --max-image-pixels 200 M and the
     budget; the operator's flag decides, not Pillow's."""
     reply = large_limit_encoder.embed(encoder_pb2.Image(encoded=png_bomb(9500, 9500)), GOOD)
-    assert vectors.unpack(reply.vectors).shape == (2, 128)
+    assert wire.unpack(reply.vectors).shape == (2, 128)
 
 
 @pytest.mark.parametrize("reconstruct", [False, True])

@@ -22,10 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from encoder_service.service import EncoderService
-from imgsearch import metrics, security
-from imgsearch import vectors as wire
+from imgsearch import security, wire
 from imgsearch.client import IndexClient, ServiceError
-from imgsearch.local import free_port, wait_healthy
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from index_service.service import IndexService
 from tests.conftest import both_backends, start_index
@@ -33,6 +31,7 @@ from tests.images import encode, glyph
 from tests.test_encoder_service import start_encoder
 from tests.test_load import BIG
 from tests.test_metrics import requests, scrape
+from tools.local import free_port, wait_healthy
 
 TOKEN = "write-token-0123456789"
 READ_TOKEN = "read-token-9876543210"
@@ -237,7 +236,7 @@ def test_a_reply_too_large_after_the_work_is_counted_and_logged(
             request = index_pb2.SearchRequest(queries=wire.pack(near), k=20)  # 400 matches of 40 KB: 16 MB
             code, details, _ = call_details(
                 lambda: index_pb2_grpc.IndexStub(channel).Search(
-                    request, metadata=((metrics.REQUEST_ID_KEY, "too-big-1"),), timeout=30
+                    request, metadata=((wire.REQUEST_ID_KEY, "too-big-1"),), timeout=30
                 )
             )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -268,7 +267,7 @@ def test_a_search_past_its_deadline_stops_and_is_counted_as_such(
         stub = index_pb2_grpc.IndexStub(channel)
         request = index_pb2.SearchRequest(queries=wire.pack(queries), k=10)
         deadline = max(0.05, per_thousand)  # about a tenth of the whole search
-        metadata = (*write_metadata(), (metrics.REQUEST_ID_KEY, "late-search-1"))
+        metadata = (*write_metadata(), (wire.REQUEST_ID_KEY, "late-search-1"))
         code, _, _ = call_details(lambda: stub.Search(request, metadata=metadata, timeout=deadline))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The server gives up within a chunk of queries; its worker is free for the next call at once.
@@ -387,7 +386,7 @@ def test_every_failed_call_has_its_metric_and_a_warning_line(
             ]
             for _, request_id, call, expected in cases:
                 token = {"f-no-token": None, "f-read-token": READ_TOKEN}.get(request_id, TOKEN)
-                metadata = (*security.call_metadata(token), (metrics.REQUEST_ID_KEY, request_id))
+                metadata = (*security.call_metadata(token), (wire.REQUEST_ID_KEY, request_id))
                 code, details, _ = call_details(functools.partial(call, metadata))
                 assert code == expected, (request_id, details)
         samples = scrape(service.server.metrics_port)

@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from imgsearch.client import IndexClient, ServiceError
-from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import index_pb2, index_pb2_grpc, vectors_pb2
 from index_service.service import IndexService
 from tests.conftest import both_backends, start_index
 from tests.test_store import brute_force
+from tools.local import ServiceProcess, free_port
 
 
 def random_items(count: int, dim: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:

@@ -22,12 +22,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from encoder_service import metrics as encoder_metrics
 from encoder_service.preprocess import decode_image
 from encoder_service.service import EncoderService
 from encoder_service.service import parse_config as encoder_config
-from imgsearch import metrics, serving
+from imgsearch import wire
 from imgsearch.client import BadImage, EncoderClient, IndexClient, ServiceError
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch_server import metrics, serving
+from index_service import metrics as index_metrics
 from index_service.service import IndexService
 from index_service.service import parse_config as index_config
 from tests.conftest import start_index
@@ -40,6 +43,8 @@ INDEX = "imgsearch.v1.Index"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 IMAGE = encode(glyph(), "PNG")
+# Every name the services export: those every server keeps, and each service's own.
+EXPORTED = (*metrics.EXPORTED, *encoder_metrics.EXPORTED, *index_metrics.EXPORTED)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -120,16 +125,18 @@ def test_encoder_metrics_count_the_calls(encoder: EncoderService, encoder_client
     assert buckets[0][0] == 0.0005 and buckets[-2][0] == 10 and math.isinf(buckets[-1][0])
     assert [count for _, count in buckets] == sorted(count for _, count in buckets)
 
-    batch = metrics.ENCODER_IMAGES_PER_BATCH
+    batch = encoder_metrics.ENCODER_IMAGES_PER_BATCH
     assert value(samples, f"{batch}_count") == 3  # the refused call embedded nothing
     assert value(samples, f"{batch}_sum") == 15
     assert value(samples, f"{batch}_bucket", le="4.0") == 0
     assert value(samples, f"{batch}_bucket", le="8.0") == 3
-    assert value(samples, metrics.ENCODER_IMAGES) == 15
-    assert labels_of(samples, metrics.MODEL_INFO) == [
+    assert value(samples, encoder_metrics.ENCODER_IMAGES) == 15
+    assert labels_of(samples, encoder_metrics.MODEL_INFO) == [
         {"model_version": info["model_version"], "runtime": "litert", "replica": info["replica"]}
     ]
-    assert value(samples, metrics.MODEL_INFO, **labels_of(samples, metrics.MODEL_INFO)[0]) == 1
+    assert (
+        value(samples, encoder_metrics.MODEL_INFO, **labels_of(samples, encoder_metrics.MODEL_INFO)[0]) == 1
+    )
     assert value(samples, metrics.GRPC_REJECTED, service=ENCODER, reason="max_concurrent_rpcs") == 0
     assert value(samples, "process_resident_memory_bytes")
 
@@ -139,7 +146,7 @@ def test_index_metrics_count_the_calls(tmp_path: Path) -> None:
     client = IndexClient(f"127.0.0.1:{service.server.port}", timeout_s=30)
     try:
         empty = scrape(service.server.metrics_port)
-        assert value(empty, metrics.INDEX_VECTORS) == 0
+        assert value(empty, index_metrics.INDEX_VECTORS) == 0
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((30, 16)).astype(np.float32)
         client.upsert([f"a{n}" for n in range(10)], vectors[:10], model_version="m1")
@@ -160,15 +167,15 @@ def test_index_metrics_count_the_calls(tmp_path: Path) -> None:
         assert requests(samples, INDEX, "Scan", "OK") == 1
         assert value(samples, f"{metrics.GRPC_REQUEST_SECONDS}_count", service=INDEX, method="Scan") == 1
         assert value(samples, f"{metrics.GRPC_REQUEST_SECONDS}_count", service=INDEX, method="Search") == 4
-        batch = metrics.INDEX_VECTORS_PER_BATCH
+        batch = index_metrics.INDEX_VECTORS_PER_BATCH
         assert value(samples, f"{batch}_count") == 2
         assert value(samples, f"{batch}_sum") == 30
         assert value(samples, f"{batch}_bucket", le="8.0") == 0
         assert value(samples, f"{batch}_bucket", le="16.0") == 1
         assert value(samples, f"{batch}_bucket", le="32.0") == 2
-        assert value(samples, metrics.INDEX_VECTORS) == 30
-        assert value(samples, metrics.INDEX_BYTES) == stats.bytes_used >= 30 * 16 * 4
-        assert labels_of(samples, metrics.INDEX_INFO) == [
+        assert value(samples, index_metrics.INDEX_VECTORS) == 30
+        assert value(samples, index_metrics.INDEX_BYTES) == stats.bytes_used >= 30 * 16 * 4
+        assert labels_of(samples, index_metrics.INDEX_INFO) == [
             {"model_version": "m1", "backend": "faiss", "dim": "16"}
         ]
     finally:
@@ -227,19 +234,19 @@ def test_the_request_id_is_echoed_and_logged(
         stub = encoder_pb2_grpc.EncoderStub(channel)
         good = encoder_pb2.EmbedRequest(images=[encoder_pb2.Image(encoded=IMAGE)])
         _, call = stub.Embed.with_call(good, timeout=30)
-        generated = dict(call.trailing_metadata() or ())[metrics.REQUEST_ID_KEY]
+        generated = dict(call.trailing_metadata() or ())[wire.REQUEST_ID_KEY]
         assert len(generated) == 16 and int(str(generated), 16) >= 0
 
         bad = encoder_pb2.EmbedRequest(images=[encoder_pb2.Image(encoded=b"junk")])
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Embed(bad, timeout=30, metadata=[(metrics.REQUEST_ID_KEY, "req-42.a")])
+            stub.Embed(bad, timeout=30, metadata=[(wire.REQUEST_ID_KEY, "req-42.a")])
         error: grpc.Call = caught.value  # type: ignore[assignment]
         trailing = dict(error.trailing_metadata() or ())
         # the servicer's own trailing metadata (the bad image's position) is kept
-        assert trailing[metrics.REQUEST_ID_KEY] == "req-42.a" and trailing["imgsearch-bad-image"] == "0"
+        assert trailing[wire.REQUEST_ID_KEY] == "req-42.a" and trailing["imgsearch-bad-image"] == "0"
 
         with pytest.raises(grpc.RpcError):  # an id that is no plain token is replaced
-            stub.Embed(bad, timeout=30, metadata=[(metrics.REQUEST_ID_KEY, "x" * 200)])
+            stub.Embed(bad, timeout=30, metadata=[(wire.REQUEST_ID_KEY, "x" * 200)])
 
     records = [r for r in caplog.records if r.name == "imgsearch.requests"]
     ok = [r for r in records if generated in r.getMessage()]
@@ -339,8 +346,8 @@ def test_without_a_metrics_port_nothing_listens() -> None:
 
 
 def test_every_exported_name_is_scraped(encoder: EncoderService, tmp_path: Path) -> None:
-    """imgsearch/metrics.py's EXPORTED, which the Grafana dashboard's test checks its queries against,
-    names what the two services really serve."""
+    """EXPORTED (the shared names and each service's own), which the Grafana dashboard's test checks
+    its queries against, names what the two services really serve."""
     index = start_index(tmp_path / "index", "--metrics-port", "0")
     client = IndexClient(f"127.0.0.1:{index.server.port}", timeout_s=30)
     encoder_client = EncoderClient(f"127.0.0.1:{encoder.server.port}", timeout_s=30)
@@ -353,5 +360,5 @@ def test_every_exported_name_is_scraped(encoder: EncoderService, tmp_path: Path)
         encoder_client.close()
         client.close()
         index.stop(0)
-    missing = [name for name in metrics.EXPORTED if name not in scraped and f"{name}_count" not in scraped]
+    missing = [name for name in EXPORTED if name not in scraped and f"{name}_count" not in scraped]
     assert not missing

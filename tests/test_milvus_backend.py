@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from imgsearch.client import IndexClient
-from imgsearch.local import ServiceProcess, free_port
 from imgsearch.v1 import index_pb2, index_pb2_grpc
 from index_service.service import IndexService, parse_config
 from tests.conftest import MILVUS_SKIP, both_backends, start_index
 from tests.test_index_service import packed, random_items, upsert_one
+from tools.local import ServiceProcess, free_port
 
 pytestmark = MILVUS_SKIP
 milvus_only = pytest.mark.parametrize("backend", ["milvus"])

@@ -10,8 +10,8 @@ import pytest
 
 from encoder_service.datasets import SAMPLE_PATH
 from encoder_service.preprocess import decode_image
-from imgsearch import quality
 from imgsearch.evaluate import nearest_labels
+from tools import quality
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from encoder_service.runtime import NoDecoderError, load_runtime
 from encoder_service.service import EncoderService, parse_config
 from encoder_service.servicer import EncoderServicer
 from imgsearch.client import BadImage, EncoderClient, ServiceError
-from imgsearch.errors import RequestError
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
+from imgsearch_server.errors import RequestError
 from tests.images import encode, glyph, mnist_sample
 
 MAX_BATCH = 128

@@ -13,10 +13,10 @@ import pytest
 
 from imgsearch.client import EncoderClient, ImageSearch, IndexClient
 from imgsearch.ingest import collect_images, index_images
-from imgsearch.local import ServiceProcess, free_port
 from index_service.service import IndexService
 from tests.conftest import start_index
 from tests.images import write_digits
+from tools.local import ServiceProcess, free_port
 
 COUNT = 3000
 BATCH = 50  # 60 calls, so that round_robin's spread shows in the counts

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from imgsearch.client import IndexClient
-from imgsearch.local import LocalServices, ServiceProcess, free_port
 from tests.images import write_digits
+from tools.local import LocalServices, ServiceProcess, free_port
 
 COUNT = 2000
 

@@ -18,15 +18,16 @@ from PIL import Image
 
 from encoder_service.service import EncoderService
 from encoder_service.service import parse_config as encoder_config
-from imgsearch import healthcheck, security
+from imgsearch import security
 from imgsearch.client import EncoderClient, ImageSearch, IndexClient, ServiceError
-from imgsearch.local import ServiceProcess, free_port
-from imgsearch.serving import describe
+from imgsearch_server import auth, healthcheck
+from imgsearch_server.serving import describe
 from index_service.service import IndexService
 from index_service.service import parse_config as index_config
 from tests.conftest import start_index
 from tests.images import mnist_sample
 from tests.test_encoder_service import start_encoder
+from tools.local import ServiceProcess, free_port
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -169,7 +170,7 @@ def test_image_search_over_tls_with_a_token(encoder: EncoderService, index: Inde
 
 
 def test_bearer_scheme_is_parsed_strictly() -> None:
-    guard = security.BearerTokenInterceptor(TOKEN)
+    guard = auth.BearerTokenInterceptor(TOKEN)
     assert guard.check([("authorization", f"Bearer {TOKEN}")]) is None
     assert guard.check([("authorization", f"bearer {TOKEN}")]) is None  # the scheme is case-insensitive
     assert guard.check(None) == "missing bearer token"
@@ -177,7 +178,7 @@ def test_bearer_scheme_is_parsed_strictly() -> None:
     assert guard.check([("authorization", f"Basic {TOKEN}")]) == "missing bearer token"
     assert guard.check([("authorization", "Bearer ünïcode")]) == "invalid token"
     with pytest.raises(ValueError):
-        security.BearerTokenInterceptor("")
+        auth.BearerTokenInterceptor("")
 
 
 # Settings: fail fast with one line; empty means off; the token is never logged.
@@ -277,8 +278,8 @@ def test_cli_and_probe_against_tls_and_token_processes(
         assert "UNAUTHENTICATED" in lines[0] and "IMGSEARCH_TOKEN" in lines[0] and TOKEN not in lines[0]
 
         probe = {"IMGSEARCH_TLS_CA": str(pki.ca), "IMGSEARCH_TLS_SERVER_NAME": "encoder"}
-        assert run("imgsearch.healthcheck", encoder.address, env=probe).returncode == 0
-        refused = run("imgsearch.healthcheck", encoder.address, env={"IMGSEARCH_TLS_CA": ""})
+        assert run("imgsearch_server.healthcheck", encoder.address, env=probe).returncode == 0
+        refused = run("imgsearch_server.healthcheck", encoder.address, env={"IMGSEARCH_TLS_CA": ""})
         assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     finally:
         index.stop()

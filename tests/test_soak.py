@@ -28,8 +28,8 @@ import pytest
 from PIL import Image
 
 from imgsearch.client import ImageSearch, Match, ServiceError, StoredItem
-from imgsearch.local import LocalServices, ServiceProcess
 from tests.images import mnist_sample
+from tools.local import LocalServices, ServiceProcess
 
 SOAK_S = float(os.environ.get("IMGSEARCH_SOAK_S", "30"))
 THREADS = 6

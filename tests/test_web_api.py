@@ -21,7 +21,6 @@ from PIL import Image
 
 from imgsearch import security
 from imgsearch.client import ImageSearch
-from imgsearch.local import free_port
 from tests.images import mnist_sample, write_digits
 from tests.web_stack import (
     HOSTILE_ID,
@@ -35,6 +34,7 @@ from tests.web_stack import (
     start_encoder,
     start_index,
 )
+from tools.local import free_port
 from web import healthcheck
 from web.settings import Settings, parse_settings
 

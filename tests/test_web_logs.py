@@ -2,7 +2,7 @@
 line per answered request, a WARNING line with the request id and the error's detail from status 400 up,
 the id taken from X-Request-Id or made and echoed in the reply, JSON lines with the same keys as the
 services' (`--log-format json`), and `python -m web` configuring the logging through
-imgsearch.serving.configure_logging with uvicorn's access log off.
+imgsearch_server.serving.configure_logging with uvicorn's access log off.
 
 The index runs in process (an empty FAISS index); the encoder is an address where nothing listens, so a
 search by upload gets 503."""
@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from imgsearch import serving
-from imgsearch.local import free_port
+from imgsearch_server import serving
 from index_service.service import IndexService
 from tests.images import mnist_sample
 from tests.web_stack import Gateway, Reply, address, png, request, start_index
+from tools.local import free_port
 from web import server
 from web.requestlog import request_log
 from web.settings import Settings, parse_settings

@@ -14,6 +14,7 @@ from fastapi import Depends, Header, HTTPException, Request
 
 from imgsearch import security
 from imgsearch.client import ImageSearch
+from imgsearch_server import auth
 from web.metrics import GatewayMetrics
 from web.settings import Settings
 
@@ -57,7 +58,7 @@ async def require_indexing_token(
     who may not write learns nothing of what their form lacks."""
     if not settings.allow_indexing or settings.token is None:
         raise HTTPException(403, READ_ONLY)
-    problem = security.BearerTokenInterceptor(settings.token.value).check(
+    problem = auth.BearerTokenInterceptor(settings.token.value).check(
         [(security.AUTH_KEY, authorization or "")]
     )
     if problem is not None:

@@ -1,12 +1,14 @@
-"""The gateway's per-request log and request ids, as the gRPC services have them (imgsearch/metrics.py).
+"""The gateway's per-request log and request ids, as the gRPC services have them
+(imgsearch_server/metrics.py).
 
 `RequestLog`, the outermost of the gateway's middlewares, takes the caller's `X-Request-Id` when it is a
-plain token of up to 128 characters (else makes one: 16 random hex digits, `imgsearch.metrics.request_id`),
-keeps it for the handlers (`request.state.request_id`, see `request_id_of`), echoes it in the response
-header `X-Request-Id` and logs one line on `web.requests`: at DEBUG when the status is below 400, at WARNING,
-with the error's detail (the JSON `detail` of the reply), from 400 up. The line's fields (logging's
-`extra={"fields": ...}`, which `--log-format json` writes as keys) are method, route (the path template,
-as the metrics label it), path, status, duration_ms, request_id, client and, for an error, details.
+plain token of up to 128 characters (else makes one: 16 random hex digits,
+`imgsearch_server.metrics.request_id`), keeps it for the handlers (`request.state.request_id`, see
+`request_id_of`), echoes it in the response header `X-Request-Id` and logs one line on `web.requests`: at
+DEBUG when the status is below 400, at WARNING, with the error's detail (the JSON `detail` of the reply),
+from 400 up. The line's fields (logging's `extra={"fields": ...}`, which `--log-format json` writes as
+keys) are method, route (the path template, as the metrics label it), path, status, duration_ms,
+request_id, client and, for an error, details.
 
 Only the path is logged, never the query (ids, k): the path as sent, percent-encoded, cut at 200
 characters."""
@@ -21,12 +23,13 @@ from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imgsearch import metrics
+from imgsearch.wire import REQUEST_ID_KEY
+from imgsearch_server import metrics
 from web.metrics import route_label
 
 request_log = logging.getLogger("web.requests")
 
-HEADER = b"x-request-id"  # in and out; ASGI header names are lowercase
+HEADER = REQUEST_ID_KEY.encode("ascii")  # in and out; ASGI header names are lowercase
 MAX_PATH = 200
 MAX_ERROR_BODY = 8 * 1024  # an error reply's body read for its detail; longer ones are left undetailed
 MAX_DETAIL = 500
@@ -97,9 +100,7 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        given = [
-            (metrics.REQUEST_ID_KEY, value) for name, value in scope.get("headers", ()) if name == HEADER
-        ]
+        given = [(REQUEST_ID_KEY, value) for name, value in scope.get("headers", ()) if name == HEADER]
         rid = metrics.request_id(given)
         state = scope.get("state")
         if not isinstance(state, dict):

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from imgsearch.serving import configure_logging
+from imgsearch_server.serving import configure_logging
 from web.settings import Settings, parse_settings
 
 if TYPE_CHECKING:
@@ -76,6 +76,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m web") -> int:
     log.info("imgsearch web gateway on http://%s:%d: %s", host, settings.port, settings.summary())
     uvicorn.run(app, **uvicorn_options(settings))
     return 0
+
+
+def imgsearch_web(argv: Sequence[str] | None = None) -> int:
+    """`imgsearch web ...`: the gateway under the CLI's name."""
+    return main(argv, prog="imgsearch web")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imgsearch import admission, metrics, security
+from imgsearch import security
 from imgsearch.flags import Entry, Flag, SecretFlag, add_flags, secret
+from imgsearch_server import admission, auth, metrics
 
 log = logging.getLogger("imgsearch")
 # Reflection only describes the services: a read-only token may use it (grpcurl's first call).
@@ -201,7 +202,7 @@ def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
         )
     if cert is not None and key is not None:
         try:
-            security.server_credentials(cert, key)
+            auth.server_credentials(cert, key)
         except (OSError, ValueError) as error:
             raise SystemExit(f"TLS: {error}") from None
     return cert, key
@@ -293,7 +294,7 @@ class GrpcServer:
     served over HTTP when the settings give a metrics port.
 
     Interceptors, outermost first: the request metrics and log (`metrics.interceptor`), admission (each
-    kind of call on threads of its own, and refused past its bound: imgsearch/admission.py), then the
+    kind of call on threads of its own, and refused past its bound: imgsearch_server/admission.py), then the
     bearer token. `read_methods` ("/pkg.Service/Method") are the calls a read-only token may make."""
 
     def __init__(
@@ -314,7 +315,7 @@ class GrpcServer:
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [self.metrics.interceptor, self.admission]
         if settings.auth_token:
             interceptors.append(
-                security.BearerTokenInterceptor(
+                auth.BearerTokenInterceptor(
                     settings.auth_token.value,
                     settings.read_token.value if settings.read_token else None,
                     [*read_methods, REFLECTION_METHOD],
@@ -350,7 +351,7 @@ class GrpcServer:
         try:
             credentials = None
             if self.settings.tls_cert and self.settings.tls_key:
-                credentials = security.server_credentials(self.settings.tls_cert, self.settings.tls_key)
+                credentials = auth.server_credentials(self.settings.tls_cert, self.settings.tls_key)
         except (OSError, ValueError) as error:
             raise SystemExit(f"TLS: {error}") from None
         try:

@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`make up`: both services on their default ports, logging here, until Ctrl-C or SIGTERM."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m imgsearch.local", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.local", description=main.__doc__)
     parser.add_argument(
         "--encoder-port", type=int, default=int(os.environ.get("IMGSEARCH_ENCODER_PORT", 50051))
     )

@@ -36,7 +36,7 @@ from PIL import Image, ImageFilter
 from encoder_service.model_dir import CARD_JSON
 from imgsearch.client import EncoderClient, IndexClient
 from imgsearch.evaluate import Quality, nearest_labels, retrieval_quality
-from imgsearch.local import ServiceProcess, free_port
+from tools.local import ServiceProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO / "encoder_service" / "models"

@@ -10,11 +10,11 @@ Every server gets its own `CollectorRegistry` (tests run several servers in one 
   line: at DEBUG when the code is OK, at WARNING, with the details, for every other code. The code is
   the one the caller got: the interceptor serialises replies itself, so a reply over the message limit
   is RESOURCE_EXHAUSTED here too, and a call whose caller left while it ran is DEADLINE_EXCEEDED or
-  CANCELLED. Calls that admission (imgsearch/admission.py) refuses past `--max-concurrent-rpcs` or
+  CANCELLED. Calls that admission (imgsearch_server/admission.py) refuses past `--max-concurrent-rpcs` or
   `--max-streams` are counted in `imgsearch_grpc_rejected_total{service, reason}` as well as with code
   RESOURCE_EXHAUSTED (no latency: they never ran).
-- the encoder's `watch_encoder` and the index's `watch_index`: batch sizes, images embedded, vectors and
-  bytes stored, the model version.
+- the encoder's `watch_encoder` (encoder_service/metrics.py) and the index's `watch_index`
+  (index_service/metrics.py): batch sizes, images embedded, vectors and bytes stored, the model version.
 
 Metric and log labels name the gRPC service and method (`imgsearch.v1.Encoder`, `Embed`): a scrape job
 tells the services' replicas apart.
@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -37,46 +37,26 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    Info,
     PlatformCollector,
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from imgsearch import admission
-from imgsearch.errors import call_gone
+from imgsearch.wire import REQUEST_ID_KEY
+from imgsearch_server import admission
+from imgsearch_server.errors import call_gone
 
 log = logging.getLogger("imgsearch.metrics")
 request_log = logging.getLogger("imgsearch.requests")
 
-REQUEST_ID_KEY = "x-request-id"  # metadata key, in and out (gRPC keys are lowercase)
 METRICS_PATH = "/metrics"
 
 # The names as scraped (counters with _total, histograms as _bucket/_sum/_count, info with _info).
+# EXPORTED lists those of every server; each service's own are in its metrics.py's EXPORTED.
 GRPC_REQUESTS = "imgsearch_grpc_requests_total"
 GRPC_REQUEST_SECONDS = "imgsearch_grpc_request_seconds"
 GRPC_REJECTED = "imgsearch_grpc_rejected_total"
-ENCODER_IMAGES_PER_BATCH = "imgsearch_encoder_images_per_batch"
-ENCODER_IMAGES = "imgsearch_encoder_images_total"
-MODEL_INFO = "imgsearch_model_info"
-INDEX_VECTORS_PER_BATCH = "imgsearch_index_vectors_per_batch"
-INDEX_VECTORS = "imgsearch_index_vectors"
-INDEX_BYTES = "imgsearch_index_bytes"
-INDEX_INFO = "imgsearch_index_info"
-EXPORTED = (
-    GRPC_REQUESTS,
-    GRPC_REQUEST_SECONDS,
-    GRPC_REJECTED,
-    ENCODER_IMAGES_PER_BATCH,
-    ENCODER_IMAGES,
-    MODEL_INFO,
-    INDEX_VECTORS_PER_BATCH,
-    INDEX_VECTORS,
-    INDEX_BYTES,
-    INDEX_INFO,
-)
+EXPORTED = (GRPC_REQUESTS, GRPC_REQUEST_SECONDS, GRPC_REJECTED)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = tuple(float(2**n) for n in range(11))  # 1, 2, 4, ..., 1024
@@ -353,85 +333,6 @@ class _ReplyTooLarge(Exception):
 def _as_sent(data: Any) -> bytes:
     """The response serializer of a wrapped call: the interceptor has serialised the reply already."""
     return data if isinstance(data, bytes) else data.SerializeToString()  # type: ignore[no-any-return]
-
-
-# What the services add to their registry.
-
-
-def watch_encoder(
-    metrics: ServerMetrics, embed_path: str, *, model_version: str, runtime: str, replica: str
-) -> None:
-    """Images per Embed call and in all (OK calls only), and the model served as an info metric."""
-    per_batch = Histogram(
-        "imgsearch_encoder_images_per_batch",
-        "images in each Embed call that succeeded",
-        buckets=BATCH_BUCKETS,
-        registry=metrics.registry,
-    )
-    images = Counter("imgsearch_encoder_images", "images embedded", registry=metrics.registry)
-    Info("imgsearch_model", "the model this encoder serves", registry=metrics.registry).info(
-        {"model_version": model_version, "runtime": runtime, "replica": replica}
-    )
-
-    def observe(request: Any, _reply: Any) -> None:
-        count = len(request.images)
-        per_batch.observe(count)
-        images.inc(count)
-
-    metrics.on_ok(embed_path, observe)
-
-
-class _Stats(Protocol):
-    @property
-    def count(self) -> int: ...
-    @property
-    def dim(self) -> int: ...
-    @property
-    def model_version(self) -> str: ...
-    @property
-    def bytes_used(self) -> int: ...
-
-
-class IndexStatsCollector(Collector):
-    """The index's size, read from the store at each scrape: cheap for FAISS (a read lock); for Milvus a
-    remote call, fine at scrape intervals. When the store cannot answer, the scrape leaves them out."""
-
-    def __init__(self, stats: Callable[[], _Stats], backend: str) -> None:
-        self._stats = stats
-        self._backend = backend
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # registering must not call the store
-
-    def collect(self) -> Iterable[Metric]:
-        try:
-            stats = self._stats()
-        except Exception as error:
-            log.warning("metrics: cannot read the index's stats: %s", error)
-            return []
-        return [
-            GaugeMetricFamily(INDEX_VECTORS, "vectors stored", value=stats.count),
-            GaugeMetricFamily(
-                INDEX_BYTES, "bytes the stored vectors, ids and metadata take", value=stats.bytes_used
-            ),
-            InfoMetricFamily(
-                "imgsearch_index",
-                "the index's backend, and the dim and model version of what it holds",
-                value={"model_version": stats.model_version, "backend": self._backend, "dim": str(stats.dim)},
-            ),
-        ]
-
-
-def watch_index(metrics: ServerMetrics, upsert_path: str, stats: Callable[[], _Stats], backend: str) -> None:
-    """Vectors per Upsert call (OK calls only), and the vectors and bytes stored, read at scrape time."""
-    per_batch = Histogram(
-        "imgsearch_index_vectors_per_batch",
-        "vectors in each Upsert call that succeeded",
-        buckets=BATCH_BUCKETS,
-        registry=metrics.registry,
-    )
-    metrics.on_ok(upsert_path, lambda request, _reply: per_batch.observe(len(request.ids)))
-    metrics.registry.register(IndexStatsCollector(stats, backend))
 
 
 # Serving /metrics.

@@ -44,7 +44,7 @@ def check(
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0 when SERVING, 1 otherwise (with one line on stderr)."""
     parser = argparse.ArgumentParser(
-        prog="python -m imgsearch.healthcheck",
+        prog="python -m imgsearch_server.healthcheck",
         description="Exit 0 when the gRPC server at HOST:PORT reports SERVING through grpc.health.v1.",
     )
     parser.add_argument("target", metavar="HOST:PORT", help="the gRPC server, e.g. localhost:50051")

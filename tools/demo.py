@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from imgsearch.cli import main as cli
-from imgsearch.local import LocalServices, ServiceProcess, free_port, run_until_stopped
+from tools.local import LocalServices, ServiceProcess, free_port, run_until_stopped
 
 SAMPLE = Path(__file__).resolve().parent.parent / "encoder_service" / "data" / "mnist-10k.npz"
 INDEX_SPLIT = 8000
@@ -88,7 +88,7 @@ def start_page(services: LocalServices, media_root: Path, log_dir: Path, port: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imgsearch.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out"), help="where to write (default out/)")
     parser.add_argument("--seed", type=int, default=3, help="picks the 3 queries drawn")
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""Packing of float32 vector batches into the wire format of `imgsearch.v1.Vectors`."""
+"""The wire format the client and both services share: float32 vector batches packed into
+`imgsearch.v1.Vectors` (little-endian, row-major), and the metadata keys calls carry."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import numpy as np
 from imgsearch.v1 import vectors_pb2
 
 WIRE_DTYPE = np.dtype("<f4")
+
+# Metadata keys (gRPC keys are lowercase).
+REQUEST_ID_KEY = "x-request-id"  # in and out: the caller's request id, echoed in the trailing metadata
+BAD_IMAGE_KEY = "imgsearch-bad-image"  # trailing metadata of Embed: the position of the image that failed
 
 
 def pack(vectors: np.ndarray) -> vectors_pb2.Vectors:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("imgsearch.errors")  # the logger's name from before the move to imgsearch_server
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 

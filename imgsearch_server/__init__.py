@@ -1,0 +1,1 @@
+"""The plumbing both gRPC services stand on: serving, admission, auth, metrics, errors, health probe."""
