@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.encoder import start_serving
 from bench.report import Figure, Section, p50_p99_ms
 from imgsearch.v1 import encoder_pb2
-from tests.images import encode, glyph
+from tests.support import encode, glyph
 from tools.local import ServiceProcess, free_port, wait_healthy
 
 MODELS = ("shared", "pools", "aio")

@@ -7,58 +7,14 @@ collection per test."""
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from imgsearch.client import IndexClient
-from index_service.service import IndexService, parse_config
-
-MILVUS_MISSING = any(importlib.util.find_spec(name) is None for name in ("pymilvus", "milvus_lite"))
-MILVUS_SKIP = pytest.mark.skipif(
-    MILVUS_MISSING, reason="pymilvus and milvus-lite are not installed: pip install -e '.[milvus]'"
-)
-BACKENDS = ["faiss", pytest.param("milvus", marks=MILVUS_SKIP)]
-both_backends = pytest.mark.parametrize("backend", BACKENDS)
-
-
-def start_index(data_dir: Path, *extra: str) -> IndexService:
-    service = IndexService(
-        parse_config(["--port", "0", "--host", "127.0.0.1", "--data-dir", str(data_dir), *extra])
-    )
-    service.start()
-    return service
-
-
-class MilvusLite:
-    """One Milvus Lite file for the session; a store kept open on it keeps its server up between tests."""
-
-    def __init__(self, uri: str) -> None:
-        from index_service.milvus_store import MilvusStore
-
-        self.uri = uri
-        self._keeper = MilvusStore(uri, "keeper")
-        self._names = itertools.count()
-
-    def new_collection(self) -> str:
-        return f"test_{next(self._names)}"
-
-    def drop(self, name: str) -> None:
-        from pymilvus import MilvusClient
-
-        client: Any = MilvusClient(self.uri)
-        try:
-            if client.has_collection(name):
-                client.drop_collection(name)
-        finally:
-            client.close()
-
-    def close(self) -> None:
-        self._keeper.close()
+from index_service.service import IndexService
+from tests.support import MilvusLite, connect, serve, start_index
 
 
 @pytest.fixture(scope="session")
@@ -89,13 +45,9 @@ def backend_args(backend: str, request: pytest.FixtureRequest) -> Iterator[list[
 
 @pytest.fixture
 def index_service(tmp_path: Path, backend_args: list[str]) -> Iterator[IndexService]:
-    service = start_index(tmp_path / "index", *backend_args)
-    yield service
-    service.stop(0)
+    yield from serve(start_index(tmp_path / "index", *backend_args))
 
 
 @pytest.fixture
 def index_client(index_service: IndexService) -> Iterator[IndexClient]:
-    client = IndexClient(f"127.0.0.1:{index_service.server.port}", timeout_s=30)
-    yield client
-    client.close()
+    yield from connect(IndexClient, index_service)

@@ -1,0 +1,1 @@
+"""Service tests: real gRPC servers and the gateway in process, on free ports."""

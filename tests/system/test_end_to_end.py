@@ -1,0 +1,145 @@
+"""Both services as subprocesses and the `imgsearch` CLI as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.support import mnist_sample
+from tools.local import LocalServices, free_port
+
+COUNT = 1000
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Returns (a folder of COUNT sample digits plus a broken file, a folder of 100 unseen query digits)."""
+    root = tmp_path_factory.mktemp("e2e")
+    x, y = mnist_sample(COUNT)
+    for n, (digit, label) in enumerate(zip(x, y, strict=True)):
+        path = root / "db" / str(label) / f"{n:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit).save(path)
+    (root / "db" / "junk").mkdir()
+    (root / "db" / "junk" / "broken.png").write_bytes(b"not a png")
+    (root / "db" / "notes.txt").write_text("not an image")
+    qx, qy = mnist_sample(100, start=8000)
+    for n, (digit, label) in enumerate(zip(qx, qy, strict=True)):
+        path = root / "queries" / str(label) / f"q{n:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit).save(path)
+    return root / "db", root / "queries"
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    root = tmp_path_factory.mktemp("services")
+    with LocalServices(root / "data", log_dir=root) as running:
+        yield running
+    assert running.encoder.process is not None and running.encoder.process.returncode == 0
+    assert running.index.process is not None and running.index.process.returncode == 0
+
+
+def imgsearch(
+    services: LocalServices | None, *args: str, index: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if services is not None:
+        env["IMGSEARCH_ENCODER"] = services.encoder.address
+        env["IMGSEARCH_INDEX"] = index or services.index.address
+    return subprocess.run(
+        [sys.executable, "-m", "imgsearch", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def json_lines(text: str) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_the_cli_end_to_end(services: LocalServices, folders: tuple[Path, Path], tmp_path: Path) -> None:
+    db, queries = folders
+    result = imgsearch(services, "index", str(db), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"indexed {COUNT} images; the index now holds {COUNT}" in result.stdout
+    assert "broken.png" in result.stdout and "notes.txt" in result.stdout
+
+    stats = imgsearch(services, "stats", "--json")
+    assert json.loads(stats.stdout)["count"] == COUNT and json.loads(stats.stdout)["dim"] == 128
+
+    own = next((db / "3").glob("*.png"))
+    result = imgsearch(services, "search", str(own), "-k", "5", "--json")
+    (answer,) = json_lines(result.stdout)
+    assert answer["query"] == str(own.absolute())
+    top = answer["results"][0]
+    assert top["id"] == f"3/{own.name}" and top["distance"] < 1e-5
+    assert top["metadata"] == {"label": "3", "source": str(own.absolute())}
+    distances = [m["distance"] for m in answer["results"]]
+    assert len(distances) == 5 and distances == sorted(distances)
+
+    table = imgsearch(services, "search", str(own), "-k", "3")
+    assert table.returncode == 0 and f"3/{own.name}" in table.stdout and "distance" in table.stdout
+
+    result = imgsearch(services, "search", "--id", f"3/{own.name}", "-k", "3", "--json")
+    (answer,) = json_lines(result.stdout)
+    assert len(answer["results"]) == 3 and all(m["id"] != f"3/{own.name}" for m in answer["results"])
+
+    result = imgsearch(services, "eval", str(queries), "-k", "10", "--json", "--no-progress")
+    quality = json.loads(result.stdout)
+    assert quality["queries"] == 100 and quality["k"] == 10
+    # P@10 may exceed P@1 on 100 queries; the bar is for the shipped default model.
+    assert (
+        0.85 < quality["p_at_k"] <= 1.0
+        and 0.85 < quality["p_at_1"] <= 1.0
+        and 0.0 < quality["map_at_k"] <= 1.0
+    )
+    text = imgsearch(services, "eval", str(queries), "--no-progress")
+    assert "P@1 " in text.stdout and "P@10" in text.stdout and "mAP@10" in text.stdout
+
+    picture = tmp_path / "grid.png"
+    result = imgsearch(services, "show", *map(str, sorted(queries.rglob("*.png"))[:3]), "-o", str(picture))
+    assert result.returncode == 0, result.stderr
+    with Image.open(picture) as image:
+        assert image.width > 300 and image.height > 300
+
+    result = imgsearch(services, "delete", f"3/{own.name}", "nope")
+    assert result.returncode == 0 and "deleted 1; 1 not found" in result.stdout
+    assert json.loads(imgsearch(services, "stats", "--json").stdout)["count"] == COUNT - 1
+
+
+def test_a_large_k_is_searched_in_calls_within_the_results_budget(
+    services: LocalServices, folders: tuple[Path, Path]
+) -> None:
+    """1,000 queries at k = 1000 are a million results: the CLI asks for them 100 queries a call, each
+    within the index's default --max-results, instead of being refused."""
+    db, _ = folders
+    result = imgsearch(services, "eval", str(db), "-k", "1000", "--json", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    quality = json.loads(result.stdout)
+    assert quality["queries"] == COUNT and quality["k"] == 1000
+
+
+def test_a_service_that_is_down_gives_one_clear_line(services: LocalServices) -> None:
+    result = imgsearch(services, "stats", index=f"localhost:{free_port()}")
+    assert result.returncode != 0
+    lines = (result.stderr + result.stdout).strip().splitlines()
+    assert len(lines) == 1 and "index service at localhost:" in lines[0] and "not reachable" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_index_survives_a_graceful_restart(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    db, _ = folders
+    first_id = min(p.name for p in (db / "1").glob("*.png"))  # ids are relative to the folder given
+    with LocalServices(tmp_path / "data") as first:
+        assert imgsearch(first, "index", str(db / "1"), "--no-progress").returncode == 0
+        before = imgsearch(first, "search", "--id", first_id, "--json")
+    with LocalServices(tmp_path / "data") as second:
+        after = imgsearch(second, "search", "--id", first_id, "--json")
+    assert len(json_lines(before.stdout)[0]["results"]) == 10
+    assert json_lines(after.stdout) == json_lines(before.stdout)

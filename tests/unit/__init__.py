@@ -1,0 +1,1 @@
+"""Unit tests: plain modules, no sockets."""
