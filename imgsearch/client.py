@@ -20,7 +20,7 @@ import numpy as np
 
 from imgsearch import security, wire
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
-from imgsearch.wire import BAD_IMAGE_KEY
+from imgsearch.wire import BAD_IMAGE_KEY, MetadataBatch
 
 DEFAULT_ENCODER = "localhost:50051"
 DEFAULT_INDEX = "localhost:50052"
@@ -352,11 +352,7 @@ class IndexClient(_Client):
         self.stub = index_pb2_grpc.IndexStub(self.channel)
 
     def upsert(
-        self,
-        ids: Sequence[str],
-        vectors: np.ndarray,
-        metadata: Sequence[Mapping[str, str]] = (),
-        model_version: str = "",
+        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
     ) -> int:
         """Stores or replaces the batch; returns the count stored after it."""
         request = index_pb2.UpsertRequest(

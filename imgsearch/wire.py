@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from imgsearch.v1 import vectors_pb2
 
 WIRE_DTYPE = np.dtype("<f4")
+MetadataBatch = Sequence[Mapping[str, str]]  # one map of string keys and values per item of a batch
 
 # Metadata keys (gRPC keys are lowercase).
 REQUEST_ID_KEY = "x-request-id"  # in and out: the caller's request id, echoed in the trailing metadata

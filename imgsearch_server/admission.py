@@ -26,6 +26,8 @@ from typing import Any
 
 import grpc
 
+# What a server interceptor is handed: the rest of the chain, giving the call's handler.
+Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes (Docker, load balancers) carry no token
 SMALL_POOL_THREADS = 2  # health checks and refusals each take microseconds
 REFUSED_FOR_CALLS = "max_concurrent_rpcs"
@@ -158,9 +160,7 @@ class Admission(grpc.ServerInterceptor):
         self._on_refused = on_refused
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import grpc
 
 from imgsearch.security import AUTH_KEY, PathLike, read_pem
-from imgsearch_server.admission import OPEN_PREFIXES, refusal
+from imgsearch_server.admission import OPEN_PREFIXES, Continuation, refusal
 
 log = logging.getLogger("imgsearch.security")  # the logger's name from before the move to imgsearch_server
 
@@ -75,9 +75,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return grpc.StatusCode.UNAUTHENTICATED, "invalid token"
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         handler = continuation(handler_call_details)

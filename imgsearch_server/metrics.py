@@ -183,9 +183,7 @@ class RequestInterceptor(grpc.ServerInterceptor):
         self.max_reply_bytes = max_reply_bytes
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: admission.Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         path = handler_call_details.method

@@ -9,11 +9,12 @@ through `_apply`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import faiss
 import numpy as np
 
+from imgsearch.wire import MetadataBatch
 from imgsearch_server.memory import release_free_memory
 from index_service.rwlock import ReadWriteLock
 from index_service.store import (
@@ -76,11 +77,7 @@ class VectorStore:
     # ---- writes -------------------------------------------------------------------------
 
     def upsert(
-        self,
-        ids: Sequence[str],
-        vectors: np.ndarray,
-        metadata: Sequence[Mapping[str, str]] = (),
-        model_version: str = "",
+        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
     ) -> int:
         """Inserts or replaces a batch, all or nothing; returns the count stored after it."""
         checked_ids, array, checked_metadata = check_upsert(ids, vectors, metadata)

@@ -48,7 +48,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -57,6 +57,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.client.types import LoadState
 
+from imgsearch.wire import MetadataBatch
 from index_service.store import (
     MAX_ID_BYTES,
     REINDEX_HINT,
@@ -359,11 +360,7 @@ class MilvusStore:
     # ---- writes -------------------------------------------------------------------------
 
     def upsert(
-        self,
-        ids: Sequence[str],
-        vectors: np.ndarray,
-        metadata: Sequence[Mapping[str, str]] = (),
-        model_version: str = "",
+        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
     ) -> int:
         """Inserts or replaces a batch; returns the count stored after it."""
         checked_ids, array, checked_metadata = check_upsert(ids, vectors, metadata)

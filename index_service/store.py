@@ -9,6 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
+from imgsearch.wire import MetadataBatch
+
 MAX_ID_BYTES = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 256
@@ -120,11 +122,7 @@ class Store(Protocol):
     (milvus_store.py) both give it, with the same validation, errors and distances."""
 
     def upsert(
-        self,
-        ids: Sequence[str],
-        vectors: np.ndarray,
-        metadata: Sequence[Mapping[str, str]] = (),
-        model_version: str = "",
+        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
     ) -> int: ...
     def delete(self, ids: Sequence[str]) -> tuple[int, int]: ...
     def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]: ...

@@ -25,6 +25,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from web.asgi import HttpMiddleware
+
 log = logging.getLogger("web.connections")
 
 HEAD_TIMED_OUT = (
@@ -130,19 +132,16 @@ def timed_protocol(timeouts: ConnectionTimeouts) -> type[TimedH11Protocol]:
     return type("TimedH11Protocol", (TimedH11Protocol,), {"timeouts": timeouts})
 
 
-class BodyDeadline:
+class BodyDeadline(HttpMiddleware):
     """An ASGI middleware: a request's body must arrive within `timeout_s` of its head (this call);
     reading past that raises HTTPException 408, Connection: close. Only while the body is incomplete:
     a read after it (an app awaiting http.disconnect) waits as long as it likes."""
 
     def __init__(self, app: ASGIApp, timeout_s: float) -> None:
-        self.app = app
+        super().__init__(app)
         self.timeout_s = timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         complete = False

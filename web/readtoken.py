@@ -6,13 +6,13 @@ needs `Authorization: Bearer TOKEN` or the cookie the page sets (an <img src> ca
 from __future__ import annotations
 
 import hmac
-import json
 from urllib.parse import unquote
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from web.asgi import HttpMiddleware, send_json
 from web.settings import READ_TOKEN_COOKIE
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/metrics"})
@@ -37,7 +37,7 @@ def presented(headers: Headers) -> list[bytes]:
     return found
 
 
-class ReadTokenGate:
+class ReadTokenGate(HttpMiddleware):
     """An ASGI middleware: answers 401 (JSON, `WWW-Authenticate: Bearer`) to a request for anything but
     the open paths unless it carries one of `tokens` (the read token; the indexing token reads too).
     Compared with hmac.compare_digest, so the time taken does not tell how much of a guess was right."""
@@ -45,7 +45,7 @@ class ReadTokenGate:
     def __init__(self, app: ASGIApp, tokens: list[str]) -> None:
         if not tokens or not all(tokens):
             raise ValueError("an empty read token would let anyone in")
-        self.app = app
+        super().__init__(app)
         self.tokens = [token.encode("utf-8") for token in tokens]
 
     def problem(self, headers: Headers) -> str | None:
@@ -56,25 +56,13 @@ class ReadTokenGate:
         matches = [hmac.compare_digest(value, token) for value in given for token in self.tokens]
         return None if any(matches) else f"invalid read token: {HOW}"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_open(scope["path"]):
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         problem = self.problem(Headers(scope=scope))
         if problem is None:
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": problem, "auth": AUTH_MARK}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="imgsearch"'),
-                    (b"cache-control", b"no-store"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        headers = [(b"www-authenticate", b'Bearer realm="imgsearch"'), (b"cache-control", b"no-store")]
+        await send_json(send, 401, {"detail": problem, "auth": AUTH_MARK}, headers)

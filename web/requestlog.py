@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imgsearch.wire import REQUEST_ID_KEY
 from imgsearch_server import metrics
+from web.asgi import HttpMiddleware
 from web.metrics import route_label
 
 request_log = logging.getLogger("web.requests")
@@ -88,17 +89,14 @@ def _one_line(text: str) -> str:
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
 
 
-class RequestLog:
+class RequestLog(HttpMiddleware):
     """Gives every HTTP request an id, echoes it and logs the request (an ASGI middleware); see the
     module's doc. Put it outermost, so that it times and logs what the other middlewares answer (a 413)."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        super().__init__(app)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         given = [(REQUEST_ID_KEY, value) for name, value in scope.get("headers", ()) if name == HEADER]
         rid = metrics.request_id(given)
