@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 
-from imgsearch import security, wire
+from imgsearch import convert, security, wire
+from imgsearch.convert import Embedding, IndexStats, Match, Reconstruction, ScanPage, StoredItem
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from imgsearch.wire import BAD_IMAGE_KEY, MetadataBatch
 
@@ -106,58 +106,6 @@ def open_channel(address: str, tls_ca: security.PathLike | None = None) -> grpc.
         ],
         tls_ca=tls_ca,
     )
-
-
-@dataclass(frozen=True)
-class Match:
-    id: str
-    distance: float
-    metadata: dict[str, str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "distance": self.distance, "metadata": self.metadata}
-
-
-@dataclass(frozen=True)
-class Embedding:
-    vectors: np.ndarray  # float32 [count, dim]
-    model_version: str
-    replica: str = ""  # the encoder replica that made them
-
-
-@dataclass(frozen=True)
-class Reconstruction:
-    """One image as the encoder's model sees it (`EncoderClient.reconstruct`): both uint8 [28, 28],
-    0 = background, 255 = ink (MNIST's convention)."""
-
-    input: np.ndarray  # the preprocessed image, the model's input
-    output: np.ndarray  # the autoencoder's reconstruction of it from its embedding
-
-
-@dataclass(frozen=True)
-class IndexStats:
-    count: int
-    dim: int
-    model_version: str
-    bytes_used: int
-
-
-@dataclass(frozen=True)
-class StoredItem:
-    id: str
-    metadata: dict[str, str]
-    vector: np.ndarray | None = field(default=None, compare=False)
-
-
-@dataclass(frozen=True)
-class ScanPage:
-    """One page of `IndexClient.scan`: items in the order the index keeps them."""
-
-    ids: list[str]
-    metadata: list[dict[str, str]]
-    vectors: np.ndarray | None  # float32 [len(ids), dim] when scanned with_vectors, else None
-    total: int  # items in the whole scan
-    model_version: str  # the index's when the scan began
 
 
 class _Stall:
@@ -251,21 +199,19 @@ class EncoderClient(_Client):
 
     def embed(self, images: Sequence[bytes | np.ndarray]) -> Embedding:
         """Returns one vector per image; raises BadImage naming the first image it could not use."""
-        request = _embed_request(images)
+        request = convert.embed_request(images)
         try:
             reply = self.stub.Embed(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise self._image_call_error(error) from None
-        return Embedding(
-            wire.unpack(reply.vectors, expected_count=len(images)), reply.model_version, reply.replica
-        )
+        return convert.embedding_of(reply, len(images))
 
     def reconstruct(self, images: Sequence[bytes | np.ndarray]) -> list[Reconstruction]:
         """For each image, the model's input (the preprocessed image) and the autoencoder's reconstruction
         of it, both uint8 [28, 28]. Raises BadImage naming the first image the encoder could not use, and
         ServiceError otherwise (FAILED_PRECONDITION: the served model has no decoder)."""
         request = encoder_pb2.ReconstructRequest()
-        _add_images(request, images)
+        convert.add_images(request, images)
         try:
             reply = self.stub.Reconstruct(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -277,7 +223,7 @@ class EncoderClient(_Client):
                 None,
                 f"the reply holds {len(reply.items)} reconstructions for {len(images)} images",
             )
-        return [Reconstruction(_pixels(item.input), _pixels(item.reconstruction)) for item in reply.items]
+        return convert.reconstructions_of(reply)
 
     def _image_call_error(self, error: grpc.RpcError) -> ServiceError:
         """BadImage for a call refused for one of its images (its position in the trailing metadata)."""
@@ -289,50 +235,7 @@ class EncoderClient(_Client):
     def info(self) -> dict[str, Any]:
         with self._call():
             reply = self.stub.Info(encoder_pb2.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
-        return {
-            "model_version": reply.model_version,
-            "dim": reply.dim,
-            "input_shape": list(reply.input_shape),
-            "runtime": reply.runtime,
-            "card": json.loads(reply.card_json) if reply.card_json else {},
-            "images_embedded": reply.images_embedded,
-            "calls_abandoned": reply.calls_abandoned,
-            "replica": reply.replica,
-        }
-
-
-def _embed_request(images: Sequence[bytes | np.ndarray]) -> encoder_pb2.EmbedRequest:
-    """The request, each image added in place (half the time of building Image messages to copy in)."""
-    request = encoder_pb2.EmbedRequest()
-    _add_images(request, images)
-    return request
-
-
-def _add_images(
-    request: encoder_pb2.EmbedRequest | encoder_pb2.ReconstructRequest, images: Sequence[bytes | np.ndarray]
-) -> None:
-    """Adds each image to the request's `images` (Embed and Reconstruct take the same field)."""
-    add = request.images.add
-    for image in images:
-        if isinstance(image, bytes):
-            add(encoded=image)
-        elif isinstance(image, bytearray | memoryview):
-            add(encoded=bytes(image))
-        else:
-            pixels = np.ascontiguousarray(image, dtype=np.uint8)
-            if pixels.ndim != 2:
-                raise ValueError(f"raw pixels must be a 2-D uint8 array, got shape {pixels.shape}")
-            raw = encoder_pb2.RawPixels(
-                height=pixels.shape[0], width=pixels.shape[1], pixels=pixels.tobytes()
-            )
-            add(raw=raw)
-
-
-def _pixels(raw: encoder_pb2.RawPixels) -> np.ndarray:
-    """RawPixels as a uint8 [height, width] array (a copy the caller may write to)."""
-    if len(raw.pixels) != raw.height * raw.width:
-        raise ValueError(f"{len(raw.pixels)} bytes of pixels for {raw.height}x{raw.width}")
-    return np.frombuffer(raw.pixels, dtype=np.uint8).reshape(raw.height, raw.width).copy()
+        return convert.info_of(reply)
 
 
 class IndexClient(_Client):
@@ -355,12 +258,7 @@ class IndexClient(_Client):
         self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
     ) -> int:
         """Stores or replaces the batch; returns the count stored after it."""
-        request = index_pb2.UpsertRequest(
-            ids=list(ids),
-            vectors=wire.pack(vectors),
-            metadata=[index_pb2.Metadata(entries=m) for m in metadata],
-            model_version=model_version,
-        )
+        request = convert.upsert_request(ids, vectors, metadata, model_version)
         with self._call():
             return int(self.stub.Upsert(request, timeout=self.timeout_s, metadata=self._metadata).count)
 
@@ -380,21 +278,18 @@ class IndexClient(_Client):
                 timeout=self.timeout_s,
                 metadata=self._metadata,
             )
-        vectors = wire.unpack(reply.vectors) if with_vectors else None
-        items = [
-            StoredItem(item.id, dict(item.metadata), None if vectors is None else vectors[n])
-            for n, item in enumerate(reply.items)
-        ]
-        return items, list(reply.missing_ids)
+        return convert.items_of(reply, with_vectors)
 
     def search(self, queries: np.ndarray, k: int = 10, model_version: str = "") -> list[list[Match]]:
         request = index_pb2.SearchRequest(queries=wire.pack(queries), k=k, model_version=model_version)
         with self._call():
-            return _matches(self.stub.Search(request, timeout=self.timeout_s, metadata=self._metadata))
+            return convert.matches_of(
+                self.stub.Search(request, timeout=self.timeout_s, metadata=self._metadata)
+            )
 
     def search_by_id(self, ids: Sequence[str], k: int = 10) -> list[list[Match]]:
         with self._call():
-            return _matches(
+            return convert.matches_of(
                 self.stub.SearchById(
                     index_pb2.SearchByIdRequest(ids=list(ids), k=k),
                     timeout=self.timeout_s,
@@ -405,7 +300,7 @@ class IndexClient(_Client):
     def stats(self) -> IndexStats:
         with self._call():
             reply = self.stub.Stats(index_pb2.StatsRequest(), timeout=self.timeout_s, metadata=self._metadata)
-        return IndexStats(reply.count, reply.dim, reply.model_version, reply.bytes_used)
+        return convert.stats_of(reply)
 
     def scan(self, page_size: int = 0, with_vectors: bool = False) -> Iterator[ScanPage]:
         """Yields every stored item once, page by page, as the index was when the scan began.
@@ -436,21 +331,10 @@ class IndexClient(_Client):
                         code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "no scan page in time"
                     raise ServiceError(self.service, self.address, code, details) from None
                 stall.received()
-                count = len(reply.items)
-                yield ScanPage(
-                    [item.id for item in reply.items],
-                    [dict(item.metadata) for item in reply.items],
-                    wire.unpack(reply.vectors, expected_count=count) if request.with_vectors else None,
-                    reply.total,
-                    reply.model_version,
-                )
+                yield convert.page_of(reply, request.with_vectors)
         finally:
             call.cancel()  # a no-op once the stream has ended; frees the server's copy when left early
             stall.close()
-
-
-def _matches(reply: index_pb2.SearchResponse) -> list[list[Match]]:
-    return [[Match(m.id, float(m.distance), dict(m.metadata)) for m in row.matches] for row in reply.results]
 
 
 class ImageSearch:
