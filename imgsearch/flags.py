@@ -29,9 +29,6 @@ class Flag:
     choices: tuple[str, ...] | None = None
     switch: bool = False  # on when given; its env var takes 1/true/yes/on or 0/false/no/off
     shown_default: str | None = None  # how the help shows the default; None: the default itself
-    metavar: str | None = None
-    dest: str | None = None
-    required: bool = False
 
     def help_text(self) -> str:
         notes = [f"env {self.env}"] if self.env else []
@@ -84,8 +81,6 @@ def add_flags(
         if raw.strip():
             default = _from_env(parser, flag, raw)
         options: dict[str, Any] = {"default": default, "help": flag.help_text()}
-        if flag.dest:
-            options["dest"] = flag.dest
         if flag.switch:
             parser.add_argument(flag.name, action="store_true", **options)
             continue
@@ -93,10 +88,6 @@ def add_flags(
             options["type"] = flag.type
         if flag.choices is not None:
             options["choices"] = flag.choices
-        if flag.metavar:
-            options["metavar"] = flag.metavar
-        if flag.required and default is None:
-            options["required"] = True
         parser.add_argument(flag.name, **options)
 
 
