@@ -45,10 +45,10 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get install -y -q chromium >/dev/null 2>&1 || \
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
-		|| echo "note: could not install chromium; tests/test_web_browser.py will be skipped"; \
-	else echo "note: not root or no apt: skipping Debian's chromium; tests/test_web_browser.py will be skipped"; fi
+		|| echo "note: could not install chromium; tests/system/test_web_browser.py will be skipped"; \
+	else echo "note: not root or no apt: skipping Debian's chromium; tests/system/test_web_browser.py will be skipped"; fi
 
-# Debian's docker-compose (no engine: --no-install-recommends), for tests/test_compose.py's `config` checks.
+# Debian's docker-compose (no engine: --no-install-recommends), for tests/system/test_compose.py's `config` checks.
 .PHONY: compose-cli
 compose-cli:
 	@if command -v docker-compose >/dev/null; then :; \

@@ -404,7 +404,7 @@ def _lanczos_of_gray(gray: np.ndarray, height: int, width: int) -> np.ndarray:
     when the height shrinks by more than twice what the width does, else the horizontal one (its
     Resample.c); each output row of a horizontal pass depends on its input row alone, and each column
     of a vertical pass on its input column, so the first pass runs here a strip at a time, and the
-    second on its small result. (tests/test_hostile_encoder.py checks this against Pillow's resize.)"""
+    second on its small result. (tests/system/test_hostile_encoder.py checks this against Pillow's resize.)"""
     rows, columns = gray.shape
     if rows * columns <= TILE_PIXELS:
         return _resize(_to_unit(gray), height, width, Image.Resampling.LANCZOS)

@@ -1,7 +1,7 @@
 """The index service over real gRPC: k-NN against numpy, status codes, restarts, shutdown.
 
 The tests of the API's behaviour run on both backends (FAISS and Milvus, `@both_backends`); those of the
-data dir, signals and ports on FAISS only (tests/test_milvus_backend.py has Milvus's own)."""
+data dir, signals and ports on FAISS only (tests/service/test_milvus_backend.py has Milvus's own)."""
 
 from __future__ import annotations
 

@@ -802,7 +802,7 @@ def dashboard_queries() -> list[str]:
 
 def test_the_dashboard_queries_what_the_services_export() -> None:
     """Each metric a panel names is one the services export (imgsearch_server/metrics.py's shared names and
-    each service's metrics.py's own; tests/test_metrics.py checks those
+    each service's metrics.py's own; tests/service/test_metrics.py checks those
     names against a live scrape of both services) or one the web gateway's registry holds, and the panels
     the issue asks for are there."""
     from encoder_service import metrics as encoder_metrics
