@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -15,10 +14,10 @@ from encoder_service.model_dir import shipped_model
 from encoder_service.preprocess import raise_pillow_limit
 from encoder_service.runtime import load_runtime
 from encoder_service.servicer import DEFAULT_DECODE_BUDGET_MIB, DEFAULT_DECODE_WAIT_S, EncoderServicer
-from imgsearch.flags import Flag, add_flags
+from imgsearch.flags import Flag
 from imgsearch.v1 import encoder_pb2
 from imgsearch_server.handlers import add_servicer
-from imgsearch_server.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
+from imgsearch_server.serving import GrpcServer, ServerSettings, server_settings, service_parser
 
 log = logging.getLogger("encoder_service")
 
@@ -123,12 +122,13 @@ def encoder_flags() -> list[Flag]:
 
 def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
     """Returns the configuration from flags, each defaulting to an env var."""
-    parser = argparse.ArgumentParser(
-        prog="python -m encoder_service",
-        description="The imgsearch encoder service (images to 128-d vectors).",
+    parser = service_parser(
+        "python -m encoder_service",
+        "The imgsearch encoder service (images to 128-d vectors).",
+        env_prefix="IMGSEARCH_ENCODER",
+        default_port=DEFAULT_PORT,
+        own=encoder_flags(),
     )
-    add_server_flags(parser, env_prefix="IMGSEARCH_ENCODER", default_port=DEFAULT_PORT)
-    add_flags(parser, encoder_flags())
     args = parser.parse_args(argv)
     if min(args.max_batch, args.max_image_bytes, args.max_image_pixels) < 1:
         parser.error("--max-batch, --max-image-bytes and --max-image-pixels must be at least 1")

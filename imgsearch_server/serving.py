@@ -164,9 +164,14 @@ def server_flags(*, env_prefix: str, default_port: int) -> list[Entry]:
     ]
 
 
-def add_server_flags(parser: argparse.ArgumentParser, *, env_prefix: str, default_port: int) -> None:
-    """Adds the flags every service takes; each defaults to an env var, then to a built-in value."""
-    add_flags(parser, server_flags(env_prefix=env_prefix, default_port=default_port))
+def service_parser(
+    prog: str, description: str, *, env_prefix: str, default_port: int, own: Sequence[Entry]
+) -> argparse.ArgumentParser:
+    """A service's parser: the flags every service takes, then its `own`; each defaults to an env var,
+    then to a built-in value."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_flags(parser, [*server_flags(env_prefix=env_prefix, default_port=default_port), *own])
+    return parser
 
 
 def _token(args: argparse.Namespace, flag: SecretFlag) -> security.Secret | None:

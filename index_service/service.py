@@ -3,17 +3,16 @@ a gRPC server."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgsearch.flags import Flag, add_flags
+from imgsearch.flags import Flag
 from imgsearch.v1 import index_pb2
 from imgsearch_server.handlers import add_servicer
-from imgsearch_server.serving import GrpcServer, ServerSettings, add_server_flags, server_settings
+from imgsearch_server.serving import GrpcServer, ServerSettings, server_settings, service_parser
 from index_service import metrics
 from index_service.durable import DataDirError, DurableStore
 from index_service.servicer import IndexServicer
@@ -113,12 +112,13 @@ INDEX_FLAGS = [
 
 def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
     """Returns the configuration from flags, each defaulting to an env var."""
-    parser = argparse.ArgumentParser(
-        prog="python -m index_service",
-        description="The imgsearch index service (exact L2 k-NN over gRPC: FAISS in process, or Milvus).",
+    parser = service_parser(
+        "python -m index_service",
+        "The imgsearch index service (exact L2 k-NN over gRPC: FAISS in process, or Milvus).",
+        env_prefix="IMGSEARCH_INDEX",
+        default_port=DEFAULT_PORT,
+        own=INDEX_FLAGS,
     )
-    add_server_flags(parser, env_prefix="IMGSEARCH_INDEX", default_port=DEFAULT_PORT)
-    add_flags(parser, INDEX_FLAGS)
     args = parser.parse_args(argv)
     if min(args.max_k, args.max_batch, args.max_results, args.snapshot_every_ops) < 1 or (
         args.snapshot_every_s <= 0
