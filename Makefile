@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-setup: $(STAMP) $(STUBS) datasets browser compose-cli ## virtualenv with pinned dependencies, gRPC stubs, Fashion-MNIST, chromium and docker-compose where apt can install them
+setup: $(STAMP) $(STUBS) datasets browser ## virtualenv with pinned dependencies, gRPC stubs, Fashion-MNIST and chromium where apt can install them
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,16 +47,6 @@ browser:
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
 		|| echo "note: could not install chromium; tests/system/test_web_browser.py will be skipped"; \
 	else echo "note: not root or no apt: skipping Debian's chromium; tests/system/test_web_browser.py will be skipped"; fi
-
-# Debian's docker-compose (no engine: --no-install-recommends), for tests/system/test_compose.py's `config` checks.
-.PHONY: compose-cli
-compose-cli:
-	@if command -v docker-compose >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
-		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1)) \
-		|| echo "note: could not install docker-compose; the compose config checks will be skipped"; \
-	else echo "note: not root or no apt: skipping Debian's docker-compose; the compose config checks will be skipped"; fi
 
 test: setup ## run the whole test suite: unit, service and system tiers (about 5 minutes on 2 cores)
 	$(PY) -m pytest -q

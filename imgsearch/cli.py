@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -13,19 +14,21 @@ import numpy as np
 
 from imgsearch import client_flags
 from imgsearch.addresses import endpoint_count
-from imgsearch.client import ImageSearch, Match, ServiceError
-from imgsearch.evaluate import retrieval_quality
+from imgsearch.client import MAX_MESSAGE_BYTES, ImageSearch, Match, ServiceError
+from imgsearch.evaluate import retrieval_quality, self_matches, unmatched_labels
 from imgsearch.flags import Entry, Flag, add_flags, secret
 from imgsearch.ingest import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
     DEFAULT_PATIENCE_S,
+    ImageFile,
     collect_images,
     embed_files,
     index_images,
     stored_ids,
 )
 from imgsearch.migrate import DEFAULT_PAGE_SIZE as MIGRATE_PAGE_SIZE
+from imgsearch.words import plural
 
 
 def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
@@ -59,7 +62,11 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
     if args.resume:
         stored = stored_ids(search.index)
         remaining = [image for image in files if image.id not in stored]
-        print(f"resuming: {len(files) - len(remaining)} of {len(files)} images are already in the index")
+        already = len(files) - len(remaining)
+        print(
+            f"resuming: {already} of {plural(len(files), 'image')} {'is' if already == 1 else 'are'} "
+            "already in the index"
+        )
         files = remaining
     with _progress(len(files), "indexing", args.progress) as bar:
         report = index_images(
@@ -72,12 +79,12 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
             in_flight=in_flight_for(args.encoder) if args.in_flight is None else args.in_flight,
         )
     report.skipped[:0] = skipped
-    print(f"indexed {report.indexed} images; the index now holds {report.count}")
+    print(f"indexed {plural(report.indexed, 'image')}; the index now holds {report.count}")
     if len(report.by_replica) > 1:
         shares = ", ".join(f"{name} {count}" for name, count in sorted(report.by_replica.items()))
         print(f"embedded by {len(report.by_replica)} encoder replicas: {shares}")
     if report.skipped:
-        print(f"skipped {len(report.skipped)}:")
+        print(f"skipped {plural(len(report.skipped), 'file')}:")
         for path, reason in report.skipped:
             print(f"  {path}: {reason}")
     return 0
@@ -108,11 +115,11 @@ def cmd_reindex(search: ImageSearch, args: argparse.Namespace) -> int:
                 on_wait=lambda text: bar.write(f"imgsearch: {text}", file=sys.stderr),
             )
     if report.skipped:
-        print(f"skipped {len(report.skipped)}:")
+        print(f"skipped {plural(len(report.skipped), 'item')}:")
         for item_id, reason in report.skipped:
             print(f"  {item_id}: {reason}")
     print(
-        f"reindexed {report.reindexed} of {report.total} items into {args.to} "
+        f"reindexed {report.reindexed} of {plural(report.total, 'item')} into {args.to} "
         f"(model version {report.model_version or '-'}); skipped {len(report.skipped)}"
     )
     return 1 if report.skipped else 0
@@ -171,6 +178,8 @@ def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
         return 0
     if not args.images:
         raise SystemExit("imgsearch search: give image files, or --id ID")
+    if STDIN in args.images:
+        return _search_stdin(search, args)
     files, skipped = collect_images(args.images)
     for path, reason in skipped:
         print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
@@ -181,6 +190,42 @@ def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
     for image, matches in zip(kept, results, strict=True):
         _print_results(str(image.path), matches, args.json)
     return 0 if not (skipped or bad) else 1
+
+
+STDIN = "-"  # `imgsearch search -`: the query image is read from stdin
+
+
+def _search_stdin(search: ImageSearch, args: argparse.Namespace) -> int:
+    """`imgsearch search -`: one query image, its encoded bytes read from stdin (a pipe or a redirect, as
+    `docker compose run -T client search - < photo.jpg` gives). An image the encoder cannot decode ends
+    the command with its INVALID_ARGUMENT message (main prints it, exit 2)."""
+    if args.images != [STDIN]:
+        print(
+            f"imgsearch search: {STDIN} reads one image from stdin: give it alone, not with files",
+            file=sys.stderr,
+        )
+        return 2
+    if sys.stdin is None or sys.stdin.isatty():
+        print(
+            f"imgsearch search: {STDIN} reads an image from stdin, which is a terminal here: redirect or "
+            f"pipe one in (imgsearch search {STDIN} < photo.jpg; docker compose run needs -T for that)",
+            file=sys.stderr,
+        )
+        return 2
+    data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
+    if not data:
+        print(f"imgsearch search: {STDIN} reads an image from stdin, but stdin was empty", file=sys.stderr)
+        return 2
+    if len(data) > MAX_MESSAGE_BYTES:
+        print(
+            f"imgsearch search: stdin holds more than {MAX_MESSAGE_BYTES // 2**20} MiB, more than one call "
+            "carries: not one image",
+            file=sys.stderr,
+        )
+        return 2
+    (matches,) = search.search([data], args.k)
+    _print_results(STDIN, matches, args.json)
+    return 0
 
 
 RESULTS_PER_CALL = 100_000  # the index's default --max-results: queries x k in one search
@@ -228,9 +273,10 @@ def cmd_eval(search: ImageSearch, args: argparse.Namespace) -> int:
     if not kept:
         raise SystemExit(f"imgsearch eval: no usable images under {args.folder}")
     results = _search_in_batches(search, vectors, args.k, version, args.batch_size)
-    quality = retrieval_quality(
-        [f.label for f in kept], [[m.metadata.get("label", "") for m in row] for row in results], args.k
-    )
+    labels = [[m.metadata.get("label", "") for m in row] for row in results]
+    quality = retrieval_quality([f.label for f in kept], labels, args.k)
+    for warning in _eval_warnings(kept, results, labels):
+        print(f"imgsearch eval: warning: {warning}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
@@ -246,6 +292,50 @@ def cmd_eval(search: ImageSearch, args: argparse.Namespace) -> int:
     for label, q in quality.per_class.items():
         print(f"{label:<10}{q.queries:>8}{q.p_at_1:>8.4f}{q.p_at_k:>8.4f}{q.map_at_k:>9.4f}")
     return 0
+
+
+def _listed(names: Sequence[str], most: int = 12) -> str:
+    shown = ", ".join(repr(name) for name in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _eval_warnings(
+    queries: Sequence[ImageFile], results: Sequence[Sequence[Match]], labels: Sequence[Sequence[str]]
+) -> list[str]:
+    """What makes eval's figures mean something else than they seem: query labels no result carries
+    (the figures are then 0 for them), and queries the index holds themselves (self-matches)."""
+    warnings = []
+    query_labels = sorted({q.label for q in queries})
+    unmatched = unmatched_labels(query_labels, labels)
+    if unmatched:
+        carried = sorted({label for row in labels for label in row if label})
+        if carried:
+            seen = f"the results' labels are {_listed(carried)}"
+        elif any(results):
+            seen = "the results carry no labels"
+        else:
+            seen = "the index returned no results at all (is it empty?)"
+        which = (
+            f"no result carries any of the queries' labels ({_listed(unmatched)}), so every figure is 0"
+            if len(unmatched) == len(query_labels)
+            else f"no result carries the {plural(len(unmatched), 'label')} {_listed(unmatched)}, so "
+            "those classes score 0"
+        )
+        warnings.append(
+            f"{which}; {seen}. A query's label is its subfolder's name: name the subfolders by the labels "
+            "the index was built with (the `label` metadata of its items)"
+        )
+    held = self_matches([q.id for q in queries], [(r[0].id, r[0].distance) if r else None for r in results])
+    if held:
+        total = plural(len(queries), "query", "queries")
+        share = (
+            "every query is" if held == len(queries) else f"{held} of {total} {'is' if held == 1 else 'are'}"
+        )
+        warnings.append(
+            f"{share} already in the index (the nearest result has the query's id or lies at distance 0), "
+            "so the figures measure self-matches, not retrieval: evaluate with queries that the index lacks"
+        )
+    return warnings
 
 
 def cmd_show(search: ImageSearch, args: argparse.Namespace) -> int:
@@ -367,8 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     patience_flag(sub)
     sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sub.add_argument("--json", action="store_true", help="the summary as one JSON object")
-    sub = command("search", cmd_search, "find the stored images most similar to images, or to stored ids")
-    sub.add_argument("images", nargs="*", metavar="IMAGE")
+    sub = command(
+        "search",
+        cmd_search,
+        f"find the stored images most similar to images (files, or one on stdin: {STDIN}), or to stored ids",
+    )
+    sub.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help=f"image files and folders; {STDIN} alone reads one image (its encoded bytes) from stdin: "
+        f"imgsearch search {STDIN} < photo.jpg (the query is then named {STDIN})",
+    )
     sub.add_argument(
         "--id", nargs="+", metavar="ID", help="search by stored ids instead (excluding each itself)"
     )
@@ -431,7 +531,27 @@ def _token(args: argparse.Namespace) -> str | None:
     return secret(args, client_flags.TOKEN)
 
 
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a command that SIGPIPE ended, as `yes | head -1` gives
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns its exit code. When the reader of stdout goes away before the output is
+    all written (`imgsearch stats | head -1`), stops quietly with SIGPIPE_EXIT instead of a traceback or an
+    "Exception ignored ... BrokenPipeError" at exit: stdout is flushed here, and pointed at /dev/null for
+    the interpreter's own flush (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        try:
+            return _main(argv)
+        finally:  # SystemExit too (`--help | head -1`): the output is written here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return SIGPIPE_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["train"], ["web"]):
         return _plugin(argv[0], argv[1:])
@@ -453,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imgsearch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # an OSError, but not the command's: stdout's reader went away (see main)
+        raise
     except (OSError, ValueError) as error:
         print(f"imgsearch: {error}", file=sys.stderr)
         return 2

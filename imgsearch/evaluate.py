@@ -72,6 +72,29 @@ def retrieval_quality(query_labels: Sequence[str], result_labels: Sequence[Seque
     )
 
 
+# A query this close to a stored vector is that very image: the encoder gives an image the same vector.
+SELF_MATCH_DISTANCE = 1e-5
+
+
+def unmatched_labels(query_labels: Sequence[str], result_labels: Sequence[Sequence[str]]) -> list[str]:
+    """The query labels that no result carries, sorted: their queries score 0 whatever was found, which
+    most often means the index knows no such label (query subfolders named otherwise than the labels the
+    index was built with), not that retrieval failed."""
+    carried = {label for row in result_labels for label in row}
+    return sorted(set(query_labels) - carried)
+
+
+def self_matches(query_ids: Sequence[str], nearest: Sequence[tuple[str, float] | None]) -> int:
+    """How many queries the index holds themselves: their nearest result (id, distance; None for none) has
+    their id, or lies at distance ~0 (the same image, under any id). Such a query's P@1 is a self-match,
+    not retrieval."""
+    return sum(
+        1
+        for query_id, found in zip(query_ids, nearest, strict=True)
+        if found is not None and (found[0] == query_id or found[1] <= SELF_MATCH_DISTANCE)
+    )
+
+
 def nearest_labels(
     vectors: np.ndarray, labels: Sequence[str], queries: np.ndarray, k: int, batch: int = 500
 ) -> list[list[str]]:

@@ -38,31 +38,34 @@ class ImageFile:
 @dataclass
 class IngestReport:
     indexed: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (absolute path, reason)
     count: int = 0  # items in the index afterwards
     by_replica: dict[str, int] = field(default_factory=dict)  # images indexed, by the encoder replica
 
 
 def collect_images(paths: Sequence[str | Path]) -> tuple[list[ImageFile], list[tuple[str, str]]]:
-    """Returns the image files under the paths (folders recursively, sorted) and what was skipped, why."""
+    """Returns the image files under the paths (folders recursively, sorted) and what was skipped, why.
+
+    Every path here is absolute, as `ImageFile.path` (the `source` metadata) is and as the files the
+    encoder refuses later are reported: one form in the summary however the folder was given."""
     found: dict[str, ImageFile] = {}
     skipped: list[tuple[str, str]] = []
     expected = f"not an image file name (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"
     for given in map(Path, paths):
         if given.is_dir():
             absolute = given.absolute()
-            candidates = [(given, absolute, item_id) for item_id in files_under(given)]
+            candidates = [(absolute, item_id) for item_id in files_under(given)]
         elif given.is_file():
-            candidates = [(given.parent, given.parent.absolute(), given.name)]
+            candidates = [(given.parent.absolute(), given.name)]
         else:
-            skipped.append((str(given), "no such file or folder"))
+            skipped.append((str(given.absolute()), "no such file or folder"))
             continue
-        for folder, absolute, item_id in candidates:
+        for absolute, item_id in candidates:
             if _suffix(item_id).lower() not in IMAGE_SUFFIXES:
-                skipped.append((str(folder / item_id), expected))
+                skipped.append((str(absolute / item_id), expected))
             elif item_id in found:
                 skipped.append(
-                    (str(folder / item_id), f"id {item_id!r} already taken by {found[item_id].path}")
+                    (str(absolute / item_id), f"id {item_id!r} already taken by {found[item_id].path}")
                 )
             else:
                 parent, _, _ = item_id.rpartition("/")

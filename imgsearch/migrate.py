@@ -29,6 +29,7 @@ import grpc
 from imgsearch.addresses import same_service
 from imgsearch.client import IndexClient, IndexStats, ScanPage, ServiceError
 from imgsearch.ingest import DEFAULT_PATIENCE_S, patiently
+from imgsearch.words import plural
 
 DEFAULT_PAGE_SIZE = 10_000  # items per scan page and per upsert: the index's default --max-batch
 MAX_FRUITLESS_RESTARTS = 3  # scans cut short in a row that copied nothing new, before giving up
@@ -59,19 +60,19 @@ class MigrateReport:
         that held items before may share ids with the source)."""
         if self.target_before or self.count == self.migrated:
             return ""
-        expected = f"{self.migrated} items were copied"
+        expected = f"{plural(self.migrated, 'item')} {'was' if self.migrated == 1 else 'were'} copied"
         if not self.restarts:
             expected += " (the source's count when the scan began)"
         return (
-            f"the target at {self.target} holds {self.count} items, but {expected}; was it written to, "
-            "or deleted from, during the migration?"
+            f"the target at {self.target} holds {plural(self.count, 'item')}, but {expected}; was it written "
+            "to, or deleted from, during the migration?"
         )
 
     def summary(self) -> str:
         if not self.migrated and not self.total:
             return f"nothing to migrate: the index at {self.source} is empty; {self.target} is unchanged"
         return (
-            f"migrated {self.migrated} items (model {self.model_version or '-'}, dim {self.dim}) "
+            f"migrated {plural(self.migrated, 'item')} (model {self.model_version or '-'}, dim {self.dim}) "
             f"from {self.source} to {self.target} in {self.seconds:.1f} s"
         )
 
@@ -114,15 +115,16 @@ def check_target(
         return held, there
     if there.model_version != held.model_version or there.dim != held.dim:
         raise MigrateRefused(
-            f"the target index at {target.address} holds {there.count} vectors of model version "
+            f"the target index at {target.address} holds {plural(there.count, 'vector')} of model version "
             f"{there.model_version or '-'!r}, dim {there.dim}; the source's are model version "
             f"{held.model_version or '-'!r}, dim {held.dim}: migrate into an empty index service"
         )
     if not into_nonempty:
         raise MigrateRefused(
-            f"the target index at {target.address} already holds {there.count} items (model version "
-            f"{there.model_version or '-'!r}); migrate into an empty index service, or pass --into-nonempty "
-            "to add to them (items with the same id are replaced; running a migration again is harmless)"
+            f"the target index at {target.address} already holds {plural(there.count, 'item')} (model "
+            f"version {there.model_version or '-'!r}); migrate into an empty index service, or pass "
+            "--into-nonempty to add to them (items with the same id are replaced; running a migration "
+            "again is harmless)"
         )
     return held, there
 
@@ -177,7 +179,7 @@ def migrate(
                 raise cut.error from None
             report.restarts += 1
             if on_wait is not None:
-                on_wait(f"{cut.error}; the scan is begun again ({len(copied)} items copied so far)")
+                on_wait(f"{cut.error}; the scan is begun again ({plural(len(copied), 'item')} copied so far)")
             patiently(source.stats, patience_s, on_wait)  # wait for the source to answer again
     if copied or report.total:
         report.count = patiently(target.stats, patience_s, on_wait).count
@@ -288,6 +290,7 @@ def _refused(error: ServiceError, target: IndexClient, page: ScanPage, copied: i
         return MigrateRefused(
             f"the target index at {target.address} refused vectors of model version "
             f"{page.model_version or '-'!r}, dim {page.vectors.shape[1]} ({error.details.split(';')[0]}) "
-            f"after {copied} items were copied; migrate into an empty index service"
+            f"after {plural(copied, 'item')} {'was' if copied == 1 else 'were'} copied; migrate into an "
+            "empty index service"
         )
     return error

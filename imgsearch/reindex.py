@@ -25,6 +25,7 @@ from imgsearch.ingest import (
     index_images,
     patiently,
 )
+from imgsearch.words import plural
 
 SOURCE_KEY = "source"  # the metadata key `imgsearch index` stores each image's path under
 
@@ -85,9 +86,9 @@ def plan_reindex(
     held = patiently(target.index.stats, patience_s, on_wait)
     if held.count and held.model_version != version:
         raise ReindexRefused(
-            f"the target index at {target.index.address} holds {held.count} vectors of model version "
-            f"{held.model_version!r}, not the encoder's {version!r}; reindex into an index service started "
-            "on a new, empty data dir"
+            f"the target index at {target.index.address} holds {plural(held.count, 'vector')} of model "
+            f"version {held.model_version!r}, not the encoder's {version!r}; reindex into an index service "
+            "started on a new, empty data dir"
         )
     return patiently(lambda: _scan(source, version), patience_s, on_wait)
 

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,17 @@ class DataDirError(Exception):
     """The data dir cannot be used (locked by another process, unreadable, inconsistent)."""
 
 
+class DataDirLocked(DataDirError):
+    """Another index process holds the data dir: with FAISS, a second replica over the same volume."""
+
+
+SCALE_HINT = (
+    "the FAISS backend keeps its vectors in this process, so it runs as one replica; to run several "
+    "index replicas, use the Milvus backend (--backend milvus; with Docker Compose, "
+    "IMGSEARCH_INDEX_BACKEND=milvus and the milvus profile: README, Scaling out)"
+)
+
+
 class DirectoryLock:
     """An exclusive flock on data_dir/LOCK, released when closed or when the process dies."""
 
@@ -49,17 +61,18 @@ class DirectoryLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
-            owner = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            owner = os.pread(self._fd, 128, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
             if error.errno in (errno.EAGAIN, errno.EACCES):
-                raise DataDirError(
+                raise DataDirLocked(
                     f"{data_dir} is in use by another index process (pid {owner}); "
-                    "one data dir serves one index process"
+                    f"one data dir serves one index process: {SCALE_HINT}"
                 ) from None
             raise
         try:
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            # The host name too: in a container every replica is pid 1, and its host name is its id.
+            os.pwrite(self._fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         except OSError:
             pass  # read-only: the lock holds all the same
 

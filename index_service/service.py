@@ -4,6 +4,7 @@ a gRPC server."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from imgsearch.v1 import index_pb2
 from imgsearch_server.handlers import add_servicer
 from imgsearch_server.serving import GrpcServer, ServerSettings, server_settings, service_parser
 from index_service import metrics
-from index_service.durable import DataDirError, DurableStore
+from index_service.durable import DataDirError, DataDirLocked, DurableStore
 from index_service.servicer import IndexServicer
 from index_service.store import StorageUnavailable, Store
 
@@ -41,6 +42,7 @@ class IndexConfig:
     milvus_collection: str = "imgsearch"
     milvus_timeout_s: float = 10.0
     max_results: int = 100_000
+    when_locked: str = "exit"
 
 
 INDEX_FLAGS = [
@@ -81,6 +83,15 @@ INDEX_FLAGS = [
         Path("index-data"),
         Path,
         shown_default="./index-data",
+    ),
+    Flag(
+        "--when-locked",
+        "with --backend faiss, when another index process holds --data-dir (a second replica over "
+        "one volume): exit with the reason, or wait, not listening, and serve once that process stops "
+        "(a standby; what docker-compose.yml sets, so a second FAISS replica refuses without a restart loop)",
+        "IMGSEARCH_INDEX_WHEN_LOCKED",
+        "exit",
+        choices=("exit", "wait"),
     ),
     Flag("--max-k", "largest k a search may ask for", "IMGSEARCH_MAX_K", 1000, int),
     Flag("--max-batch", "most ids or queries in one call", "IMGSEARCH_INDEX_MAX_BATCH", 10000, int),
@@ -143,7 +154,32 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         args.milvus_collection,
         args.milvus_timeout_s,
         args.max_results,
+        args.when_locked,
     )
+
+
+def open_service(config: IndexConfig, poll_s: float = 2.0) -> IndexService:
+    """The service over its data dir. When another index process holds the dir: exits with the reason
+    (--when-locked exit), or says so once and waits, listening on nothing, until the dir is free."""
+    waiting = False
+    while True:
+        try:
+            service = IndexService(config)
+        except DataDirLocked as error:
+            if config.when_locked == "exit":
+                raise SystemExit(f"index_service: {error}") from error
+            if not waiting:
+                log.error(
+                    "index_service: refusing to serve: %s. Waiting as a standby, listening on nothing: "
+                    "this process serves once that one stops.",
+                    error,
+                )
+                waiting = True
+            time.sleep(poll_s)
+            continue
+        if waiting:
+            log.info("index_service: the data dir is free now: serving")
+        return service
 
 
 class IndexService:
@@ -175,6 +211,8 @@ class IndexService:
                     snapshot_every_ops=config.snapshot_every_ops,
                     snapshot_every_s=config.snapshot_every_s,
                 )
+            except DataDirLocked:
+                raise  # the caller chooses: exit, or wait as a standby (--when-locked)
             except (DataDirError, OSError) as error:
                 raise SystemExit(f"index_service: {error}") from error
             self.store = self.durable.store

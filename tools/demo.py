@@ -3,7 +3,10 @@
 Writes the sample's index split (the first 8,000 digits) and query split (the last 2,000) as PNG
 folders named by label, starts both services as local processes and the web gateway (the page, on
 http://localhost:8080 or a free port), indexes the index split, evaluates the query split, draws
-out/similar.png for 3 queries, and stops them all; with --keep-running they run on until Ctrl-C.
+out/similar.png for 3 queries, and stops them all. With --keep-running they run on until Ctrl-C, the
+services on their default ports (encoder 50051, index 50052: the CLI's defaults) where those are free,
+and the demo prints the `export IMGSEARCH_ENCODER=... IMGSEARCH_INDEX=...` line that points the CLI at
+them either way.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from imgsearch import client_flags
 from imgsearch.cli import main as cli
+from imgsearch.flags import Flag
 from tools.local import LocalServices, ServiceProcess, free_port, run_until_stopped
 
 SAMPLE = Path(__file__).resolve().parent.parent / "encoder_service" / "data" / "mnist-10k.npz"
@@ -41,14 +48,55 @@ def write_split(x: np.ndarray, y: np.ndarray, indices: range, folder: Path) -> N
         Image.fromarray(x[n]).save(path)
 
 
-def page_port(wanted: int) -> int:
-    """`wanted` when it is free on this machine, else a free port."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", wanted))
-        except OSError:
-            return free_port()
+def port_or_free(wanted: int) -> int:
+    """`wanted` when no one listens on it on this machine (on any address, as the services bind all of
+    them), else a free port."""
+    try:
+        if socket.has_dualstack_ipv6():
+            probe = socket.create_server(("::", wanted), family=socket.AF_INET6, dualstack_ipv6=True)
+        else:
+            probe = socket.create_server(("0.0.0.0", wanted))
+    except OSError:
+        return free_port()
+    probe.close()
     return wanted
+
+
+def default_port(flag: Flag) -> int:
+    """The port of a client flag's default address (localhost:50051 for --encoder): where the CLI looks
+    when neither the flag nor its env var is set."""
+    return int(str(flag.default).rpartition(":")[2])
+
+
+def export_line(services: LocalServices) -> str:
+    """The shell line that points the CLI (and the Python API) at these services."""
+    return (
+        f"export {client_flags.ENCODER.env}={services.encoder.address} "
+        f"{client_flags.INDEX.env}={services.index.address}"
+    )
+
+
+@contextmanager
+def started_services(work: Path, keep_running: bool) -> Iterator[LocalServices]:
+    """Both services, started, and stopped on leaving: on free ports for a run that stops at the end; to
+    keep running, on the CLI's default ports where those are free (so the README's commands work as
+    written), else on free ones (and on free ones too should a default port be taken as they start)."""
+    services = None
+    if keep_running:
+        ports = (
+            port_or_free(default_port(client_flags.ENCODER)),
+            port_or_free(default_port(client_flags.INDEX)),
+        )
+        try:
+            services = LocalServices(work / "index-data", *ports, log_dir=work).__enter__()
+        except RuntimeError as error:  # a default port taken meanwhile: the service could not bind it
+            print(f"demo: {error}; starting them on free ports instead", file=sys.stderr, flush=True)
+    if services is None:
+        services = LocalServices(work / "index-data", log_dir=work).__enter__()
+    try:
+        yield services
+    finally:
+        services.stop()
 
 
 def start_page(services: LocalServices, media_root: Path, log_dir: Path, port: int) -> ServiceProcess | None:
@@ -59,7 +107,7 @@ def start_page(services: LocalServices, media_root: Path, log_dir: Path, port: i
         return None
     page = ServiceProcess(
         "web",
-        page_port(port),
+        port_or_free(port),
         [
             "--host",
             "127.0.0.1",
@@ -115,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "index-data", ignore_errors=True)
 
     print("starting the encoder and index services ...", flush=True)
-    with LocalServices(work / "index-data", log_dir=work) as services:
+    with started_services(work, args.keep_running) as services:
         print(f"encoder at {services.encoder.address}, index at {services.index.address}", flush=True)
         page = start_page(services, index_dir, work, args.web_port)
         if page is not None:
@@ -126,12 +174,23 @@ def main(argv: list[str] | None = None) -> int:
                 return code
             if args.keep_running:
                 where = f"the page at http://localhost:{page.port}, " if page else ""
+                defaults = (services.encoder.address, services.index.address) == (
+                    client_flags.ENCODER.default,
+                    client_flags.INDEX.default,
+                )
+                how = (
+                    "they are where the CLI looks by default, unless IMGSEARCH_ENCODER or IMGSEARCH_INDEX "
+                    "say otherwise"
+                    if defaults
+                    else "a default port was taken, so they run on free ports"
+                )
                 print(
                     f"\ndemo done in {time.monotonic() - started:.0f} s; {where}the encoder at "
                     f"{services.encoder.address} and the index at {services.index.address} keep running: "
-                    "Ctrl-C stops them",
+                    f"Ctrl-C stops them. To use them from another shell ({how}):",
                     flush=True,
                 )
+                print(export_line(services), flush=True)
                 run_until_stopped([services.encoder, services.index, *([page] if page else [])])
                 return 0
         finally:

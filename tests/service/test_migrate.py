@@ -156,7 +156,7 @@ def test_refuses_a_nonempty_target_unless_asked(
     base = ("--index", address(source), "migrate", "--to", address(target), "--no-progress")
     code, out, err = imgsearch(capsys, *base)
     assert code == 2 and not out and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "already holds 1 items" in err and "--into-nonempty" in err
+    assert "already holds 1 item " in err and "--into-nonempty" in err
     with closing(IndexClient(address(target))) as client:
         assert client.stats().count == 1  # nothing was written
 
@@ -178,7 +178,7 @@ def test_refuses_a_target_of_another_model_version_or_dim(
             capsys, "--index", address(source), "migrate", "--to", address(target), "--no-progress", *extra
         )
         assert code == 2 and not out and "Traceback" not in err and len(err.strip().splitlines()) == 1
-        assert f"holds 1 vectors of model version {model!r}, dim {dim}" in err
+        assert f"holds 1 vector of model version {model!r}, dim {dim}" in err
         assert f"the source's are model version {MODEL!r}, dim {DIM}" in err
     with closing(IndexClient(address(target))) as client:
         stats = client.stats()

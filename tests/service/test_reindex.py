@@ -161,7 +161,7 @@ def test_reindex_refuses_the_source_itself_and_another_models_index(
             client.upsert(["kept"], np.ones((1, 128), np.float32), [{"label": "1"}], "another-model")
         code, out, err = imgsearch(capsys, *base, "--to", address(other), "--no-progress")
         assert code == 2 and not out and "Traceback" not in err
-        assert "holds 1 vectors of model version 'another-model'" in err and "new, empty data dir" in err
+        assert "holds 1 vector of model version 'another-model'" in err and "new, empty data dir" in err
         with closing(IndexClient(address(other))) as client:
             assert client.stats().count == 1  # nothing was written
     finally:

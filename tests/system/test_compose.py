@@ -436,7 +436,7 @@ def test_the_web_image_carries_no_tensorflow_and_no_faiss() -> None:
 
 
 def published_ports(spec: dict[str, Any]) -> set[tuple[str, str]]:
-    """(host port or range, container port) pairs, from `docker-compose config`: Compose v2's long form,
+    """(host port or range, container port) pairs, from `docker compose config`: Compose v2's long form,
     or the HOST:PUBLISHED:TARGET/PROTOCOL string Compose v1 writes for a port with a host address."""
     pairs = set()
     for port in spec.get("ports", []):
@@ -501,17 +501,30 @@ def test_docker_compose_accepts_the_file(
         assert web["environment"]["IMGSEARCH_MEDIA_ROOT"] == "/images"
 
 
+def compose_v2() -> list[str]:
+    """The Compose v2 command line (`docker compose`), or the test is skipped with the reason."""
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip(
+            "no docker CLI on PATH, so no Compose v2 (../shared/tools/docker-engine up installs both)"
+        )
+    result = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        pytest.skip(f"no Compose v2 plugin (`docker compose version`: {result.stderr.strip()})")
+    return [docker, "compose"]
+
+
 def compose_config(files: list[Path], profiles: list[str], settings: dict[str, str]) -> dict[str, Any]:
-    """`docker-compose config` of the files under the profiles, with only these settings in its
-    environment; skips the test without docker-compose (or one without profiles)."""
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("no docker-compose on PATH")
+    """`docker compose config` (Compose v2) of the files under the profiles, with only these settings in
+    its environment; skips the test without Compose v2 (`../shared/tools/docker-engine up` or Docker's
+    own packages put it in place; Compose v1, Debian bookworm's docker-compose, reads no top-level
+    `name:`)."""
+    command = compose_v2()
     # Only the settings given here: none from the shell that runs the tests.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGSEARCH_", "COMPOSE_"))}
     result = subprocess.run(
         [
-            binary,
+            *command,
             *(arg for path in files for arg in ("-f", str(path))),
             *(arg for profile in profiles for arg in ("--profile", profile)),
             "config",
@@ -538,7 +551,7 @@ EVERY_PROFILE = ["client", "milvus", "monitoring"]
 
 
 def host_ips(spec: dict[str, Any]) -> list[str]:
-    """The host address of each published port, from `docker-compose config` (long form, or the short
+    """The host address of each published port, from `docker compose config` (long form, or the short
     HOST:PUBLISHED:TARGET string an older one writes)."""
     found = []
     for port in spec.get("ports", []):
@@ -642,7 +655,7 @@ def mounted(spec: dict[str, Any]) -> set[str]:
 
 
 def test_the_override_declares_its_secrets_from_files(secure: dict[str, Any]) -> None:
-    assert {name: spec["file"] for name, spec in secure["secrets"].items()} == SECRET_FILES
+    assert {name: with_defaults(spec["file"]) for name, spec in secure["secrets"].items()} == SECRET_FILES
     assert set(secure["services"]) <= set(SERVICES)
     assert (
         "secrets" in (ROOT / ".gitignore").read_text() and "secrets" in (ROOT / ".dockerignore").read_text()

@@ -1,8 +1,10 @@
-"""kill -9 under load: every acknowledged write survives, in real processes."""
+"""kill -9 under load: every acknowledged write survives, in real processes; and a second process on one
+data dir (a second FAISS replica) waits as a standby."""
 
 from __future__ import annotations
 
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -195,3 +197,54 @@ def test_an_ingest_survives_the_index_being_killed_under_it(tmp_path: Path) -> N
     finally:
         index.kill()
         encoder.kill()
+
+
+def test_a_standby_waits_listening_on_nothing_and_serves_once_the_dir_is_free(tmp_path: Path) -> None:
+    """--when-locked wait (what Compose sets): a second FAISS replica says why once, does not exit (no
+    restart loop) and does not listen (round-robin skips it); it takes over when the first one stops."""
+    log_path = tmp_path / "standby.log"
+    first = ServiceProcess("index_service", free_port(), ["--data-dir", str(tmp_path / "data")]).start()
+    standby = ServiceProcess(
+        "index_service",
+        free_port(),
+        ["--data-dir", str(tmp_path / "data"), "--when-locked", "wait"],
+        log_path,
+    )
+    try:
+        first.wait_healthy()
+        standby.start()
+        deadline = time.monotonic() + 30
+        while "refusing to serve" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log_path.read_text()
+        assert "refusing to serve" in text and "--backend milvus" in text, text
+        time.sleep(3)  # more than one poll: still waiting, said once, nothing listening
+        assert standby.process is not None and standby.process.poll() is None
+        assert log_path.read_text().count("refusing to serve") == 1
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", standby.port)) != 0
+        assert first.stop() == 0
+        standby.wait_healthy(30)
+        assert "the data dir is free now: serving" in log_path.read_text()
+        assert standby.stop() == 0  # graceful, SIGTERM
+    finally:
+        first.kill()
+        standby.kill()
+
+
+def test_a_waiting_standby_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    first = ServiceProcess("index_service", free_port(), ["--data-dir", str(tmp_path)]).start()
+    standby = ServiceProcess(
+        "index_service", free_port(), ["--data-dir", str(tmp_path), "--when-locked", "wait"]
+    )
+    try:
+        first.wait_healthy()
+        standby.start()
+        time.sleep(4)  # started up and waiting
+        assert standby.process is not None and standby.process.poll() is None
+        started = time.monotonic()
+        assert standby.stop(timeout_s=10) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        first.kill()
+        standby.kill()

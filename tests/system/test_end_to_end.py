@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import re
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.support import mnist_sample
+from tests.support import ROOT, mnist_sample
 from tools.local import LocalServices, free_port
 
 COUNT = 1000
@@ -143,3 +151,91 @@ def test_the_index_survives_a_graceful_restart(folders: tuple[Path, Path], tmp_p
         after = imgsearch(second, "search", "--id", first_id, "--json")
     assert len(json_lines(before.stdout)[0]["results"]) == 10
     assert json_lines(after.stdout) == json_lines(before.stdout)
+
+
+# ---- `make demo KEEP=1`
+
+
+def test_a_wanted_port_is_kept_when_free_else_a_free_one() -> None:
+    from tools.demo import port_or_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        other = port_or_free(busy)
+        assert other != busy and port_or_free(other) == other  # a free port is kept
+
+
+def test_the_demo_kept_running_prints_the_line_that_points_the_cli_at_it(tmp_path: Path) -> None:
+    """`make demo KEEP=1`: the services keep running on the CLI's default ports where those are free, and
+    the demo prints `export IMGSEARCH_ENCODER=... IMGSEARCH_INDEX=...`, which the CLI then reaches them by
+    (as the README's commands do); Ctrl-C stops them all."""
+
+    def listened_on(port: int) -> bool:
+        try:
+            socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True).close()
+        except OSError:
+            return True
+        return False
+
+    defaults_free = not listened_on(50051) and not listened_on(50052)
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.demo",
+            "--out",
+            str(tmp_path),
+            "--keep-running",
+            "--web-port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the services too, killed with it if need be
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for text in demo.stdout or ():
+            lines.put(text)
+
+    threading.Thread(target=read, daemon=True).start()
+    printed: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (printed and "Ctrl-C stops them" in printed[-1]):  # the demo is done
+            assert demo.poll() is None and time.monotonic() < deadline, "".join(printed)
+            with contextlib.suppress(queue.Empty):
+                printed.append(lines.get(timeout=1))
+        try:
+            line = lines.get(timeout=10).strip()  # the next line
+        except queue.Empty:
+            pytest.fail(f"no line after the demo's last one:\n{''.join(printed)}")
+        assert re.fullmatch(r"export IMGSEARCH_ENCODER=\S+:\d+ IMGSEARCH_INDEX=\S+:\d+", line), line
+        if defaults_free and not any("on free ports instead" in text for text in printed):
+            assert line == "export IMGSEARCH_ENCODER=localhost:50051 IMGSEARCH_INDEX=localhost:50052"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
+        for word in shlex.split(line)[1:]:  # as the shell's `export` would set them
+            name, _, value = word.partition("=")
+            env[name] = value
+        for command in (["stats", "--json"], ["info"]):
+            reply = subprocess.run(
+                [sys.executable, "-m", "imgsearch", *command],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert reply.returncode == 0, reply.stderr
+            if command[0] == "stats":
+                assert json.loads(reply.stdout)["count"] == 8000  # the demo's index split
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0, "".join(printed)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()

@@ -81,6 +81,8 @@ class Stack:
     query: Path
     query_label: str
     hostile_image: Path
+    search: ImageSearch  # to add items once the page is open
+    media: Path  # the gateway's media root
 
 
 @contextmanager
@@ -88,6 +90,7 @@ def running_stack(tmp_path: Path, indexed: int = INDEXED, **changes: object) -> 
     """Both services, `indexed` digits and the hostile item, and the gateway (its settings changed by
     `changes`)."""
     media = tmp_path / "media"
+    media.mkdir()
     write_digits(media / "digits", indexed)
     x, y = mnist_sample(2, QUERY)
     query = tmp_path / "query.png"
@@ -107,7 +110,7 @@ def running_stack(tmp_path: Path, indexed: int = INDEXED, **changes: object) -> 
             encoder=address(encoder), index=address(index), media_root=media.resolve(), timeout_s=5
         )
         with Gateway(replace(settings, **changes)) as gateway:  # type: ignore[arg-type]
-            yield Stack(gateway.url, index, query, str(y[0]), hostile_image)
+            yield Stack(gateway.url, index, query, str(y[0]), hostile_image, search, media)
     finally:
         search.close()
         index.stop(0)
@@ -294,6 +297,76 @@ def test_the_page_asks_for_the_read_token(tmp_path: Path) -> None:
             page.reload()
             expect(page.locator("body")).to_have_attribute("data-ready", "1")
             expect(form).to_be_hidden()
+            assert not errors, f"errors on the page: {errors}"
+        finally:
+            browser.close()
+
+
+LONG_ID = ("a-folder-with-a-rather-long-name/" * 7)[:191] + "/0001.png"  # 200 characters, no space
+LONG_LABEL = "a_label_far_longer_than_any_card_is_wide_" * 4  # no place to break a line at
+
+
+def test_long_ids_and_labels_keep_to_their_card(tmp_path: Path) -> None:
+    """A 200-character id and a long label: each on one line within its card, cut with an ellipsis, the
+    whole text in its tooltip; neither box meets the distance's, which shows whole; the card no taller
+    than the others. At a desktop and a phone's width. And the header counts `1 image`."""
+    from playwright.sync_api import expect, sync_playwright
+
+    def meet(a: Any, b: Any) -> bool:  # two of Playwright's bounding boxes
+        return (
+            a["x"] < b["x"] + b["width"]
+            and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"]
+            and b["y"] < a["y"] + a["height"]
+        )
+
+    def within(inner: Any, outer: Any) -> bool:
+        return outer["x"] <= inner["x"] and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 0.5
+
+    errors: list[str] = []
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with running_stack(tmp_path, 0) as stack, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(stack.url)
+            expect(page.locator("body")).to_have_attribute("data-ready", "1")
+            expect(page.locator("#stats")).to_contain_text("1 image ·")  # the hostile item alone
+
+            image = stack.media / "long.png"
+            image.write_bytes(png(mnist_sample(1, QUERY + 2)[0][0]))
+            stack.search.add([LONG_ID], [image.read_bytes()], [{"label": LONG_LABEL, "source": str(image)}])
+            page.set_input_files("#file", str(image))
+            cards = page.locator("#results .card")
+            expect(cards).to_have_count(2)
+            long_card = cards.first
+            expect(long_card.locator(".id")).to_have_text(LONG_ID)  # the text is whole, the view cut
+            assert long_card.locator(".id").get_attribute("title") == LONG_ID
+            assert LONG_LABEL in (long_card.locator(".label").get_attribute("title") or "")
+
+            for width in (1000, 420):
+                page.set_viewport_size({"width": width, "height": 760})
+                boxes = {}
+                for part in ("card", "id", "label", "distance"):
+                    target = long_card if part == "card" else long_card.locator(f".{part}")
+                    box = target.bounding_box()
+                    assert box is not None, part
+                    boxes[part] = box
+                assert not meet(boxes["id"], boxes["distance"]), (width, boxes)
+                assert not meet(boxes["label"], boxes["distance"]), (width, boxes)
+                for part in ("id", "label", "distance"):
+                    assert within(boxes[part], boxes["card"]), (width, part, boxes)
+                for part in ("id", "label"):  # one line each: less than two lines' height
+                    font_px = long_card.locator(f".{part}").evaluate(
+                        "node => parseFloat(getComputedStyle(node).fontSize)"
+                    )
+                    assert boxes[part]["height"] < 2 * font_px, (width, part, boxes)
+                assert boxes["card"]["height"] < 2 * boxes["card"]["width"], (width, boxes)  # image + 3 lines
+                distance = long_card.locator(".distance")
+                assert distance.evaluate("node => node.scrollWidth <= node.clientWidth"), width  # shown whole
             assert not errors, f"errors on the page: {errors}"
         finally:
             browser.close()

@@ -194,6 +194,7 @@ def test_a_second_process_on_the_same_data_dir_is_refused(tmp_path: Path) -> Non
             timeout=60,
         )
         assert result.returncode != 0 and "in use by another index process" in result.stderr
+        assert "--backend milvus" in result.stderr  # the way to several replicas
         assert "Traceback" not in result.stderr
     with opened(tmp_path):  # released on close
         pass

@@ -144,7 +144,8 @@
         const stats = await api("/api/stats");
         const model = stats.model_version ? stats.model_version.slice(0, 12) : "–";
         $("stats").textContent =
-          `${stats.count.toLocaleString()} images · ${stats.dim}-d · model ${model}`;
+          `${stats.count.toLocaleString()} ${stats.count === 1 ? "image" : "images"} · ` +
+          `${stats.dim}-d · model ${model}`;
         $("stats").title = `model version ${stats.model_version || "none yet"}`;
       } catch (error) {
         $("stats").textContent = "";
@@ -187,16 +188,22 @@
     }
     open.addEventListener("click", () => searchById(result.id));
 
+    // One line each, cut with an ellipsis (style.css), the whole text in the tooltip: a long label or id
+    // never runs into the distance, nor makes its card taller than the others.
     const meta = el("div", "meta");
     const label = result.metadata && result.metadata.label !== undefined ? result.metadata.label : "–";
-    meta.append(el("span", "label", label), el("span", "distance", result.distance.toFixed(3)));
+    const labelBox = el("span", "label", label);
+    labelBox.title = `label ${label}`;
+    meta.append(labelBox, el("span", "distance", result.distance.toFixed(3)));
     meta.title = `rank ${rank}, label, distance`;
+    const idBox = el("div", "id", result.id);
+    idBox.title = result.id;
 
     const why = el("button", "why", "why?");
     why.type = "button";
     why.addEventListener("click", () => showDetail(result, item));
     item.addEventListener("mouseenter", () => showDetail(result, item));
-    item.append(open, meta, el("div", "id", result.id), why);
+    item.append(open, meta, idBox, why);
     return item;
   }
 
