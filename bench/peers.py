@@ -1,9 +1,12 @@
 """Peers: what a user might pick instead of the index service, on the same vectors and queries.
 
-Milvus Lite (`pymilvus` with `milvus-lite`: a local file URI, a FLAT index with the L2 metric) and
-`qdrant-client` in local mode (in memory; its local mode always searches exactly, by brute force), beside
-in-process FAISS `IndexFlatL2` and the index service, at N = 100k (10k with --quick), one query at a time,
-k = 10. Both peers are optional: `pip install -e '.[bench]'` (which `make bench` runs) brings them.
+Milvus Lite (`pymilvus` with `milvus-lite`: a local file URI, a FLAT index with the L2 metric),
+`qdrant-client` in local mode (in memory; its local mode always searches exactly, by brute force) and a
+Milvus 2.3.5 standalone server (the `milvus` package's `milvus-server`, in processes of its own, called over
+gRPC with pymilvus: the same collection, calls and FLAT index as the Milvus Lite peer), beside in-process
+FAISS `IndexFlatL2` and the index service, at N = 100k (10k with --quick), one query at a time, k = 10.
+The peers are optional: `pip install -e '.[bench]'` (which `make bench` runs) brings the first two, the
+dev extra (`make setup`) the `milvus` package.
 
 The index service is timed with both its backends: FAISS (the default, `--data-dir`) and Milvus
 (`--backend milvus --milvus-uri FILE.db`, a Milvus Lite file served inside the service's process), each
@@ -280,7 +283,7 @@ def migration(source: IndexClient, page_size: int, scratch: Path) -> Migration:
 @contextlib.contextmanager
 def milvus_lite(system: System, vectors: np.ndarray, scratch: Path) -> Iterator[Search | None]:
     try:
-        from pymilvus import DataType, MilvusClient
+        from pymilvus import MilvusClient
     except ImportError as error:
         system.skipped = (
             f"not installed ({error}); `pip install -e '.[bench]'` brings pymilvus and milvus-lite"
@@ -290,22 +293,7 @@ def milvus_lite(system: System, vectors: np.ndarray, scratch: Path) -> Iterator[
     started = time.perf_counter()
     client: Any = MilvusClient(str(scratch / "milvus.db"))
     try:
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=vectors.shape[1])
-        index_params = client.prepare_index_params()
-        index_params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-        client.create_collection("bench", schema=schema, index_params=index_params)
-        for start in range(0, len(vectors), 10_000):
-            stop = min(len(vectors), start + 10_000)
-            client.insert("bench", [{"id": i, "vector": vectors[i]} for i in range(start, stop)])
-        # Flushed (sealed) segments get the FLAT index; searching unflushed data is far slower.
-        client.flush("bench")
-        deadline = time.monotonic() + 300
-        while client.describe_index("bench", "vector").get("indexed_rows", 0) < len(vectors):
-            if time.monotonic() > deadline:
-                raise RuntimeError("Milvus Lite did not index the collection within 300 s")
-            time.sleep(0.2)
+        load_milvus(client, vectors)
         # (create_collection with index params loaded it; a release + load here sometimes failed with
         # "file seems not fully written".)
         system.setup_s = time.perf_counter() - started
@@ -313,16 +301,98 @@ def milvus_lite(system: System, vectors: np.ndarray, scratch: Path) -> Iterator[
             "`MilvusClient(file)`; insert in batches of 10,000, flush, wait for the FLAT index; "
             "`search(limit=10, output_fields=['id'])`"
         )
-
-        def search(query: np.ndarray) -> list[int]:
-            hits = client.search(
-                "bench", data=[query], limit=K, search_params={"metric_type": "L2"}, output_fields=["id"]
-            )
-            return [int(hit["id"]) for hit in hits[0]]
-
-        yield search
+        yield milvus_searching(client)
     finally:
         client.close()
+
+
+def load_milvus(client: Any, vectors: np.ndarray) -> None:
+    """The Milvus peers' load: a collection with a FLAT index (L2), inserts in batches of 10,000, a
+    flush, then a wait for the index to cover every row."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=vectors.shape[1])
+    index_params = client.prepare_index_params()
+    index_params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+    client.create_collection("bench", schema=schema, index_params=index_params)
+    for start in range(0, len(vectors), 10_000):
+        stop = min(len(vectors), start + 10_000)
+        client.insert("bench", [{"id": i, "vector": vectors[i]} for i in range(start, stop)])
+    # Flushed (sealed) segments get the FLAT index; searching unflushed data is far slower.
+    client.flush("bench")
+    deadline = time.monotonic() + 300
+    while client.describe_index("bench", "vector").get("indexed_rows", 0) < len(vectors):
+        if time.monotonic() > deadline:
+            raise RuntimeError("Milvus did not index the collection within 300 s")
+        time.sleep(0.2)
+
+
+def milvus_searching(client: Any) -> Search:
+    def search(query: np.ndarray) -> list[int]:
+        hits = client.search(
+            "bench", data=[query], limit=K, search_params={"metric_type": "L2"}, output_fields=["id"]
+        )
+        return [int(hit["id"]) for hit in hits[0]]
+
+    return search
+
+
+def milvus_server_missing() -> str:
+    """Why the Milvus server peer cannot run here, or "" when it can."""
+    missing = [name for name in ("pymilvus", "milvus") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return ""
+    return (
+        f"not installed ({', '.join(missing)}); the dev extra (`make setup`) brings the `milvus` package "
+        "(an embedded Milvus 2.3.5 server), `.[bench]` pymilvus"
+    )
+
+
+@contextlib.contextmanager
+def milvus_server(system: System, vectors: np.ndarray, scratch: Path) -> Iterator[Search | None]:
+    """A Milvus 2.3.5 standalone server in its own process group (tools/milvus_server.py MilvusServer: free
+    ports, killed as a group at the end), with Milvus's default settings, loaded as the Milvus Lite peer
+    is and searched with the same calls over gRPC."""
+    if why := milvus_server_missing():
+        system.skipped = why
+        yield None
+        return
+    from pymilvus import MilvusClient
+
+    from tools.milvus_server import MilvusServer
+
+    server = MilvusServer(scratch / "milvus-server", config=(), env={})  # Milvus's defaults
+    client: Any = None
+    try:
+        server.start()
+        started = time.perf_counter()
+        client = MilvusClient(server.uri, timeout=MILVUS_TIMEOUT_S)
+        load_milvus(client, vectors)
+        system.setup_s = time.perf_counter() - started
+        system.rss_mib = sum(rss_mib(pid) for pid in server.pids())
+        system.how = (
+            f"`milvus-server` (milvus {milvus_version('milvus')}: Milvus standalone, its default settings, "
+            f"in its own processes; started in {server.start_s:.1f} s, not counted in the load; "
+            f"{system.rss_mib:,.0f} MiB resident once loaded) and `MilvusClient(uri)` over gRPC; the "
+            "Milvus Lite peer's collection, inserts, flush and FLAT index; "
+            "`search(limit=10, output_fields=['id'])`"
+        )
+        yield milvus_searching(client)
+    finally:
+        if client is not None:
+            client.close()
+        server.close()
+
+
+def milvus_version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "?"
 
 
 @contextlib.contextmanager
@@ -414,8 +484,9 @@ def run(out: Path, quick: bool) -> list[Section]:
         System("index service, Milvus backend (Milvus Lite file)"),
         System("qdrant-client, local mode"),
         System("Milvus Lite (pymilvus + milvus-lite), FLAT, L2"),
+        System("Milvus server 2.3.5 (pymilvus over gRPC, `milvus-server`), FLAT, L2"),
     ]
-    faiss1, faiss2, service, milvus_svc, qdrant, milvus = systems
+    faiss1, faiss2, service, milvus_svc, qdrant, milvus, server = systems
     backend = MilvusBackend()
     migrations: list[Migration] = []
     scratch = Path(tempfile.mkdtemp(prefix="imgsearch-bench-peers-"))
@@ -431,6 +502,7 @@ def run(out: Path, quick: bool) -> list[Section]:
                 ),
                 stack.enter_context(qdrant_local(qdrant, vectors)),
                 stack.enter_context(milvus_lite(milvus, vectors, scratch)),
+                stack.enter_context(milvus_server(server, vectors, scratch)),
             ]
             timed = {
                 system.name: answering(system, search, queries)
@@ -452,7 +524,8 @@ def run(out: Path, quick: bool) -> list[Section]:
         shutil.rmtree(scratch, ignore_errors=True)
 
     section = Section(
-        f"Peers: Milvus Lite, qdrant-client local and the index service's Milvus backend, N = {label_n(n)}"
+        "Peers: Milvus Lite, qdrant-client local, a Milvus server and the index service's Milvus backend, "
+        f"N = {label_n(n)}"
     )
     service_p50 = p50_p99_ms(service.times_s)[0]
     faiss_p50 = min(p50_p99_ms(faiss1.times_s)[0], p50_p99_ms(faiss2.times_s)[0])
@@ -477,6 +550,26 @@ def run(out: Path, quick: bool) -> list[Section]:
                 if met
                 else f"the peer takes only {speedup:.1f} times the service's p50; in-process FAISS takes "
                 f"{faiss_p50:.2f} ms, the service {service_p50 / faiss_p50:.1f} times that",
+            )
+        )
+    if server.skipped:
+        section.notes.append(f"{server.name}: skipped, {server.skipped}.")
+    else:
+        server_p50 = p50_p99_ms(server.times_s)[0]
+        lite_p50 = None if milvus.skipped else p50_p99_ms(milvus.times_s)[0]
+        section.figures.append(
+            Figure(
+                f"index service vs {server.name}: one query, k = {K}, p50, N = {label_n(n)}",
+                service_p50,
+                "ms",
+                server.name,
+                server_p50,
+                server_p50 / service_p50,
+                "none (reference / value)",
+                None,
+                "no target: a Milvus server in processes of its own on this machine, called over gRPC as "
+                "the service is"
+                + ("" if lite_p50 is None else f"; Milvus Lite, in-process, takes {lite_p50:.2f} ms"),
             )
         )
     if milvus_svc.skipped:

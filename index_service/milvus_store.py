@@ -25,7 +25,9 @@ Input is checked with store.py's helpers before Milvus is asked, so both backend
 requests with the same messages. A Milvus that cannot be reached when the store opens stops the service
 at start (a restart policy tries again). Once serving, a Milvus call that fails, or is still retrying
 after `timeout_s` (`--milvus-timeout-s`), is StorageUnavailable (gRPC UNAVAILABLE, which clients retry)
-naming the URI; pymilvus reconnects by itself once Milvus is back.
+naming the URI, whether pymilvus raises it as a MilvusException or passes the gRPC error on as it is (it
+does for DEADLINE_EXCEEDED: a Milvus server killed mid-call, or one started again and not yet answering);
+pymilvus reconnects by itself once Milvus is back.
 
 What differs from the FAISS store, by the nature of a shared database:
 - The dim and model-version checks and Delete's (deleted, missing) count read Milvus first, then write:
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.client.types import LoadState
@@ -135,6 +138,13 @@ def ids_filter(ids: Sequence[str]) -> str:
     return f"{ID_FIELD} in [{','.join(filter_literal(i) for i in ids)}]"
 
 
+def rpc_message(error: grpc.RpcError) -> str:
+    """A gRPC error pymilvus passed on, in one line: its status code and details."""
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    return f"{code.name if code is not None else 'gRPC error'}: {details}"
+
+
 def _decode_metadata(encoded: str) -> dict[str, str]:
     return json.loads(encoded) if encoded else {}
 
@@ -188,15 +198,14 @@ class MilvusStore:
             if self._client is None:
                 try:
                     self._client = self._connect()
-                except MilvusException as error:
+                except (MilvusException, grpc.RpcError) as error:
                     hint = (
                         "; Milvus Lite opens a file from one process only: is another one using it?"
                         if self._local_path is not None
                         else ""
                     )
-                    raise StorageUnavailable(
-                        f"{self.where} is not reachable: {error.message}{hint}"
-                    ) from error
+                    message = error.message if isinstance(error, MilvusException) else rpc_message(error)
+                    raise StorageUnavailable(f"{self.where} is not reachable: {message}{hint}") from error
                 log.info("connected to %s, collection %r", self.where, self.collection)
             return self._client
 
@@ -209,7 +218,7 @@ class MilvusStore:
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 return MilvusClient(self.uri, timeout=self.timeout_s, grpc_options=options)
-            except MilvusException:
+            except (MilvusException, grpc.RpcError):
                 if attempt == CONNECT_ATTEMPTS:
                     raise
                 time.sleep(CONNECT_PAUSE_S)
@@ -223,6 +232,10 @@ class MilvusStore:
             yield client
         except MilvusException as error:
             raise StorageUnavailable(f"{self.where} failed {doing}: {error.message}") from error
+        except grpc.RpcError as error:  # pymilvus does not wrap DEADLINE_EXCEEDED (nor a few others)
+            raise StorageUnavailable(
+                f"{self.where} failed {doing}: {rpc_message(error)} (timeout {self.timeout_s:g} s)"
+            ) from error
 
     def close(self) -> None:
         """Closes the connection; the last store on a Milvus Lite file also stops its server."""

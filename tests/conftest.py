@@ -1,9 +1,11 @@
 """Shared fixtures: in-process servers on free ports, stopped after each test.
 
-The index fixtures run on the FAISS backend unless a test asks for both: `@both_backends` parametrises
-the `backend` fixture, and `backend_args` then gives each service the flags for it. Milvus runs as
-Milvus Lite on one local file for the whole session (its server starts once, about 0.2 s), with a fresh
-collection per test."""
+The index fixtures run on the FAISS backend unless a test asks for every backend: `@every_backend`
+parametrises the `backend` fixture (faiss, milvus, milvus-server), and `backend_args` then gives each
+service the flags for it, with a fresh collection per test on either Milvus. `milvus` is Milvus Lite on
+one local file for the whole session (its server starts once, about 0.2 s); `milvus-server` is a real
+Milvus 2.3.5 standalone server (the `milvus` package) in its own processes, started once per session
+when a test first asks for it (about 6 s) and killed, its process group and all, at the end."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from imgsearch.client import IndexClient
 from index_service.service import IndexService
 from tests.support import MilvusLite, connect, serve, start_index
+from tools.milvus_server import MilvusServer
 
 
 @pytest.fixture(scope="session")
@@ -24,23 +27,35 @@ def milvus_lite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusLite
     lite.close()
 
 
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
+    """One Milvus server for the session (each xdist worker starts its own, on its own ports)."""
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def backend() -> str:
-    """The index backend: FAISS, unless the test is parametrised with `@both_backends`."""
+    """The index backend: FAISS, unless the test is parametrised with `@every_backend`."""
     return "faiss"
 
 
 @pytest.fixture
 def backend_args(backend: str, request: pytest.FixtureRequest) -> Iterator[list[str]]:
-    """The index service's flags for the backend: none for FAISS; Milvus Lite with a fresh collection,
-    dropped after the test (every service the test starts with these flags shares it)."""
+    """The index service's flags for the backend: none for FAISS; Milvus Lite or the Milvus server with a
+    fresh collection, dropped after the test (every service the test starts with these flags shares it)."""
     if backend == "faiss":
         yield []
         return
-    lite: MilvusLite = request.getfixturevalue("milvus_lite")
-    name = lite.new_collection()
-    yield ["--backend", "milvus", "--milvus-uri", lite.uri, "--milvus-collection", name]
-    lite.drop(name)
+    milvus: MilvusLite | MilvusServer = request.getfixturevalue(
+        "milvus_server" if backend == "milvus-server" else "milvus_lite"
+    )
+    name = milvus.new_collection()
+    yield ["--backend", "milvus", "--milvus-uri", milvus.uri, "--milvus-collection", name]
+    milvus.drop(name)
 
 
 @pytest.fixture

@@ -87,10 +87,26 @@ MILVUS_SKIP = pytest.mark.skipif(
 )
 
 
-BACKENDS = ["faiss", pytest.param("milvus", marks=MILVUS_SKIP)]
+# The `milvus` package (PyPI, 2.3.5, in the dev extra): a real Milvus standalone server, embedded.
+MILVUS_SERVER_MISSING = any(importlib.util.find_spec(name) is None for name in ("pymilvus", "milvus"))
 
 
-both_backends = pytest.mark.parametrize("backend", BACKENDS)
+MILVUS_SERVER_SKIP = pytest.mark.skipif(
+    MILVUS_SERVER_MISSING,
+    reason="the Milvus server backend needs pymilvus and the `milvus` package (an embedded Milvus 2.3.5 "
+    "server), which are not installed: pip install -c constraints.txt -e '.[milvus,dev]'",
+)
+
+
+# The index backends the behaviour tests run on: FAISS, Milvus Lite (a local file) and a Milvus server.
+BACKENDS = [
+    "faiss",
+    pytest.param("milvus", marks=MILVUS_SKIP),
+    pytest.param("milvus-server", marks=MILVUS_SERVER_SKIP),
+]
+
+
+every_backend = pytest.mark.parametrize("backend", BACKENDS)
 
 
 def start_index(data_dir: Path, *extra: str) -> IndexService:

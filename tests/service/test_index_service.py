@@ -1,7 +1,8 @@
 """The index service over real gRPC: k-NN against numpy, status codes, restarts, shutdown.
 
-The tests of the API's behaviour run on both backends (FAISS and Milvus, `@both_backends`); those of the
-data dir, signals and ports on FAISS only (tests/service/test_milvus_backend.py has Milvus's own)."""
+The tests of the API's behaviour run on every backend (FAISS, Milvus Lite and a Milvus server,
+`@every_backend`); those of the data dir, signals and ports on FAISS only
+(tests/service/test_milvus_backend.py has Milvus's own)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from imgsearch.client import IndexClient, ServiceError
 from imgsearch.v1 import index_pb2, index_pb2_grpc, vectors_pb2
 from index_service.service import IndexService
-from tests.support import both_backends, brute_force, packed, random_items, start_index, upsert_one
+from tests.support import brute_force, every_backend, packed, random_items, start_index, upsert_one
 from tools.local import ServiceProcess, free_port
 
 
-@both_backends
+@every_backend
 @pytest.mark.parametrize("k", [1, 10, 64])
 def test_search_returns_exactly_the_brute_force_neighbours(index_client: IndexClient, k: int) -> None:
     ids, vectors, metadata = random_items(2000, 128)
@@ -40,7 +41,7 @@ def test_search_returns_exactly_the_brute_force_neighbours(index_client: IndexCl
     assert results[0][0].metadata == metadata[rows[0][0]]
 
 
-@both_backends
+@every_backend
 def test_upsert_replace_delete_get_stats(index_client: IndexClient) -> None:
     ids, vectors, metadata = random_items(100, 16)
     assert index_client.upsert(ids, vectors, metadata, "m1") == 100
@@ -64,7 +65,7 @@ def raw_call(port: int, method: str, request: object) -> grpc.RpcError:
     return caught.value
 
 
-@both_backends
+@every_backend
 @pytest.mark.parametrize(
     "method,request_message,code,words",
     [
@@ -179,7 +180,7 @@ def test_bad_requests_get_a_status_and_change_nothing(
         service.stop(0)
 
 
-@both_backends
+@every_backend
 def test_an_id_that_is_not_utf8_is_invalid_argument(index_service: IndexService) -> None:
     good = index_pb2.DeleteRequest(ids=["abc"]).SerializeToString()
     bad = good.replace(b"abc", b"a\xffc")
@@ -194,13 +195,13 @@ def test_an_id_that_is_not_utf8_is_invalid_argument(index_service: IndexService)
     assert "cannot be parsed" in (caught.value.details() or "") and "UTF-8" in (caught.value.details() or "")
 
 
-@both_backends
+@every_backend
 def test_search_on_an_empty_index_finds_nothing(index_client: IndexClient) -> None:
     assert index_client.search(np.zeros((2, 4), np.float32), 5) == [[], []]
     assert index_client.stats().count == 0
 
 
-@both_backends
+@every_backend
 def test_restart_keeps_everything(tmp_path: Path, backend_args: list[str]) -> None:
     ids, vectors, metadata = random_items(300, 32)
     first = start_index(tmp_path, *backend_args)

@@ -1,7 +1,9 @@
-"""The index service on Milvus (Milvus Lite here): the same answers as FAISS, replicas that share one
-collection, a restart that reads everything back, and clear errors when Milvus is missing or wrong.
+"""The index service on Milvus: the same answers as FAISS (on Milvus Lite and on a Milvus server),
+replicas that share one collection, a restart that reads everything back, and clear errors when Milvus is
+missing or wrong (on Milvus Lite, here; tests/system/test_milvus_server.py has the Milvus server's
+replicas and outages).
 
-The API's behaviour on both backends is tested in test_index_service.py and test_scan.py."""
+The API's behaviour on every backend is tested in test_index_service.py and test_scan.py."""
 
 from __future__ import annotations
 
@@ -24,19 +26,29 @@ import pytest
 from imgsearch.client import IndexClient
 from imgsearch.v1 import index_pb2, index_pb2_grpc
 from index_service.service import IndexService, parse_config
-from tests.support import MILVUS_SKIP, both_backends, packed, random_items, start_index, upsert_one
+from tests.support import (
+    MILVUS_SERVER_SKIP,
+    MILVUS_SKIP,
+    every_backend,
+    packed,
+    random_items,
+    start_index,
+    upsert_one,
+)
 from tools.local import ServiceProcess, free_port
 
 pytestmark = MILVUS_SKIP
-milvus_only = pytest.mark.parametrize("backend", ["milvus"])
+every_milvus = pytest.mark.parametrize(
+    "backend", ["milvus", pytest.param("milvus-server", marks=MILVUS_SERVER_SKIP)]
+)
 
 
 def scan_all(client: IndexClient) -> dict[str, dict[str, str]]:
     return {i: m for page in client.scan() for i, m in zip(page.ids, page.metadata, strict=True)}
 
 
-@milvus_only
-def test_both_backends_give_the_same_ids_and_distances(tmp_path: Path, backend_args: list[str]) -> None:
+@every_milvus
+def test_faiss_and_milvus_give_the_same_ids_and_distances(tmp_path: Path, backend_args: list[str]) -> None:
     faiss_service = start_index(tmp_path / "faiss")
     milvus_service = start_index(tmp_path / "unused", *backend_args)
     clients = [IndexClient(f"127.0.0.1:{s.server.port}") for s in (faiss_service, milvus_service)]
@@ -97,7 +109,7 @@ def test_both_backends_give_the_same_ids_and_distances(tmp_path: Path, backend_a
         milvus_service.stop(0)
 
 
-@both_backends
+@every_backend
 def test_an_emptied_index_takes_a_new_dim_and_model_version(index_client: IndexClient) -> None:
     vectors = np.array([[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, 3, 0]], np.float32)  # 1, 2 and 3 from 0
     index_client.upsert(["a", "b", "c"], vectors, (), "m1")
@@ -126,7 +138,7 @@ def test_an_emptied_index_takes_a_new_dim_and_model_version(index_client: IndexC
 ODD_IDS = ['say "hi"', "it's", "back\\slash", "new\nline\ttab\r", "ünï/çødé 🙂", "a" * 256, "id in [1]", "'"]
 
 
-@both_backends
+@every_backend
 def test_ids_are_any_string(index_client: IndexClient) -> None:
     # Each row twice as far out as the one before: the nearest other item is the previous one (the next
     # for the first).
@@ -143,7 +155,7 @@ def test_ids_are_any_string(index_client: IndexClient) -> None:
     assert sorted(scan_all(index_client)) == sorted(ODD_IDS[4:])
 
 
-@milvus_only
+@every_milvus
 def test_metadata_over_milvus_varchar_limit_is_invalid_argument(index_client: IndexClient) -> None:
     """A difference between the backends: the Milvus backend keeps an item's metadata as JSON in a
     VARCHAR of at most 65,535 bytes; FAISS takes any metadata within the per-key limits."""
@@ -157,7 +169,7 @@ def test_metadata_over_milvus_varchar_limit_is_invalid_argument(index_client: In
 # ---- the service holds no state: replicas and restarts --------------------------------------------
 
 
-class MilvusServer:
+class LiteServer:
     """A Milvus Lite server in its own process (`python -m milvus_lite server`), as a Milvus server is to
     replicas: one Milvus Lite file can only be opened by one process (it holds a lock on it)."""
 
@@ -198,8 +210,8 @@ class MilvusServer:
 
 
 @pytest.fixture
-def milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
-    server = MilvusServer(tmp_path / "milvus-data", tmp_path / "milvus.log")
+def lite_server(tmp_path: Path) -> Iterator[LiteServer]:
+    server = LiteServer(tmp_path / "milvus-data", tmp_path / "milvus.log")
     try:
         server.start()
         yield server
@@ -207,10 +219,10 @@ def milvus_server(tmp_path: Path) -> Iterator[MilvusServer]:
         server.stop()
 
 
-def test_replicas_on_one_milvus_see_each_others_writes(tmp_path: Path, milvus_server: MilvusServer) -> None:
+def test_replicas_on_one_milvus_see_each_others_writes(tmp_path: Path, lite_server: LiteServer) -> None:
     """Two index services, one in this process and one in its own, on one Milvus: what either writes,
     the other reads at once (Strong consistency); neither holds anything of its own."""
-    args = ["--backend", "milvus", "--milvus-uri", milvus_server.uri, "--milvus-collection", "shared"]
+    args = ["--backend", "milvus", "--milvus-uri", lite_server.uri, "--milvus-collection", "shared"]
     here = start_index(tmp_path / "unused", *args)
     there = ServiceProcess("index_service", free_port(), args, tmp_path / "there.log").start()
     a = IndexClient(f"127.0.0.1:{here.server.port}")
@@ -330,18 +342,18 @@ def test_a_milvus_that_is_not_there_at_start_stops_the_service(tmp_path: Path) -
 
 
 def test_a_milvus_that_goes_away_is_unavailable_until_it_is_back(
-    tmp_path: Path, milvus_server: MilvusServer
+    tmp_path: Path, lite_server: LiteServer
 ) -> None:
     """Calls while Milvus is down fail with UNAVAILABLE (which clients retry) after --milvus-timeout-s,
     naming the Milvus; once it is back, the same service answers again."""
     service = start_index(
-        tmp_path, "--backend", "milvus", "--milvus-uri", milvus_server.uri, "--milvus-timeout-s", "1"
+        tmp_path, "--backend", "milvus", "--milvus-uri", lite_server.uri, "--milvus-timeout-s", "1"
     )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.server.port}") as channel:
             stub = index_pb2_grpc.IndexStub(channel)
             stub.Upsert(upsert_one(np.ones((1, 4))), timeout=30)
-            milvus_server.stop()
+            lite_server.stop()
             for call, request in [
                 (stub.Stats, index_pb2.StatsRequest()),
                 (stub.Search, index_pb2.SearchRequest(queries=packed(np.ones((1, 4))), k=1)),
@@ -350,9 +362,9 @@ def test_a_milvus_that_goes_away_is_unavailable_until_it_is_back(
                 with pytest.raises(grpc.RpcError) as caught:
                     call(request, timeout=30)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert f"Milvus at {milvus_server.uri} failed" in (caught.value.details() or "")
+                assert f"Milvus at {lite_server.uri} failed" in (caught.value.details() or "")
                 assert time.monotonic() - started < 10
-            milvus_server.start()
+            lite_server.start()
             deadline = time.monotonic() + 60
             while True:  # gRPC reconnects with backoff
                 try:

@@ -1,7 +1,7 @@
 """Index.Scan over real gRPC: every item exactly once, page by page, as the index was when it began.
 
-The scan's behaviour is tested on both backends (`@both_backends`); the client's timeouts and the token on
-FAISS only, as they do not depend on the store."""
+The scan's behaviour is tested on every backend (`@every_backend`: FAISS, Milvus Lite and a Milvus
+server); the client's timeouts and the token on FAISS only, as they do not depend on the store."""
 
 from __future__ import annotations
 
@@ -18,20 +18,20 @@ import pytest
 from imgsearch.client import IndexClient, ScanPage, ServiceError
 from imgsearch.v1 import index_pb2, index_pb2_grpc
 from index_service.service import IndexService
-from tests.support import both_backends, random_items, start_index
+from tests.support import every_backend, random_items, start_index
 
 
 def scanned(pages: list[ScanPage]) -> tuple[list[str], list[dict[str, str]]]:
     return [i for p in pages for i in p.ids], [m for p in pages for m in p.metadata]
 
 
-@both_backends
+@every_backend
 def test_an_empty_index_sends_no_pages(index_client: IndexClient) -> None:
     assert list(index_client.scan()) == []
     assert list(index_client.scan(page_size=5, with_vectors=True)) == []
 
 
-@both_backends
+@every_backend
 @pytest.mark.parametrize("with_vectors", [False, True])
 def test_every_item_once_across_pages(index_client: IndexClient, with_vectors: bool) -> None:
     ids, vectors, metadata = random_items(2500, 16)
@@ -56,7 +56,7 @@ def test_every_item_once_across_pages(index_client: IndexClient, with_vectors: b
     assert len(one_page) == 1 and scanned(one_page)[0] == got_ids
 
 
-@both_backends
+@every_backend
 def test_page_size_defaults_and_limits(tmp_path: Path, backend_args: list[str]) -> None:
     service = start_index(tmp_path, "--max-batch", "10", *backend_args)
     client = IndexClient(f"127.0.0.1:{service.server.port}")
@@ -93,7 +93,7 @@ def test_page_size_defaults_and_limits(tmp_path: Path, backend_args: list[str]) 
         service.stop(0)
 
 
-@both_backends
+@every_backend
 def test_writes_during_a_scan_do_not_change_it(
     index_client: IndexClient, index_service: IndexService
 ) -> None:
@@ -123,7 +123,7 @@ def test_writes_during_a_scan_do_not_change_it(
     assert len(after) == 800 and set(after) == set(ids[500:]) | {f"new/{n}" for n in range(300)}
 
 
-@both_backends
+@every_backend
 def test_leaving_a_scan_early_cancels_it(index_client: IndexClient) -> None:
     ids, vectors, metadata = random_items(50, 4)
     index_client.upsert(ids, vectors, metadata)
@@ -149,7 +149,7 @@ def test_the_call_timeout_applies_per_page_not_to_the_stream(index_service: Inde
         client.close()
 
 
-@both_backends
+@every_backend
 def test_pages_are_cut_to_fit_in_a_message(tmp_path: Path, backend_args: list[str]) -> None:
     service = start_index(tmp_path, "--max-message-bytes", str(64 * 1024), *backend_args)
     client = IndexClient(f"127.0.0.1:{service.server.port}")
