@@ -1,8 +1,9 @@
 """The encoder's own metrics, added to its server's registry (imgsearch_server/metrics.py has the request
-metrics every server keeps): images per Embed call and in all, and the model served."""
+metrics every server keeps): images per Embed call and in all, and the models served."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter, Histogram, Info
@@ -17,9 +18,10 @@ EXPORTED = (ENCODER_IMAGES_PER_BATCH, ENCODER_IMAGES, MODEL_INFO)
 
 
 def watch_encoder(
-    metrics: ServerMetrics, embed_path: str, *, model_version: str, runtime: str, replica: str
+    metrics: ServerMetrics, embed_path: str, *, models: Mapping[str, str], runtime: str, replica: str
 ) -> None:
-    """Images per Embed call and in all (OK calls only), and the model served as an info metric."""
+    """Images per Embed call and in all (OK calls only, every model together), and each model served
+    (`models`: name -> model version) as one sample of an info metric."""
     per_batch = Histogram(
         "imgsearch_encoder_images_per_batch",
         "images in each Embed call that succeeded",
@@ -27,9 +29,11 @@ def watch_encoder(
         registry=metrics.registry,
     )
     images = Counter("imgsearch_encoder_images", "images embedded", registry=metrics.registry)
-    Info("imgsearch_model", "the model this encoder serves", registry=metrics.registry).info(
-        {"model_version": model_version, "runtime": runtime, "replica": replica}
-    )
+    served = Info("imgsearch_model", "the models this encoder serves", ("model",), registry=metrics.registry)
+    for name, model_version in models.items():
+        served.labels(model=name).info(
+            {"model_version": model_version, "runtime": runtime, "replica": replica}
+        )
 
     def observe(request: Any, _reply: Any) -> None:
         count = len(request.images)

@@ -1,18 +1,20 @@
-"""The encoder service assembled: a model runtime, its servicer, a gRPC server. Holds no state."""
+"""The encoder service assembled: a runtime per model served, their servicer, a gRPC server. Holds no
+state."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from encoder_service import metrics
-from encoder_service.model_dir import shipped_model
+from encoder_service.model_dir import read_card, shipped_model
 from encoder_service.preprocess import raise_pillow_limit
-from encoder_service.runtime import load_runtime
+from encoder_service.runtime import Runtime, load_runtime
 from encoder_service.servicer import DEFAULT_DECODE_BUDGET_MIB, DEFAULT_DECODE_WAIT_S, EncoderServicer
 from imgsearch.flags import Flag
 from imgsearch.v1 import encoder_pb2
@@ -23,12 +25,21 @@ log = logging.getLogger("encoder_service")
 
 DEFAULT_PORT = 50051
 GRAY_PNG_DECODE_BYTES = 2  # per pixel, the cheapest image to decode (preprocess.ImageHeader.decode_bytes)
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # what a call's `model` may say
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to serve: its name (what Embed's `model` takes) and its directory."""
+
+    name: str
+    model_dir: Path
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     server: ServerSettings
-    model_dir: Path
+    models: tuple[ModelSpec, ...]  # the default first; never empty
     runtime: str
     max_batch: int
     max_image_bytes: int
@@ -38,6 +49,11 @@ class EncoderConfig:
     decode_budget_mib: int = DEFAULT_DECODE_BUDGET_MIB
     decode_wait_s: float = DEFAULT_DECODE_WAIT_S
 
+    @property
+    def model_dir(self) -> Path:
+        """The default model's directory."""
+        return self.models[0].model_dir
+
 
 def encoder_flags() -> list[Flag]:
     """The encoder's own flags, beside the server's (serving.server_flags)."""
@@ -45,16 +61,26 @@ def encoder_flags() -> list[Flag]:
         Flag(
             "--model",
             "a shipped model by name: default (digits), tutorial (the tutorial's, for comparison), "
-            "fashion, fashion-tutorial",
+            "fashion, fashion-tutorial; the one model served, unless --models is given",
             "IMGSEARCH_MODEL",
             "default",
         ),
         Flag(
             "--model-dir",
-            "a directory written by `imgsearch train`, instead of a shipped model",
+            "a directory written by `imgsearch train`, instead of a shipped model (named by its folder); "
+            "--models wins over it too",
             "IMGSEARCH_MODEL_DIR",
             None,
             Path,
+        ),
+        Flag(
+            "--models",
+            "several models in one process, a comma list of shipped names, directories written by "
+            "`imgsearch train` (a path with a '/', named by its folder) or NAME=PATH; the first is the "
+            "default, and each call picks one by name (its `model`); wins over --model and --model-dir",
+            "IMGSEARCH_MODELS",
+            None,
+            shown_default="none: the one model of --model or --model-dir",
         ),
         Flag(
             "--runtime",
@@ -138,14 +164,18 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
         parser.error("--decode-budget-mib must be at least 1")
     if not 0 <= args.decode_wait_s <= 60:
         parser.error("--decode-wait-s must be 0 to 60")
-    if args.model_dir is None:
-        try:
-            args.model_dir = shipped_model(args.model)
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        if args.models is not None:
+            models = parse_models(args.models)
+        elif args.model_dir is not None:  # checked when it loads, as before --models
+            models = (ModelSpec(_folder_name(args.model_dir), args.model_dir),)
+        else:
+            models = (ModelSpec(args.model, shipped_model(args.model)),)
+    except ValueError as error:
+        parser.error(f"--models: {error}" if args.models is not None else str(error))
     return EncoderConfig(
         server_settings(args),
-        args.model_dir,
+        models,
         args.runtime,
         args.max_batch,
         args.max_image_bytes,
@@ -157,6 +187,86 @@ def parse_config(argv: Sequence[str] | None = None) -> EncoderConfig:
     )
 
 
+def parse_models(text: str) -> tuple[ModelSpec, ...]:
+    """--models: `default,fashion,models/mine,cats=/models/v2` to named model directories, in order.
+
+    An entry with a '/' (or starting with '.' or '~') is a directory, named by its folder; NAME=PATH
+    names one explicitly; any other entry is a shipped model's name. Directories must hold a card.
+    Raises ValueError, in one line, for an unknown shipped name, a bad directory, a bad or repeated
+    name, or no entry at all."""
+    models: dict[str, ModelSpec] = {}
+    entries: dict[str, str] = {}  # name -> the entry that gave it, for the error of a repeated name
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, named, path = entry.partition("=")
+        if named:
+            name, path = name.strip(), path.strip()
+            if not path:
+                raise ValueError(f"{entry!r} gives no directory after '='")
+            model_dir = Path(path).expanduser()
+        elif "/" in entry or entry.startswith((".", "~")):
+            model_dir = Path(entry).expanduser()
+            name = _folder_name(model_dir)
+        else:
+            try:
+                model_dir = shipped_model(entry)
+            except ValueError as error:
+                raise ValueError(f"{error} (a directory: give a path, such as ./{entry})") from None
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(
+                f"{name!r} ({entry}) is not a model name: letters, digits, '.', '_' and '-', starting "
+                "with a letter or digit; NAME=PATH names a directory"
+            )
+        if name in models:
+            raise ValueError(
+                f"the model name {name!r} is given twice ({entries[name]}, {entry}); "
+                "NAME=PATH names one otherwise"
+            )
+        try:
+            read_card(model_dir)  # here, so a bad directory fails in one line before any model loads
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model {name!r}: {error}") from None
+        models[name] = ModelSpec(name, model_dir)
+        entries[name] = entry
+    if not models:
+        raise ValueError(f"{text!r} names no model")
+    return tuple(models.values())
+
+
+def _folder_name(model_dir: Path) -> str:
+    """A model directory's name: its folder's, the path made absolute but links not followed."""
+    return Path(os.path.abspath(model_dir)).name
+
+
+def load_models(models: Sequence[ModelSpec], runtime: str) -> dict[str, Runtime]:
+    """A runtime per model, by name, in order (a directory named twice is loaded once). Every model loads
+    now, so a bad one stops the service at start and not at its first call.
+
+    Raises SystemExit, in one line naming the model, when one cannot load."""
+    loaded: dict[Path, Runtime] = {}
+    runtimes: dict[str, Runtime] = {}
+    for spec in models:
+        key = spec.model_dir.resolve()
+        if key not in loaded:
+            try:
+                loaded[key] = load_runtime(spec.model_dir, runtime)
+            except (OSError, ValueError) as error:
+                raise SystemExit(f"encoder_service: cannot load the model {spec.name}: {error}") from error
+        default = not runtimes
+        served = runtimes[spec.name] = loaded[key]
+        log.info(
+            "model %s%s: %s (dim %d, input %s) on the %s runtime",
+            spec.name,
+            " (the default)" if default else "",
+            served.model_version,
+            served.dim,
+            served.input_shape,
+            served.name,
+        )
+    return runtimes
+
+
 def default_replica_id() -> str:
     """HOSTNAME:PID: unique among replicas on one machine and across containers."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -165,17 +275,8 @@ def default_replica_id() -> str:
 class EncoderService:
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
-        try:
-            self.runtime = load_runtime(config.model_dir, config.runtime)
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"encoder_service: cannot load the model: {error}") from error
-        log.info(
-            "model %s (dim %d, input %s) on the %s runtime",
-            self.runtime.model_version,
-            self.runtime.dim,
-            self.runtime.input_shape,
-            self.runtime.name,
-        )
+        self.runtimes = load_models(config.models, config.runtime)
+        self.runtime = next(iter(self.runtimes.values()))  # the default model's
         replica = config.replica_id or default_replica_id()
         # --max-image-pixels over Pillow's own guard (about 89 M pixels) decides: Pillow would refuse first
         raise_pillow_limit(config.max_image_pixels)
@@ -187,16 +288,19 @@ class EncoderService:
                 config.max_image_pixels,
                 config.max_image_pixels * GRAY_PNG_DECODE_BYTES // (1024 * 1024),
             )
-        servicer = EncoderServicer(
-            self.runtime,
-            max_batch=config.max_batch,
-            max_image_bytes=config.max_image_bytes,
-            max_image_pixels=config.max_image_pixels,
-            batch_window_s=config.batch_window_ms / 1000,
-            replica_id=replica,
-            decode_budget_mib=config.decode_budget_mib,
-            decode_wait_s=config.decode_wait_s,
-        )
+        try:
+            servicer = EncoderServicer(
+                self.runtimes,
+                max_batch=config.max_batch,
+                max_image_bytes=config.max_image_bytes,
+                max_image_pixels=config.max_image_pixels,
+                batch_window_s=config.batch_window_ms / 1000,
+                replica_id=replica,
+                decode_budget_mib=config.decode_budget_mib,
+                decode_wait_s=config.decode_wait_s,
+            )
+        except ValueError as error:  # a model this service cannot feed
+            raise SystemExit(f"encoder_service: cannot serve the model: {error}") from error
         service = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"]
         self.server = GrpcServer(
             config.server,
@@ -207,8 +311,8 @@ class EncoderService:
         metrics.watch_encoder(
             self.server.metrics,
             f"/{service.full_name}/Embed",
-            model_version=self.runtime.model_version,
-            runtime=self.runtime.name,
+            models={name: runtime.model_version for name, runtime in self.runtimes.items()},
+            runtime=config.runtime,
             replica=replica,
         )
 

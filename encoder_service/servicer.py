@@ -1,5 +1,9 @@
 """The Encoder gRPC servicer: images in, decoded by `preprocess`, embedded by a runtime, vectors out;
-`Reconstruct`: the same images out as the model sees them and as its decoder redraws them."""
+`Reconstruct`: the same images out as the model sees them and as its decoder redraws them.
+
+One servicer serves one or more named models (`--models`), the first its default: each call names its
+model (`model`, empty for the default), and each model has a runtime and, with dynamic batching, a
+batcher of its own."""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from encoder_service.preprocess import ImageError, ImageHeader, decode_image, from_raw_pixels
+from encoder_service.preprocess import MODEL_SIZE, ImageError, ImageHeader, decode_image, from_raw_pixels
 from encoder_service.runtime import NoDecoderError, Runtime
 from imgsearch import wire
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc
@@ -33,14 +38,43 @@ UNCOUNTED_DECODE_BYTES = 4 * MIB
 # After a call whose images took at least this much to decode, the heap's free pages go back to the
 # system (malloc_trim, a few milliseconds), so a burst leaves no resident slack; smaller calls skip it.
 RELEASE_AFTER_BYTES = 64 * MIB
+DEFAULT_MODEL_NAME = "default"  # the name of a model given alone, as a Runtime
+# What `preprocess` makes of every image: a model must take this, or its calls would fail one by one.
+PREPROCESSED_SHAPE = (MODEL_SIZE, MODEL_SIZE, 1)
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One model served: its name (what a call's `model` says), its runtime, and its own batcher (with
+    --batch-window-ms), so that one run of a model never holds another model's images."""
+
+    name: str
+    runtime: Runtime
+    batcher: MicroBatcher | None
+    is_default: bool
+
+    def info(self) -> encoder_pb2.ModelInfo:
+        return encoder_pb2.ModelInfo(
+            name=self.name,
+            model_version=self.runtime.model_version,
+            dim=self.runtime.dim,
+            input_shape=list(self.runtime.input_shape),
+            runtime=self.runtime.name,
+            card_json=json.dumps(self.runtime.card, sort_keys=True),
+            is_default=self.is_default,
+        )
+
+
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+    """`models`: name -> runtime, the default first; a lone Runtime is served as `default`.
+
+    Raises ValueError for no model, or a model whose input is not what the preprocessing makes."""
+
     def __init__(
         self,
-        runtime: Runtime,
+        models: Runtime | Mapping[str, Runtime],
         *,
         max_batch: int,
         max_image_bytes: int,
@@ -50,9 +84,26 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         decode_budget_mib: int = DEFAULT_DECODE_BUDGET_MIB,
         decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
     ) -> None:
-        self.runtime = runtime
+        runtimes = {DEFAULT_MODEL_NAME: models} if isinstance(models, Runtime) else dict(models)
+        if not runtimes:
+            raise ValueError("no model to serve")
+        for name, runtime in runtimes.items():
+            if runtime.input_shape != PREPROCESSED_SHAPE:
+                raise ValueError(
+                    f"model {name!r} takes {' x '.join(map(str, runtime.input_shape))} inputs, but the "
+                    f"preprocessing makes every image {' x '.join(map(str, PREPROCESSED_SHAPE))}"
+                )
+        self.models = {
+            name: ServedModel(
+                name,
+                runtime,
+                MicroBatcher(runtime, batch_window_s) if batch_window_s > 0 else None,
+                is_default=position == 0,
+            )
+            for position, (name, runtime) in enumerate(runtimes.items())
+        }
+        self.default = next(iter(self.models.values()))
         self.replica_id = replica_id
-        self.batcher = MicroBatcher(runtime, batch_window_s) if batch_window_s > 0 else None
         self.max_batch = max_batch
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
@@ -62,12 +113,36 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self._abandoned = 0
         self._counts_lock = threading.Lock()
 
+    def _model(self, name: str) -> ServedModel:
+        """The model a call names (empty: the default); NOT_FOUND, naming the models served, for another."""
+        if not name:
+            return self.default
+        served = self.models.get(name)
+        if served is None:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} is not served here; this encoder serves: {', '.join(self.models)} "
+                "(--models)",
+            )
+        return served
+
     def _decode(
-        self, position: int, image: encoder_pb2.Image, context: grpc.ServicerContext, call: _CallMemory
+        self,
+        position: int,
+        image: encoder_pb2.Image,
+        context: grpc.ServicerContext,
+        call: _CallMemory,
+        served: ServedModel,
     ) -> np.ndarray:
         try:
             kind = image.WhichOneof("content")
             if kind == "raw":
+                height, width, _ = served.runtime.input_shape
+                if (image.raw.height, image.raw.width) != (height, width):
+                    raise ImageError(
+                        f"raw pixels must be {height} x {width} (the input of model {served.name!r}), "
+                        f"got {image.raw.height} x {image.raw.width}"
+                    )
                 return from_raw_pixels(image.raw.height, image.raw.width, image.raw.pixels)
             if kind is None:
                 raise ImageError("empty image: neither encoded bytes nor raw pixels")
@@ -130,22 +205,27 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def Embed(
         self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext
     ) -> encoder_pb2.EmbedResponse:
+        served = self._model(request.model)
         count = len(request.images)
         self._check_batch_size(count)
-        if self.batcher is None:
-            vectors = self.runtime.embed(self._decode_all(request, context))
+        batcher = served.batcher
+        if batcher is None:
+            vectors = served.runtime.embed(self._decode_all(request, context, served))
         else:
-            self.batcher.start()
+            batcher.start()
             try:
-                batch = self._decode_all(request, context)
+                batch = self._decode_all(request, context, served)
             except BaseException:
-                self.batcher.cancel()
+                batcher.cancel()
                 raise
-            vectors = self.batcher.embed(batch)
+            vectors = batcher.embed(batch)
         with self._counts_lock:
-            self._embedded += count
+            self._embedded += count  # all models together
         return encoder_pb2.EmbedResponse(
-            vectors=wire.pack(vectors), model_version=self.runtime.model_version, replica=self.replica_id
+            vectors=wire.pack(vectors),
+            model_version=served.runtime.model_version,
+            replica=self.replica_id,
+            model=served.name,
         )
 
     @grpc_errors({NoDecoderError: grpc.StatusCode.FAILED_PRECONDITION})
@@ -156,13 +236,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         (0 = background, 255 = ink). Limits, bad images, the decoding budget, deadlines and the refusal
         of an empty batch as in Embed; runs the model directly, never through the batcher. Not counted in
         Info's images_embedded, which counts Embed."""
-        self.runtime.check_decoder()  # before any decoding: a model without a decoder fails at once
+        served = self._model(request.model)
+        served.runtime.check_decoder()  # before any decoding: a model without a decoder fails at once
         self._check_batch_size(len(request.images))
-        batch = self._decode_all(request, context)
-        pictures = self.runtime.reconstruct(batch)
+        batch = self._decode_all(request, context, served)
+        pictures = served.runtime.reconstruct(batch)
         height, width = batch.shape[1:3]
         reply = encoder_pb2.ReconstructResponse(
-            model_version=self.runtime.model_version, replica=self.replica_id
+            model_version=served.runtime.model_version, replica=self.replica_id, model=served.name
         )
         for seen, redrawn in zip(_to_uint8(batch), _to_uint8(pictures), strict=True):
             item = reply.items.add()
@@ -186,12 +267,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self,
         request: encoder_pb2.EmbedRequest | encoder_pb2.ReconstructRequest,
         context: grpc.ServicerContext,
+        served: ServedModel,
     ) -> np.ndarray:
-        """The request's images as the model's input batch, float32 [N, H, W]. One image at a time, so
+        """The request's images as `served`'s input batch, float32 [N, H, W]. One image at a time, so
         a call holds at most one image's decoding memory; a call that decoded much hands the freed
         memory back to the system at its end (RELEASE_AFTER_BYTES)."""
         count = len(request.images)
-        height, width, _ = self.runtime.input_shape
+        height, width, _ = served.runtime.input_shape
         batch = np.empty((count, height, width), dtype=np.float32)
         call = _CallMemory()
         checked = -CHECK_EVERY_S
@@ -201,7 +283,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 if now - checked >= CHECK_EVERY_S:  # before each image of a slow batch, not of a fast one
                     self._give_up_if_gone(context, f"after decoding {position} of {count} images")
                     checked = now
-                batch[position] = self._decode(position, image, context, call)
+                batch[position] = self._decode(position, image, context, call, served)
         finally:
             if call.decoded_bytes >= RELEASE_AFTER_BYTES:
                 release_free_memory()
@@ -222,15 +304,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def Info(
         self, request: encoder_pb2.InfoRequest, context: grpc.ServicerContext
     ) -> encoder_pb2.InfoResponse:
+        """The default model at the top level (as before there were several), every model in `models`."""
+        models = [served.info() for served in self.models.values()]
+        default = models[0]
         return encoder_pb2.InfoResponse(
-            model_version=self.runtime.model_version,
-            dim=self.runtime.dim,
-            input_shape=list(self.runtime.input_shape),
-            runtime=self.runtime.name,
-            card_json=json.dumps(self.runtime.card, sort_keys=True),
+            model_version=default.model_version,
+            dim=default.dim,
+            input_shape=default.input_shape,
+            runtime=default.runtime,
+            card_json=default.card_json,
             images_embedded=self._embedded,
             calls_abandoned=self._abandoned,
             replica=self.replica_id,
+            models=models,
         )
 
 

@@ -14,8 +14,8 @@ import numpy as np
 
 from imgsearch import client_flags
 from imgsearch.addresses import endpoint_count
-from imgsearch.client import MAX_MESSAGE_BYTES, ImageSearch, Match, ServiceError
-from imgsearch.evaluate import retrieval_quality, self_matches, unmatched_labels
+from imgsearch.client import MAX_MESSAGE_BYTES, ImageSearch, IndexClient, Match, ModelNotServed, ServiceError
+from imgsearch.evaluate import self_matches, unmatched_labels
 from imgsearch.flags import Entry, Flag, add_flags, secret
 from imgsearch.ingest import (
     DEFAULT_BATCH_SIZE,
@@ -27,6 +27,7 @@ from imgsearch.ingest import (
     index_images,
     stored_ids,
 )
+from imgsearch.measure import measure, search_in_batches
 from imgsearch.migrate import DEFAULT_PAGE_SIZE as MIGRATE_PAGE_SIZE
 from imgsearch.words import plural
 
@@ -58,6 +59,7 @@ def in_flight_for(encoder: str) -> int:
 
 
 def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
+    search.pin()
     files, skipped = collect_images(args.paths)
     if args.resume:
         stored = stored_ids(search.index)
@@ -79,7 +81,8 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
             in_flight=in_flight_for(args.encoder) if args.in_flight is None else args.in_flight,
         )
     report.skipped[:0] = skipped
-    print(f"indexed {plural(report.indexed, 'image')}; the index now holds {report.count}")
+    where = "the index" if search.collection == "default" else f"the collection {search.collection!r}"
+    print(f"indexed {plural(report.indexed, 'image')}; {where} now holds {report.count}")
     if len(report.by_replica) > 1:
         shares = ", ".join(f"{name} {count}" for name, count in sorted(report.by_replica.items()))
         print(f"embedded by {len(report.by_replica)} encoder replicas: {shares}")
@@ -96,9 +99,22 @@ def cmd_reindex(search: ImageSearch, args: argparse.Namespace) -> int:
     def note(text: str) -> None:
         print(f"imgsearch: {text}", file=sys.stderr)
 
-    if not args.to.strip():  # an empty address would fall back to IMGSEARCH_INDEX
+    if args.to is not None and not args.to.strip():  # an empty address would fall back to IMGSEARCH_INDEX
         raise SystemExit("imgsearch reindex: --to needs the address of the index to fill, HOST:PORT")
-    with ImageSearch(args.encoder, args.to, args.timeout_s, tls_ca=args.tls_ca, token=_token(args)) as target:
+    if args.to is None and args.to_collection is None:
+        raise SystemExit(
+            "imgsearch reindex: give --to-collection NEW (a collection of this index service, made with "
+            "`imgsearch collections create NEW --model MODEL`) or --to HOST:PORT (another index service)"
+        )
+    to = args.to or args.index
+    with ImageSearch(
+        args.encoder,
+        to,
+        args.timeout_s,
+        tls_ca=args.tls_ca,
+        token=_token(args),
+        collection=args.to_collection or args.collection,
+    ) as target:
         try:
             plan = plan_reindex(search.index, target, args.patience_s, on_wait=note)
         except ReindexRefused as refused:
@@ -119,14 +135,13 @@ def cmd_reindex(search: ImageSearch, args: argparse.Namespace) -> int:
         for item_id, reason in report.skipped:
             print(f"  {item_id}: {reason}")
     print(
-        f"reindexed {report.reindexed} of {plural(report.total, 'item')} into {args.to} "
-        f"(model version {report.model_version or '-'}); skipped {len(report.skipped)}"
+        f"reindexed {report.reindexed} of {plural(report.total, 'item')} into {to}, collection "
+        f"{target.collection!r} (model version {report.model_version or '-'}); skipped {len(report.skipped)}"
     )
     return 1 if report.skipped else 0
 
 
 def cmd_migrate(search: ImageSearch, args: argparse.Namespace) -> int:
-    from imgsearch.client import IndexClient
     from imgsearch.migrate import MigrateRefused, check_target, migrate
 
     def note(text: str) -> None:
@@ -134,8 +149,15 @@ def cmd_migrate(search: ImageSearch, args: argparse.Namespace) -> int:
 
     if not args.to.strip():  # an empty address would fall back to IMGSEARCH_INDEX
         raise SystemExit("imgsearch migrate: --to needs the address of the index to fill, HOST:PORT")
-    target = IndexClient(args.to, args.timeout_s, tls_ca=args.tls_ca, token=_token(args))
+    target = IndexClient(
+        args.to,
+        args.timeout_s,
+        tls_ca=args.tls_ca,
+        token=_token(args),
+        collection=args.to_collection or args.collection,
+    )
     try:
+        _ensure_collection(search.index, target, note)
         checked = check_target(search.index, target, args.into_nonempty, args.patience_s, note)
         with _progress(checked[0].count, "migrating", args.progress and checked[0].count > 0) as bar:
             report = migrate(
@@ -161,6 +183,20 @@ def cmd_migrate(search: ImageSearch, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_collection(source: IndexClient, target: IndexClient, note: Callable[[str], None]) -> None:
+    """Creates the target collection, for the source collection's model, when the target has none of its
+    name (an alias there is taken as it is)."""
+    try:
+        target.stats()
+        return
+    except ServiceError as error:
+        if error.code != grpc.StatusCode.NOT_FOUND:
+            raise
+    model = source.stats().model_name
+    target.create_collection(target.collection, model)
+    note(f"created the collection {target.collection!r} (model {model or 'default'!r}) at {target.address}")
+
+
 def _print_results(query: str, matches: Sequence[Match], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"query": query, "results": [m.as_dict() for m in matches]}))
@@ -178,6 +214,7 @@ def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
         return 0
     if not args.images:
         raise SystemExit("imgsearch search: give image files, or --id ID")
+    search.pin()
     if STDIN in args.images:
         return _search_stdin(search, args)
     files, skipped = collect_images(args.images)
@@ -228,19 +265,10 @@ def _search_stdin(search: ImageSearch, args: argparse.Namespace) -> int:
     return 0
 
 
-RESULTS_PER_CALL = 100_000  # the index's default --max-results: queries x k in one search
-
-
 def _search_in_batches(
     search: ImageSearch, vectors: np.ndarray, k: int, version: str, batch_size: int
 ) -> list[list[Match]]:
-    """The matches of every query, asked for in calls of up to `batch_size` queries, fewer where k is
-    large, so that each call stays within the index's default results budget (--max-results)."""
-    per_call = max(1, min(batch_size, RESULTS_PER_CALL // max(k, 1)))
-    results: list[list[Match]] = []
-    for start in range(0, len(vectors), per_call):
-        results += search.index.search(vectors[start : start + per_call], k, version)
-    return results
+    return search_in_batches(search.index, vectors, k, version, batch_size)
 
 
 def cmd_delete(search: ImageSearch, args: argparse.Namespace) -> int:
@@ -254,6 +282,8 @@ def cmd_stats(search: ImageSearch, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats.__dict__))
     else:
+        print(f"collection     {stats.collection}")
+        print(f"model          {stats.model_name or '-'}")
         print(f"count          {stats.count}")
         print(f"dim            {stats.dim}")
         print(f"model version  {stats.model_version or '-'}")
@@ -267,14 +297,15 @@ def cmd_info(search: ImageSearch, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(search: ImageSearch, args: argparse.Namespace) -> int:
+    search.pin()
     files, _ = collect_images([args.folder])
     with _progress(len(files), "embedding queries", args.progress) as bar:
-        kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size, on_batch=bar.update)
-    if not kept:
-        raise SystemExit(f"imgsearch eval: no usable images under {args.folder}")
-    results = _search_in_batches(search, vectors, args.k, version, args.batch_size)
-    labels = [[m.metadata.get("label", "") for m in row] for row in results]
-    quality = retrieval_quality([f.label for f in kept], labels, args.k)
+        try:
+            measured = measure(search, files, args.k, args.batch_size, on_batch=bar.update)
+        except ValueError:
+            raise SystemExit(f"imgsearch eval: no usable images under {args.folder}") from None
+    kept, results, labels, bad = measured.queries, measured.results, measured.labels, measured.skipped
+    quality = measured.quality
     for warning in _eval_warnings(kept, results, labels):
         print(f"imgsearch eval: warning: {warning}", file=sys.stderr)
     if args.json:
@@ -341,6 +372,7 @@ def _eval_warnings(
 def cmd_show(search: ImageSearch, args: argparse.Namespace) -> int:
     from imgsearch.show import draw_similar
 
+    search.pin()
     files, _ = collect_images(args.images)
     kept, vectors, version, bad = embed_files(search.encoder, files)
     for path, reason in bad:
@@ -369,6 +401,14 @@ GLOBAL_FLAGS: list[Entry] = [
 ]
 
 
+COLLECTION_FLAG = Flag(
+    "--collection",
+    "the collection (or alias) to work on; image calls are embedded by the model that fills it",
+    "IMGSEARCH_COLLECTION",
+    "default",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated global flags: they would claim the commands' flags too (`reindex --to` would be
     # taken for an ambiguous `--token`).
@@ -376,9 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(parser, GLOBAL_FLAGS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: object, help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: object, help_text: str, *, collection: bool = True
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        if collection:
+            add_flags(sub, [COLLECTION_FLAG])
         return sub
 
     def batch_flags(sub: argparse.ArgumentParser) -> None:
@@ -414,14 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(
         "reindex",
         cmd_reindex,
-        "copy every item of the index (--index) into another index service, each image embedded again "
-        "from its `source` path by the encoder: how to change models",
+        "copy every item of a collection (--collection) into another collection, of this index service "
+        "(--to-collection) or another (--to), each image embedded again from its `source` path by the model "
+        "that fills the new collection: how to change models (README, Collections and model changes)",
+    )
+    sub.add_argument(
+        "--to-collection",
+        metavar="NEW",
+        help="the collection to fill (an alias is taken as its collection): a new, empty one, made with "
+        "`imgsearch collections create NEW --model MODEL`, or one a reindex already began (default: "
+        "--collection's name, in the index --to)",
     )
     sub.add_argument(
         "--to",
-        required=True,
         metavar="HOST:PORT",
-        help="the index to fill: a service on a new, empty data dir (or one a reindex already began)",
+        help="the index service to fill, when not this one (--index)",
     )
     patience_flag(sub)
     batch_flags(sub)
@@ -439,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the index to fill: another index service, empty (see --into-nonempty), e.g. one started "
         "with --backend milvus",
+    )
+    sub.add_argument(
+        "--to-collection",
+        metavar="NAME",
+        help="the collection to fill there, made for the source's model when it does not exist "
+        "(default: --collection's name)",
     )
     sub.add_argument(
         "--into-nonempty",
@@ -479,7 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("ids", nargs="+", metavar="ID")
     sub = command("stats", cmd_stats, "the index's count, dim, model version and memory")
     sub.add_argument("--json", action="store_true")
-    command("info", cmd_info, "the encoder's model: version, dim, runtime, training card")
+    command(
+        "info",
+        cmd_info,
+        "the encoder's models: version, dim, input shape, runtime, training card",
+        collection=False,
+    )
+    from imgsearch import catalog_cli
+
+    catalog_cli.add_commands(commands, command)
     sub = command(
         "eval",
         cmd_eval,
@@ -562,8 +627,18 @@ def _main(argv: Sequence[str] | None) -> int:
         raise SystemExit(f"imgsearch: put the flags after {args.command}: imgsearch {args.command} --help")
     try:
         token = _token(args)
-        with ImageSearch(args.encoder, args.index, args.timeout_s, tls_ca=args.tls_ca, token=token) as search:
-            return int(args.handler(search, args))
+        with ImageSearch(
+            args.encoder,
+            args.index,
+            args.timeout_s,
+            tls_ca=args.tls_ca,
+            token=token,
+            collection=getattr(args, "collection", None),
+        ) as search:
+            try:
+                return int(args.handler(search, args))
+            except ModelNotServed as error:
+                raise search.not_served(error) from None
     except ServiceError as error:
         hint = ""
         if error.code == grpc.StatusCode.UNAUTHENTICATED:

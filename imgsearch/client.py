@@ -10,15 +10,24 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from imgsearch import convert, security, wire
-from imgsearch.convert import Embedding, IndexStats, Match, Reconstruction, ScanPage, StoredItem
+from imgsearch.convert import (
+    CollectionInfo,
+    Embedding,
+    IndexStats,
+    Match,
+    Reconstruction,
+    ScanPage,
+    StoredItem,
+)
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from imgsearch.wire import BAD_IMAGE_KEY, MetadataBatch
 
@@ -63,6 +72,14 @@ class ServiceError(Exception):
             name = code.name if code else "?"
             text = f"the {service} service at {address} refused the call: {name}: {details}"
         super().__init__(text)
+
+
+class ModelNotServed(ServiceError):
+    """The encoder serves no model of the name a collection is filled by."""
+
+    def __init__(self, address: str, details: str, model: str) -> None:
+        super().__init__("encoder", address, grpc.StatusCode.NOT_FOUND, details)
+        self.model = model
 
 
 class BadImage(ServiceError):
@@ -182,7 +199,9 @@ class _Client:
 
 
 class EncoderClient(_Client):
-    """Calls the encoder service: images (encoded bytes or 28x28 uint8 arrays) to vectors."""
+    """Calls the encoder service: images (encoded bytes, or uint8 arrays of the model's input size) to
+    vectors, by the model `model` names (a call's `model` argument overrides it; "" is the encoder's
+    default model)."""
 
     service = "encoder"
 
@@ -193,29 +212,37 @@ class EncoderClient(_Client):
         *,
         tls_ca: security.PathLike | None = None,
         token: str | None = None,
+        model: str = "",
     ) -> None:
         super().__init__(address, timeout_s, tls_ca=tls_ca, token=token)
         self.stub = encoder_pb2_grpc.EncoderStub(self.channel)
+        self.model = model
 
-    def embed(self, images: Sequence[bytes | np.ndarray]) -> Embedding:
-        """Returns one vector per image; raises BadImage naming the first image it could not use."""
-        request = convert.embed_request(images)
+    def embed(self, images: Sequence[bytes | np.ndarray], model: str | None = None) -> Embedding:
+        """Returns one vector per image; raises BadImage naming the first image it could not use, and
+        ModelNotServed when the encoder serves no model of that name."""
+        chosen = self.model if model is None else model
+        request = convert.embed_request(images, chosen)
         try:
             reply = self.stub.Embed(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise self._image_call_error(error) from None
+            raise self._image_call_error(error, chosen) from None
         return convert.embedding_of(reply, len(images))
 
-    def reconstruct(self, images: Sequence[bytes | np.ndarray]) -> list[Reconstruction]:
+    def reconstruct(
+        self, images: Sequence[bytes | np.ndarray], model: str | None = None
+    ) -> list[Reconstruction]:
         """For each image, the model's input (the preprocessed image) and the autoencoder's reconstruction
-        of it, both uint8 [28, 28]. Raises BadImage naming the first image the encoder could not use, and
-        ServiceError otherwise (FAILED_PRECONDITION: the served model has no decoder)."""
-        request = encoder_pb2.ReconstructRequest()
+        of it, both uint8 at the model's input size. Raises BadImage naming the first image the encoder
+        could not use, ModelNotServed, and ServiceError otherwise (FAILED_PRECONDITION: the model has no
+        decoder)."""
+        chosen = self.model if model is None else model
+        request = encoder_pb2.ReconstructRequest(model=chosen)
         convert.add_images(request, images)
         try:
             reply = self.stub.Reconstruct(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise self._image_call_error(error) from None
+            raise self._image_call_error(error, chosen) from None
         if len(reply.items) != len(images):
             raise ServiceError(
                 self.service,
@@ -225,11 +252,14 @@ class EncoderClient(_Client):
             )
         return convert.reconstructions_of(reply)
 
-    def _image_call_error(self, error: grpc.RpcError) -> ServiceError:
-        """BadImage for a call refused for one of its images (its position in the trailing metadata)."""
+    def _image_call_error(self, error: grpc.RpcError, model: str) -> ServiceError:
+        """BadImage for a call refused for one of its images (its position in the trailing metadata),
+        ModelNotServed for a model the encoder does not serve."""
         trailing: dict[str, Any] = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined,arg-type]
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT and BAD_IMAGE_KEY in trailing:
             return BadImage(self.address, error.details() or "", int(trailing[BAD_IMAGE_KEY]))
+        if error.code() == grpc.StatusCode.NOT_FOUND and model:
+            return ModelNotServed(self.address, error.details() or "", model)
         return ServiceError(self.service, self.address, error.code(), error.details() or "")
 
     def info(self) -> dict[str, Any]:
@@ -239,7 +269,8 @@ class EncoderClient(_Client):
 
 
 class IndexClient(_Client):
-    """Calls the index service."""
+    """Calls the index service. Data calls go to the collection (or alias) `collection` names, "" for
+    `default`; a call's `collection` argument overrides it."""
 
     service = "index"
 
@@ -250,59 +281,91 @@ class IndexClient(_Client):
         *,
         tls_ca: security.PathLike | None = None,
         token: str | None = None,
+        collection: str = "",
     ) -> None:
         super().__init__(address, timeout_s, tls_ca=tls_ca, token=token)
         self.stub = index_pb2_grpc.IndexStub(self.channel)
+        self.collection = collection
+
+    def _in(self, collection: str | None) -> str:
+        return self.collection if collection is None else collection
 
     def upsert(
-        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: MetadataBatch = (),
+        model_version: str = "",
+        *,
+        model_name: str = "",
+        collection: str | None = None,
     ) -> int:
         """Stores or replaces the batch; returns the count stored after it."""
-        request = convert.upsert_request(ids, vectors, metadata, model_version)
+        request = convert.upsert_request(
+            ids, vectors, metadata, model_version, model_name, self._in(collection)
+        )
         with self._call():
             return int(self.stub.Upsert(request, timeout=self.timeout_s, metadata=self._metadata).count)
 
-    def delete(self, ids: Sequence[str]) -> tuple[int, int]:
+    def delete(self, ids: Sequence[str], *, collection: str | None = None) -> tuple[int, int]:
         """Returns (deleted, missing)."""
         with self._call():
             reply = self.stub.Delete(
-                index_pb2.DeleteRequest(ids=list(ids)), timeout=self.timeout_s, metadata=self._metadata
+                index_pb2.DeleteRequest(ids=list(ids), collection=self._in(collection)),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
             )
         return reply.deleted, reply.missing
 
-    def get(self, ids: Sequence[str], with_vectors: bool = False) -> tuple[list[StoredItem], list[str]]:
+    def get(
+        self, ids: Sequence[str], with_vectors: bool = False, *, collection: str | None = None
+    ) -> tuple[list[StoredItem], list[str]]:
         """Returns (the stored items found, the ids missing)."""
         with self._call():
             reply = self.stub.Get(
-                index_pb2.GetRequest(ids=list(ids), with_vectors=with_vectors),
+                index_pb2.GetRequest(
+                    ids=list(ids), with_vectors=with_vectors, collection=self._in(collection)
+                ),
                 timeout=self.timeout_s,
                 metadata=self._metadata,
             )
         return convert.items_of(reply, with_vectors)
 
-    def search(self, queries: np.ndarray, k: int = 10, model_version: str = "") -> list[list[Match]]:
-        request = index_pb2.SearchRequest(queries=wire.pack(queries), k=k, model_version=model_version)
+    def search(
+        self, queries: np.ndarray, k: int = 10, model_version: str = "", *, collection: str | None = None
+    ) -> list[list[Match]]:
+        request = index_pb2.SearchRequest(
+            queries=wire.pack(queries), k=k, model_version=model_version, collection=self._in(collection)
+        )
         with self._call():
             return convert.matches_of(
                 self.stub.Search(request, timeout=self.timeout_s, metadata=self._metadata)
             )
 
-    def search_by_id(self, ids: Sequence[str], k: int = 10) -> list[list[Match]]:
+    def search_by_id(
+        self, ids: Sequence[str], k: int = 10, *, collection: str | None = None
+    ) -> list[list[Match]]:
         with self._call():
             return convert.matches_of(
                 self.stub.SearchById(
-                    index_pb2.SearchByIdRequest(ids=list(ids), k=k),
+                    index_pb2.SearchByIdRequest(ids=list(ids), k=k, collection=self._in(collection)),
                     timeout=self.timeout_s,
                     metadata=self._metadata,
                 )
             )
 
-    def stats(self) -> IndexStats:
+    def stats(self, *, collection: str | None = None) -> IndexStats:
         with self._call():
-            reply = self.stub.Stats(index_pb2.StatsRequest(), timeout=self.timeout_s, metadata=self._metadata)
+            reply = self.stub.Stats(
+                index_pb2.StatsRequest(collection=self._in(collection)),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
         return convert.stats_of(reply)
 
-    def scan(self, page_size: int = 0, with_vectors: bool = False) -> Iterator[ScanPage]:
+    def scan(
+        self, page_size: int = 0, with_vectors: bool = False, *, collection: str | None = None
+    ) -> Iterator[ScanPage]:
         """Yields every stored item once, page by page, as the index was when the scan began.
 
         page_size 0 lets the server choose (1000, or its --max-batch when lower). The stream has no
@@ -312,7 +375,9 @@ class IndexClient(_Client):
         cancels the call."""
         if page_size < 0:
             raise ValueError(f"page_size must be 0 (the server's default) or positive, got {page_size}")
-        request = index_pb2.ScanRequest(page_size=page_size, with_vectors=with_vectors)
+        request = index_pb2.ScanRequest(
+            page_size=page_size, with_vectors=with_vectors, collection=self._in(collection)
+        )
         return self._scan(request)
 
     def _scan(self, request: index_pb2.ScanRequest) -> Iterator[ScanPage]:
@@ -336,12 +401,81 @@ class IndexClient(_Client):
             call.cancel()  # a no-op once the stream has ended; frees the server's copy when left early
             stall.close()
 
+    # ---- collections and aliases ---------------------------------------------------------------
+
+    def create_collection(self, name: str, model_name: str = "") -> CollectionInfo:
+        """A new, empty collection for the model named ("" for the encoder's default)."""
+        with self._call():
+            reply = self.stub.CreateCollection(
+                index_pb2.CreateCollectionRequest(name=name, model_name=model_name),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
+        return convert.collection_of(reply.collection)
+
+    def list_collections(self) -> list[CollectionInfo]:
+        with self._call():
+            reply = self.stub.ListCollections(
+                index_pb2.ListCollectionsRequest(), timeout=self.timeout_s, metadata=self._metadata
+            )
+        return [convert.collection_of(c) for c in reply.collections]
+
+    def drop_collection(self, name: str) -> int:
+        """Removes the collection and its items; returns how many it held."""
+        with self._call():
+            reply = self.stub.DropCollection(
+                index_pb2.DropCollectionRequest(name=name), timeout=self.timeout_s, metadata=self._metadata
+            )
+        return int(reply.dropped)
+
+    def set_alias(self, alias: str, collection: str) -> str:
+        """Points the alias at the collection (atomically); returns where it pointed before ("" if new)."""
+        with self._call():
+            reply = self.stub.SetAlias(
+                index_pb2.SetAliasRequest(alias=alias, collection=collection),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
+        return str(reply.previous)
+
+    def drop_alias(self, alias: str) -> str:
+        """Removes the alias; returns the collection it pointed at."""
+        with self._call():
+            reply = self.stub.DropAlias(
+                index_pb2.DropAliasRequest(alias=alias), timeout=self.timeout_s, metadata=self._metadata
+            )
+        return str(reply.collection)
+
+    def list_aliases(self) -> dict[str, str]:
+        with self._call():
+            reply = self.stub.ListAliases(
+                index_pb2.ListAliasesRequest(), timeout=self.timeout_s, metadata=self._metadata
+            )
+        return {a.alias: a.collection for a in reply.aliases}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where image calls go: a collection (an alias resolved) and the encoder model that fills it."""
+
+    collection: str
+    model: str  # "" while the collection has no model yet: the encoder's default
+
+
+T = TypeVar("T")
+
 
 class ImageSearch:
     """Similar-image search through both services: embed with the encoder, store and search in the index.
 
+    Image calls go to a collection (`collection`, else IMGSEARCH_COLLECTION, else `default`; an alias is
+    accepted) and are embedded by the model that collection is filled by, looked up on each call, so a
+    collection of clothes is searched with the clothes model. Each call resolves an alias once and uses
+    the collection found for the whole call, so an alias moved meanwhile never mixes two collections.
+
     Each argument left out comes from its env var (IMGSEARCH_ENCODER, IMGSEARCH_INDEX, IMGSEARCH_TLS_CA,
-    IMGSEARCH_TOKEN), as in the CLI; `tls_ca` turns on TLS, `token` is sent on every call."""
+    IMGSEARCH_TOKEN, IMGSEARCH_COLLECTION), as in the CLI; `tls_ca` turns on TLS, `token` is sent on every
+    call."""
 
     def __init__(
         self,
@@ -351,9 +485,12 @@ class ImageSearch:
         *,
         tls_ca: security.PathLike | None = None,
         token: str | None = None,
+        collection: str | None = None,
     ) -> None:
         tls_ca = tls_ca or os.environ.get("IMGSEARCH_TLS_CA") or None
         token = token or os.environ.get("IMGSEARCH_TOKEN") or None
+        self.collection = collection or os.environ.get("IMGSEARCH_COLLECTION") or "default"
+        self.pinned: Target | None = None  # set by pin()
         self.encoder = EncoderClient(
             encoder or os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER,
             timeout_s,
@@ -366,6 +503,7 @@ class ImageSearch:
                 timeout_s,
                 tls_ca=tls_ca,
                 token=token,
+                collection=self.collection,
             )
         except BaseException:
             self.encoder.close()
@@ -381,20 +519,90 @@ class ImageSearch:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def target(self, collection: str | None = None) -> Target:
+        """The collection a name (default: this client's) stands for, and the model that fills it."""
+        stats = self.index.stats(collection=collection or self.collection)
+        return Target(stats.collection or collection or self.collection, stats.model_name)
+
+    def pin(self, collection: str | None = None) -> Target:
+        """Resolves the collection once and sends every later call of `index` and `encoder` to it and its
+        model: for a command of many calls (an ingest, an evaluation) that must not straddle an alias
+        move."""
+        found = self.target(collection)
+        self.collection = self.index.collection = found.collection
+        self.encoder.model = found.model
+        self.pinned = found
+        return found
+
+    def embed(self, images: Sequence[bytes | np.ndarray], target: Target) -> Embedding:
+        """The images embedded by the target's model; a model the encoder does not serve is named."""
+        try:
+            return self.encoder.embed(images, target.model)
+        except ModelNotServed as error:
+            raise self.not_served(error, target) from None
+
+    def not_served(self, error: ModelNotServed, target: Target | None = None) -> ModelNotServed:
+        """The encoder's refusal of a model, said of the collection that needs it (the pinned one unless
+        given)."""
+        target = target or self.pinned
+        if target is None:
+            return error
+        return ModelNotServed(
+            error.address,
+            f"the collection {target.collection!r} is filled by the model {target.model!r}, which the "
+            f"encoder does not serve ({error.details}); start the encoder with that model in --models "
+            "(IMGSEARCH_MODELS)",
+            target.model,
+        )
+
+    def _resolved(self, collection: str | None, call: Callable[[Target], T]) -> T:
+        """Runs a call on the resolved collection, once more if that collection went away meanwhile (an
+        alias moved, then its old collection dropped, between the lookup and the call)."""
+        target = self.target(collection)
+        try:
+            return call(target)
+        except ServiceError as error:
+            if error.service != "index" or error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            return call(self.target(collection))
+
     def add(
         self,
         ids: Sequence[str],
         images: Sequence[bytes | np.ndarray],
         metadata: Sequence[Mapping[str, str]] = (),
+        *,
+        collection: str | None = None,
     ) -> int:
         """Embeds and stores the images under the ids; returns the count stored after it."""
-        embedding = self.encoder.embed(images)
-        return self.index.upsert(ids, embedding.vectors, metadata, embedding.model_version)
 
-    def search(self, images: Sequence[bytes | np.ndarray], k: int = 10) -> list[list[Match]]:
+        def add(target: Target) -> int:
+            embedding = self.embed(images, target)
+            return self.index.upsert(
+                ids,
+                embedding.vectors,
+                metadata,
+                embedding.model_version,
+                model_name=embedding.model,
+                collection=target.collection,
+            )
+
+        return self._resolved(collection, add)
+
+    def search(
+        self, images: Sequence[bytes | np.ndarray], k: int = 10, *, collection: str | None = None
+    ) -> list[list[Match]]:
         """Returns the k most similar stored images of each query image, nearest first."""
-        embedding = self.encoder.embed(images)
-        return self.index.search(embedding.vectors, k, embedding.model_version)
 
-    def search_by_id(self, ids: Sequence[str], k: int = 10) -> list[list[Match]]:
-        return self.index.search_by_id(ids, k)
+        def search(target: Target) -> list[list[Match]]:
+            embedding = self.embed(images, target)
+            return self.index.search(
+                embedding.vectors, k, embedding.model_version, collection=target.collection
+            )
+
+        return self._resolved(collection, search)
+
+    def search_by_id(
+        self, ids: Sequence[str], k: int = 10, *, collection: str | None = None
+    ) -> list[list[Match]]:
+        return self.index.search_by_id(ids, k, collection=collection or self.collection)

@@ -30,6 +30,7 @@ class Embedding:
     vectors: np.ndarray  # float32 [count, dim]
     model_version: str
     replica: str = ""  # the encoder replica that made them
+    model: str = ""  # the name of the encoder's model that made them
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,22 @@ class IndexStats:
     dim: int
     model_version: str
     bytes_used: int
+    collection: str = ""  # the collection answered for (an alias resolved)
+    model_name: str = ""  # the encoder model that fills it; "" until known (the encoder's default)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    count: int
+    dim: int
+    model_name: str
+    model_version: str
+    bytes_used: int
+    aliases: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -67,9 +84,9 @@ class ScanPage:
     model_version: str  # the index's when the scan began
 
 
-def embed_request(images: Sequence[bytes | np.ndarray]) -> encoder_pb2.EmbedRequest:
+def embed_request(images: Sequence[bytes | np.ndarray], model: str = "") -> encoder_pb2.EmbedRequest:
     """The request, each image added in place (half the time of building Image messages to copy in)."""
-    request = encoder_pb2.EmbedRequest()
+    request = encoder_pb2.EmbedRequest(model=model)
     add_images(request, images)
     return request
 
@@ -106,7 +123,9 @@ def matches_of(reply: index_pb2.SearchResponse) -> list[list[Match]]:
 
 
 def embedding_of(reply: encoder_pb2.EmbedResponse, count: int) -> Embedding:
-    return Embedding(wire.unpack(reply.vectors, expected_count=count), reply.model_version, reply.replica)
+    return Embedding(
+        wire.unpack(reply.vectors, expected_count=count), reply.model_version, reply.replica, reply.model
+    )
 
 
 def reconstructions_of(reply: encoder_pb2.ReconstructResponse) -> list[Reconstruction]:
@@ -123,17 +142,36 @@ def info_of(reply: encoder_pb2.InfoResponse) -> dict[str, Any]:
         "images_embedded": reply.images_embedded,
         "calls_abandoned": reply.calls_abandoned,
         "replica": reply.replica,
+        "models": [
+            {
+                "name": model.name,
+                "model_version": model.model_version,
+                "dim": model.dim,
+                "input_shape": list(model.input_shape),
+                "runtime": model.runtime,
+                "default": model.is_default,
+                "card": json.loads(model.card_json) if model.card_json else {},
+            }
+            for model in reply.models
+        ],
     }
 
 
 def upsert_request(
-    ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch, model_version: str
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    metadata: MetadataBatch,
+    model_version: str,
+    model_name: str = "",
+    collection: str = "",
 ) -> index_pb2.UpsertRequest:
     return index_pb2.UpsertRequest(
         ids=list(ids),
         vectors=wire.pack(vectors),
         metadata=[index_pb2.Metadata(entries=m) for m in metadata],
         model_version=model_version,
+        model_name=model_name,
+        collection=collection,
     )
 
 
@@ -148,7 +186,21 @@ def items_of(reply: index_pb2.GetResponse, with_vectors: bool) -> tuple[list[Sto
 
 
 def stats_of(reply: index_pb2.StatsResponse) -> IndexStats:
-    return IndexStats(reply.count, reply.dim, reply.model_version, reply.bytes_used)
+    return IndexStats(
+        reply.count, reply.dim, reply.model_version, reply.bytes_used, reply.collection, reply.model_name
+    )
+
+
+def collection_of(reply: index_pb2.Collection) -> CollectionInfo:
+    return CollectionInfo(
+        reply.name,
+        reply.count,
+        reply.dim,
+        reply.model_name,
+        reply.model_version,
+        reply.bytes_used,
+        list(reply.aliases),
+    )
 
 
 def page_of(reply: index_pb2.ScanResponse, with_vectors: bool) -> ScanPage:

@@ -241,6 +241,7 @@ def index_images(
                     embedding.vectors,
                     [f.metadata for f in kept],
                     embedding.model_version,
+                    model_name=embedding.model,
                 )
                 report.count = patiently(upsert, patience_s, on_wait)
                 report.indexed += len(kept)

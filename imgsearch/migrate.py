@@ -104,13 +104,14 @@ def check_target(
 
     Raises MigrateRefused when the target is the source itself, holds vectors of another model version or
     dim than the source's, or holds anything at all without `into_nonempty`. An empty source passes."""
-    if same_service(source.address, target.address):
-        raise MigrateRefused(
-            f"the target {target.address} is the index being migrated (--index {source.address}); "
-            "give --to the address of another index service"
-        )
     held = patiently(source.stats, patience_s, on_wait)
     there = patiently(target.stats, patience_s, on_wait)
+    if same_service(source.address, target.address) and held.collection == there.collection:
+        raise MigrateRefused(
+            f"the target {target.address}, collection {there.collection!r}, is the collection being migrated "
+            f"(--index {source.address}); give --to the address of another index service, or "
+            "--to-collection another collection"
+        )
     if not held.count or not there.count:
         return held, there
     if there.model_version != held.model_version or there.dim != held.dim:

@@ -1,6 +1,7 @@
-"""`imgsearch reindex`: fill a fresh index with the items of another, embedded again by the current encoder.
+"""`imgsearch reindex`: fill a new collection (in the same index service, or in another) with the items of
+another, embedded again by the model the new collection is filled by.
 
-An index holds the vectors of one model version, so changing models means embedding every image again.
+A collection holds the vectors of one model version, so changing models means embedding every image again.
 `imgsearch index` keeps each image's path in the metadata key `source`, so the images can be found
 again: the source index is scanned (ids and metadata; a point-in-time view, read before any embedding so
 the source's server is not held for the whole run), and its items go through `index_images`, the batching,
@@ -14,6 +15,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imgsearch.addresses import same_service
 from imgsearch.client import ImageSearch, IndexClient
@@ -72,25 +74,42 @@ def plan_reindex(
     patience_s: float = DEFAULT_PATIENCE_S,
     on_wait: Callable[[str], None] | None = None,
 ) -> ReindexPlan:
-    """Checks that the target may take the items of the source and scans the source.
+    """Checks that the target may take the items of the source and scans the source. The target is pinned
+    to its collection (an alias resolved) and that collection's model.
 
-    Raises ReindexRefused when the target is the source itself, or already holds vectors of a model
-    version other than the encoder's (an empty target is fine, and so is one holding the encoder's
-    version: a reindex run again)."""
-    if same_service(source.address, target.index.address):
+    Raises ReindexRefused when the target is the source collection itself, or already holds vectors of a
+    model version other than its model's (an empty target is fine, and so is one holding that version: a
+    reindex run again)."""
+    source_collection = patiently(source.stats, patience_s, on_wait).collection
+    pinned = patiently(target.pin, patience_s, on_wait)
+    if same_service(source.address, target.index.address) and source_collection == pinned.collection:
         raise ReindexRefused(
-            f"the target {target.index.address} is the index being reindexed (--index {source.address}); "
-            "start an index service on a new, empty data dir and give its address to --to"
+            f"the target {target.index.address}, collection {pinned.collection!r}, is the collection being "
+            f"reindexed (--index {source.address}); give --to-collection a new collection (imgsearch "
+            "collections create NEW --model MODEL), or --to the address of another index service"
         )
-    version = str(patiently(lambda: target.encoder.info()["model_version"], patience_s, on_wait))
+    info = patiently(target.encoder.info, patience_s, on_wait)
+    version = model_version(info, pinned.model)
     held = patiently(target.index.stats, patience_s, on_wait)
     if held.count and held.model_version != version:
         raise ReindexRefused(
-            f"the target index at {target.index.address} holds {plural(held.count, 'vector')} of model "
-            f"version {held.model_version!r}, not the encoder's {version!r}; reindex into an index service "
-            "started on a new, empty data dir"
+            f"the target collection {pinned.collection!r} at {target.index.address} holds "
+            f"{plural(held.count, 'vector')} of model version {held.model_version!r}, not the encoder's "
+            f"{version!r} (model {pinned.model or 'default'!r}); reindex into a new, empty collection"
         )
     return patiently(lambda: _scan(source, version), patience_s, on_wait)
+
+
+def model_version(info: Mapping[str, Any], model: str) -> str:
+    """The version of the encoder's model of that name ("" for its default), from its Info; ValueError
+    naming the models served when it serves none of that name."""
+    for served in info.get("models") or ():
+        if served["name"] == model or (not model and served["default"]):
+            return str(served["model_version"])
+    if not model or not info.get("models"):  # an encoder of one model, from before several were served
+        return str(info["model_version"])
+    names = ", ".join(served["name"] for served in info["models"])
+    raise ValueError(f"the encoder serves no model {model!r} (it serves: {names}; --models)")
 
 
 def _scan(source: IndexClient, version: str) -> ReindexPlan:

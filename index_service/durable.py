@@ -1,4 +1,5 @@
-"""A VectorStore that keeps its promises on disk: the lock, recovery, the log and snapshots.
+"""A Catalog (the FAISS collections) that keeps its promises on disk: the lock, recovery, the log and
+snapshots.
 
 Layout of a data dir:
     LOCK                      held (flock) by the one index process using the dir
@@ -6,8 +7,9 @@ Layout of a data dir:
     wal-<first lsn>.log       log segments since the older snapshot
 
 Start: take the lock, load the newest readable snapshot, replay the log after it, begin a new
-segment. Write: the store checks the operation, `journal` appends and fsyncs it, then the store
-applies it, all under the store's write lock, so nothing is acknowledged before it is durable.
+segment. Write: the collection's store (or the catalog) checks the operation, `journal` appends and
+fsyncs it, then it is applied, all under the store's write lock (the catalog's lock), so nothing is
+acknowledged before it is durable.
 Snapshot (every N operations or T seconds, and on close): copy the state and rotate the log at the
 same lsn, write the snapshot atomically, then drop what two snapshots make unneeded.
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from imgsearch_server.memory import release_free_memory
+from index_service.catalog import Catalog
 from index_service.faiss_store import VectorStore
 from index_service.snapshot import newest_valid_snapshot, remove_older_snapshots, write_snapshot
 from index_service.store import Operation, StorageFull, StorageUnavailable
@@ -103,30 +106,29 @@ class DurableStore:
             raise DataDirError(f"cannot create the data dir {data_dir}: {error.strerror or error}") from error
         self._lock_file = DirectoryLock(data_dir)
         try:
-            self.store, replayed = self._recover(max_k)
+            self.catalog, replayed = self._recover(max_k)
             self.wal: WriteAheadLog | None = None
             self.read_only_reason = ""
             try:
-                self.wal = WriteAheadLog(data_dir, self.store.lsn + 1)
+                self.wal = WriteAheadLog(data_dir, self.catalog.lsn + 1)
             except OSError as error:
                 self.read_only_reason = f"the data dir {data_dir} is not writable ({error.strerror or error})"
                 log.error("%s: serving reads only", self.read_only_reason)
-            self.store.journal = self._journal
+            self.catalog.journal = self._journal
         except BaseException:
             self._lock_file.close()
             raise
         release_free_memory()  # what loading the snapshot and replaying the log left on the heap
         for stale in data_dir.glob("*.tmp"):
             stale.unlink(missing_ok=True)
-        stats = self.store.stats()
+        stats = self.catalog.total()
         log.info(
-            "recovered %d vectors (dim %d, model %r) from %s: snapshot at lsn %d, %d log records replayed, "
+            "recovered %d vectors in %d collections from %s: snapshot at lsn %d, %d log records replayed, "
             "in %.3f s",
             stats.count,
-            stats.dim,
-            stats.model_version,
+            len(self.catalog.collections()),
             data_dir,
-            self.store.lsn - replayed,
+            self.catalog.lsn - replayed,
             replayed,
             time.monotonic() - started,
         )
@@ -136,22 +138,27 @@ class DurableStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _recover(self, max_k: int) -> tuple[VectorStore, int]:
+    @property
+    def store(self) -> VectorStore:
+        """The `default` collection's store (it always exists)."""
+        return self.catalog.default
+
+    def _recover(self, max_k: int) -> tuple[Catalog, int]:
         try:
             state = newest_valid_snapshot(self.data_dir)
-            store = VectorStore(state, max_k=max_k)
+            catalog = Catalog(state, max_k=max_k)
             replayed = 0
-            for lsn, operation in recover(self.data_dir, store.lsn):
-                store.replay(operation, lsn)
+            for lsn, operation in recover(self.data_dir, catalog.lsn):
+                catalog.replay(operation, lsn)
                 replayed += 1
         except (RecoveryError, OSError) as error:
             raise DataDirError(f"cannot recover {self.data_dir}: {error}") from error
         except Exception as error:  # a SnapshotError names its file
             raise DataDirError(str(error)) from error
-        return store, replayed
+        return catalog, replayed
 
     def _journal(self, operation: Operation) -> int:
-        """Appends and fsyncs one operation (called by the store under its write lock)."""
+        """Appends and fsyncs one operation (called by the catalog, one at a time)."""
         if self.wal is None:
             raise StorageUnavailable(f"writes are refused: {self.read_only_reason}")
         try:
@@ -177,15 +184,16 @@ class DurableStore:
                 wal.rotate()
                 self._ops_since_snapshot = 0
 
-            state = self.store.state(while_consistent=rotate)
+            state = self.catalog.state(while_consistent=rotate)
             self._last_snapshot = time.monotonic()
             path = write_snapshot(state, self.data_dir)
             oldest_kept = remove_older_snapshots(self.data_dir, keep=2)
             if oldest_kept is not None:
                 wal.remove_through(oldest_kept)
             log.info(
-                "snapshot of %d vectors at lsn %d written to %s in %.3f s",
-                len(state.ids),
+                "snapshot of %d vectors in %d collections at lsn %d written to %s in %.3f s",
+                sum(len(c.ids) for c in state.collections.values()),
+                len(state.collections),
                 state.lsn,
                 path,
                 time.monotonic() - started,

@@ -9,7 +9,8 @@ through `_apply`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -18,19 +19,21 @@ from imgsearch.wire import MetadataBatch
 from imgsearch_server.memory import release_free_memory
 from index_service.rwlock import ReadWriteLock
 from index_service.store import (
+    DEFAULT_COLLECTION,
     REINDEX_HINT,
     Check,
     Delete,
     FailedPrecondition,
     InvalidArgument,
+    ItemOperation,
     Match,
     NotFound,
-    Operation,
     Stats,
     StoreCopy,
     StoreState,
     Upsert,
     check_id_batch,
+    check_model,
     check_queries,
     check_upsert,
     decode_metadata,
@@ -57,14 +60,19 @@ class VectorStore:
         state: StoreState | None = None,
         *,
         max_k: int = 1000,
-        journal: Callable[[Operation], int] | None = None,
+        journal: Callable[[ItemOperation], int] | None = None,
+        model_name: str = "",
+        name: str = DEFAULT_COLLECTION,
     ) -> None:
         self.max_k = max_k
         self.journal = journal  # makes an operation durable before it is applied; returns its lsn
         self.lsn = 0
+        self.name = name  # the collection's, for messages
+        self.dropped = False  # set (under the write lock) when its collection is dropped: writes refused
         self._lock = ReadWriteLock()
         self._dim = 0
         self._model_version = ""
+        self._model_name = model_name
         self._index: faiss.IndexFlatL2 | None = None
         self._ids: list[str] = []  # row -> id
         self._row_of: dict[str, int] = {}  # id -> row
@@ -77,11 +85,16 @@ class VectorStore:
     # ---- writes -------------------------------------------------------------------------
 
     def upsert(
-        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: MetadataBatch = (),
+        model_version: str = "",
+        model_name: str = "",
     ) -> int:
         """Inserts or replaces a batch, all or nothing; returns the count stored after it."""
         checked_ids, array, checked_metadata = check_upsert(ids, vectors, metadata)
-        operation = Upsert(checked_ids, array, checked_metadata, model_version)
+        operation = Upsert(checked_ids, array, checked_metadata, model_version, model_name, self.name)
         with self._lock.write():
             self._commit(operation)
             count = len(self._ids)
@@ -94,42 +107,61 @@ class VectorStore:
         """Removes ids; returns (deleted, missing)."""
         checked_ids = check_id_batch(list(dict.fromkeys(ids)))
         with self._lock.write():
+            self._check_not_dropped()
             present = tuple(i for i in checked_ids if i in self._row_of)
             if present:
-                self._commit(Delete(present))
+                self._commit(Delete(present, self.name))
             return len(present), len(checked_ids) - len(present)
 
-    def _commit(self, operation: Operation) -> None:
+    def drop(self, log: Callable[[], object]) -> int:
+        """Marks the store dropped once `log` (the catalog's journal of the drop) returns, after the writes
+        in flight; later writes get NotFound. Returns the items it held."""
+        with self._lock.write():
+            log()
+            self.dropped = True
+            return len(self._ids)
+
+    def _check_not_dropped(self) -> None:
+        if self.dropped:
+            raise NotFound(f"collection {self.name!r} was dropped")
+
+    def _commit(self, operation: ItemOperation) -> None:
         """The one write path: check the operation against the state, log it, then apply it.
 
         Runs under the write lock. The journal (the write-ahead log) raises StorageFull or
         StorageUnavailable when it cannot make the operation durable: then nothing is applied."""
+        self._check_not_dropped()
         if isinstance(operation, Upsert) and operation.ids:
+            check_model(self.name, self._model_name, operation.model_name)
             dim = operation.vectors.shape[1]
             if self._ids and dim != self._dim:
-                raise InvalidArgument(f"vectors have dim {dim}, the index holds dim {self._dim}")
+                raise InvalidArgument(
+                    f"vectors have dim {dim}, the collection {self.name!r} holds dim {self._dim}"
+                )
             if self._ids and operation.model_version != self._model_version:
                 raise FailedPrecondition(
-                    f"vectors are from model version {operation.model_version!r}, the index holds "
-                    f"{self._model_version!r}; {REINDEX_HINT}"
+                    f"vectors are from model version {operation.model_version!r}, the collection "
+                    f"{self.name!r} holds {self._model_version!r}; {REINDEX_HINT}"
                 )
         if self.journal is not None:
             self.lsn = self.journal(operation)
         self._apply(operation)
 
-    def replay(self, operation: Operation, lsn: int) -> None:
+    def replay(self, operation: ItemOperation, lsn: int) -> None:
         """Applies an operation read back from the log at recovery (it was checked before it was logged)."""
         with self._lock.write():
             self._apply(operation)
             self.lsn = lsn
 
-    def _apply(self, operation: Operation) -> None:
+    def _apply(self, operation: ItemOperation) -> None:
         """Changes the state; the only code that does. Assumes the operation was checked."""
         if isinstance(operation, Delete):
             self._remove(operation.ids)
             return
         if not operation.ids:
             return
+        if not self._model_name:
+            self._model_name = operation.model_name  # the first vectors of a model name it
         if self._index is None or not self._ids:
             self._reset(operation.vectors.shape[1], operation.model_version)
         assert self._index is not None
@@ -185,6 +217,7 @@ class VectorStore:
         self._index = faiss.IndexFlatL2(dim)
 
     def _load(self, state: StoreState) -> None:
+        self._model_name = state.model_name or self._model_name
         if state.dim:
             self._reset(state.dim, state.model_version)
         if state.ids:
@@ -229,7 +262,13 @@ class VectorStore:
     def stats(self) -> Stats:
         with self._lock.read():
             count = len(self._ids)
-            return Stats(count, self._dim, self._model_version, count * self._dim * 4 + self._text_bytes)
+            return Stats(
+                count,
+                self._dim,
+                self._model_version,
+                count * self._dim * 4 + self._text_bytes,
+                self._model_name,
+            )
 
     def item_sizes(self) -> tuple[int, float] | None:
         """(items stored, their average bytes of id and metadata), for sizing a reply before the work."""
@@ -253,21 +292,33 @@ class VectorStore:
         change in place), and the vectors when asked for; decoding waits until after, so writers are
         held off for as short a time as possible."""
         with self._lock.read():
-            copied = StoreCopy(
-                dim=self._dim,
-                model_version=self._model_version,
-                ids=list(self._ids),
-                encoded_metadata=list(self._metadata),
-                vectors=(
-                    self._rows().copy()
-                    if with_vectors and self._index is not None
-                    else np.zeros((0, self._dim), np.float32)
-                ),
-                lsn=self.lsn,
-            )
+            copied = self.copy_held(with_vectors=with_vectors)
             if while_consistent is not None:
                 while_consistent()
             return copied
+
+    @contextmanager
+    def writers_held(self) -> Iterator[None]:
+        """Holds this store's writers off (its read lock): a snapshot of several stores at one lsn
+        holds them all, then copies each with `copy_held`."""
+        with self._lock.read():
+            yield
+
+    def copy_held(self, *, with_vectors: bool = True) -> StoreCopy:
+        """`copy`, for a caller that holds the lock already (through `writers_held`, or copy itself)."""
+        return StoreCopy(
+            dim=self._dim,
+            model_version=self._model_version,
+            ids=list(self._ids),
+            encoded_metadata=list(self._metadata),
+            vectors=(
+                self._rows().copy()
+                if with_vectors and self._index is not None
+                else np.zeros((0, self._dim), np.float32)
+            ),
+            lsn=self.lsn,
+            model_name=self._model_name,
+        )
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:

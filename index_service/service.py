@@ -17,16 +17,17 @@ from imgsearch_server.serving import GrpcServer, ServerSettings, server_settings
 from index_service import metrics
 from index_service.durable import DataDirError, DataDirLocked, DurableStore
 from index_service.servicer import IndexServicer
-from index_service.store import StorageUnavailable, Store
+from index_service.store import Collections, StorageUnavailable
 
 if TYPE_CHECKING:
-    from index_service.milvus_store import MilvusStore
+    from index_service.milvus_store import MilvusCollections
 
 log = logging.getLogger("index_service")
 
 DEFAULT_PORT = 50052
 BACKENDS = ("faiss", "milvus")
-READ_METHODS = ("Search", "SearchById", "Get", "Stats", "Scan")  # what a read-only token may call
+# What a read-only token may call.
+READ_METHODS = ("Search", "SearchById", "Get", "Stats", "Scan", "ListCollections", "ListAliases")
 
 
 @dataclass(frozen=True)
@@ -189,12 +190,14 @@ class IndexService:
     def __init__(self, config: IndexConfig) -> None:
         self.config = config
         self.durable: DurableStore | None = None
-        self.milvus: MilvusStore | None = None
+        self.milvus: MilvusCollections | None = None
         if config.backend == "milvus":
-            from index_service.milvus_store import MilvusStore  # pymilvus is imported only when asked for
+            from index_service.milvus_store import (
+                MilvusCollections,
+            )  # pymilvus is imported only when asked for
 
             try:
-                self.milvus = MilvusStore(
+                self.milvus = MilvusCollections(
                     config.milvus_uri,
                     config.milvus_collection,
                     max_k=config.max_k,
@@ -202,7 +205,7 @@ class IndexService:
                 )
             except (ValueError, StorageUnavailable) as error:
                 raise SystemExit(f"index_service: {error}") from error
-            self.store: Store = self.milvus
+            self.collections: Collections = self.milvus
         else:
             try:
                 self.durable = DurableStore(
@@ -215,9 +218,9 @@ class IndexService:
                 raise  # the caller chooses: exit, or wait as a standby (--when-locked)
             except (DataDirError, OSError) as error:
                 raise SystemExit(f"index_service: {error}") from error
-            self.store = self.durable.store
+            self.collections = self.durable.catalog
         servicer = IndexServicer(
-            self.store, config.max_batch, config.server.max_message_bytes, config.max_results
+            self.collections, config.max_batch, config.server.max_message_bytes, config.max_results
         )
         service = index_pb2.DESCRIPTOR.services_by_name["Index"]
         try:
@@ -232,7 +235,7 @@ class IndexService:
             raise
         # The vectors and bytes stored are read from the store at each scrape (for Milvus a remote call).
         upsert = f"/{service.full_name}/Upsert"
-        metrics.watch_index(self.server.metrics, upsert, self.store.stats, config.backend)
+        metrics.watch_index(self.server.metrics, upsert, self.collections.total, config.backend)
 
     def start(self) -> int:
         try:

@@ -12,7 +12,10 @@ from imgsearch.v1 import index_pb2, index_pb2_grpc
 from imgsearch_server.errors import RequestError, call_gone, grpc_errors
 from imgsearch_server.memory import release_free_memory
 from index_service.store import (
+    AlreadyExists,
     Check,
+    CollectionInfo,
+    Collections,
     FailedPrecondition,
     InvalidArgument,
     Match,
@@ -35,6 +38,7 @@ ERRORS: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ValueError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -66,9 +70,26 @@ def _got(
     return reply
 
 
-def _stats(stats: Stats) -> index_pb2.StatsResponse:
+def _stats(name: str, stats: Stats) -> index_pb2.StatsResponse:
     return index_pb2.StatsResponse(
-        count=stats.count, dim=stats.dim, model_version=stats.model_version, bytes_used=stats.bytes_used
+        count=stats.count,
+        dim=stats.dim,
+        model_version=stats.model_version,
+        bytes_used=stats.bytes_used,
+        collection=name,
+        model_name=stats.model_name,
+    )
+
+
+def _collection(info: CollectionInfo) -> index_pb2.Collection:
+    return index_pb2.Collection(
+        name=info.name,
+        count=info.count,
+        dim=info.dim,
+        model_name=info.model_name,
+        model_version=info.model_version,
+        bytes_used=info.bytes_used,
+        aliases=list(info.aliases),
     )
 
 
@@ -101,12 +122,12 @@ def _page(
 class IndexServicer(index_pb2_grpc.IndexServicer):
     def __init__(
         self,
-        store: Store,
+        collections: Collections,
         max_batch: int,
         max_message_bytes: int = 64 * 1024 * 1024,
         max_results: int = 100_000,
     ) -> None:
-        self.store = store
+        self.collections = collections
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
         self.max_results = max_results
@@ -132,9 +153,10 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self, request: index_pb2.UpsertRequest, context: grpc.ServicerContext
     ) -> index_pb2.UpsertResponse:
         self._check_batch(len(request.ids), "ids")
+        _, store = self.collections.lookup(request.collection)
         vectors = wire.unpack(request.vectors, expected_count=len(request.ids))
         metadata = [m.entries for m in request.metadata]
-        count = self.store.upsert(list(request.ids), vectors, metadata, request.model_version)
+        count = store.upsert(list(request.ids), vectors, metadata, request.model_version, request.model_name)
         return index_pb2.UpsertResponse(upserted=len(request.ids), count=count)
 
     @grpc_errors(ERRORS)
@@ -142,16 +164,18 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self, request: index_pb2.DeleteRequest, context: grpc.ServicerContext
     ) -> index_pb2.DeleteResponse:
         self._check_batch(len(request.ids), "ids")
-        deleted, missing = self.store.delete(list(request.ids))
-        return index_pb2.DeleteResponse(deleted=deleted, missing=missing, count=self.store.stats().count)
+        _, store = self.collections.lookup(request.collection)
+        deleted, missing = store.delete(list(request.ids))
+        return index_pb2.DeleteResponse(deleted=deleted, missing=missing, count=store.stats().count)
 
     @grpc_errors(ERRORS)
     def Get(self, request: index_pb2.GetRequest, context: grpc.ServicerContext) -> index_pb2.GetResponse:
         self._check_batch(len(request.ids), "ids")
-        items, vectors, missing = self.store.get(list(request.ids))
+        _, store = self.collections.lookup(request.collection)
+        items, vectors, missing = store.get(list(request.ids))
         return _got(items, vectors, missing, request.with_vectors)
 
-    def _check_results(self, queries: int, k: int) -> None:
+    def _check_results(self, store: Store, queries: int, k: int) -> None:
         """Refuses, before any work, a search whose answer is over the results budget or could not fit
         in a reply. The reply's size is estimated from the average stored item (its id and metadata),
         where the store can say cheaply; a reply that turns out larger all the same is refused after the
@@ -163,7 +187,7 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                 f"{queries} queries x k {k} = {results} results, over the limit of {self.max_results} "
                 "results per call (--max-results); send fewer queries per call or a smaller k",
             )
-        sizes = self.store.item_sizes()
+        sizes = store.item_sizes()
         if sizes is None or not sizes[0]:
             return
         count, text_bytes = sizes
@@ -180,13 +204,14 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     def _search(
         self,
         context: grpc.ServicerContext,
+        store: Store,
         queries: int,
         k: int,
         search: Callable[[Check], list[list[Match]]],
     ) -> index_pb2.SearchResponse:
         """Runs a search checked against the budgets, stopped between chunks once its caller has gone,
         and hands a large one's heap back to the system afterwards."""
-        self._check_results(queries, k)
+        self._check_results(store, queries, k)
         self._skip_if_gone(context)
 
         def check() -> None:
@@ -206,11 +231,13 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     ) -> index_pb2.SearchResponse:
         queries = wire.unpack(request.queries)
         self._check_batch(queries.shape[0], "queries")
+        _, store = self.collections.lookup(request.collection)
         return self._search(
             context,
+            store,
             queries.shape[0],
             request.k,
-            lambda check: self.store.search(queries, request.k, request.model_version, check=check),
+            lambda check: store.search(queries, request.k, request.model_version, check=check),
         )
 
     @grpc_errors(ERRORS)
@@ -219,15 +246,17 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     ) -> index_pb2.SearchResponse:
         self._check_batch(len(request.ids), "ids")
         ids = list(request.ids)
+        _, store = self.collections.lookup(request.collection)
         return self._search(
-            context, len(ids), request.k, lambda check: self.store.search_by_id(ids, request.k, check=check)
+            context, store, len(ids), request.k, lambda check: store.search_by_id(ids, request.k, check=check)
         )
 
     @grpc_errors(ERRORS)
     def Stats(
         self, request: index_pb2.StatsRequest, context: grpc.ServicerContext
     ) -> index_pb2.StatsResponse:
-        return _stats(self.store.stats())
+        name, store = self.collections.lookup(request.collection)
+        return _stats(name, store.stats())
 
     @grpc_errors(ERRORS)
     def Scan(
@@ -240,9 +269,55 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                 f"page_size {page_size} is over the limit of {self.max_batch} items per page (--max-batch); "
                 "send 0 for the default",
             )
-        copied = self.store.copy(with_vectors=request.with_vectors)  # the lock is released from here on
+        _, store = self.collections.lookup(request.collection)
+        copied = store.copy(with_vectors=request.with_vectors)  # the lock is released from here on
         start = 0
         while start < len(copied.ids):
             page = _page(copied, start, page_size, request.with_vectors, self.max_page_bytes)
             start += len(page.items)
             yield page
+
+    # ---- collections and aliases -----------------------------------------------------------------
+
+    @grpc_errors(ERRORS)
+    def CreateCollection(
+        self, request: index_pb2.CreateCollectionRequest, context: grpc.ServicerContext
+    ) -> index_pb2.CreateCollectionResponse:
+        info = self.collections.create(request.name, request.model_name)
+        return index_pb2.CreateCollectionResponse(collection=_collection(info))
+
+    @grpc_errors(ERRORS)
+    def ListCollections(
+        self, request: index_pb2.ListCollectionsRequest, context: grpc.ServicerContext
+    ) -> index_pb2.ListCollectionsResponse:
+        return index_pb2.ListCollectionsResponse(
+            collections=[_collection(info) for info in self.collections.collections()]
+        )
+
+    @grpc_errors(ERRORS)
+    def DropCollection(
+        self, request: index_pb2.DropCollectionRequest, context: grpc.ServicerContext
+    ) -> index_pb2.DropCollectionResponse:
+        return index_pb2.DropCollectionResponse(dropped=self.collections.drop(request.name))
+
+    @grpc_errors(ERRORS)
+    def SetAlias(
+        self, request: index_pb2.SetAliasRequest, context: grpc.ServicerContext
+    ) -> index_pb2.SetAliasResponse:
+        return index_pb2.SetAliasResponse(
+            previous=self.collections.set_alias(request.alias, request.collection)
+        )
+
+    @grpc_errors(ERRORS)
+    def DropAlias(
+        self, request: index_pb2.DropAliasRequest, context: grpc.ServicerContext
+    ) -> index_pb2.DropAliasResponse:
+        return index_pb2.DropAliasResponse(collection=self.collections.drop_alias(request.alias))
+
+    @grpc_errors(ERRORS)
+    def ListAliases(
+        self, request: index_pb2.ListAliasesRequest, context: grpc.ServicerContext
+    ) -> index_pb2.ListAliasesResponse:
+        return index_pb2.ListAliasesResponse(
+            aliases=[index_pb2.Alias(alias=a, collection=c) for a, c in self.collections.aliases().items()]
+        )

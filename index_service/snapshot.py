@@ -1,8 +1,12 @@
-"""Snapshots of the store on disk: one file each, written atomically, checked when read.
+"""Snapshots of the index on disk: one file each, written atomically, checked when read.
 
-A snapshot is `snapshot-<lsn>.bin`, holding the state after the log record `lsn`:
-magic (8 bytes) | header length (uint64 LE) | header (UTF-8 JSON: lsn, dim, model version, ids,
-metadata) | vectors (count x dim float32 LE) | CRC-32 of everything before it (uint32 LE).
+A snapshot is `snapshot-<lsn>.bin`, holding every collection and alias after the log record `lsn`:
+magic (8 bytes, IMGSNAP2) | header length (uint64 LE) | header (UTF-8 JSON: lsn, aliases, and per
+collection its name, model name, dim, model version, count, ids, metadata) | each collection's vectors
+in turn (count x dim float32 LE) | CRC-32 of everything before it (uint32 LE).
+
+Versions before collections wrote IMGSNAP1, one collection (lsn, dim, model version, ids, metadata at
+the header's top level): it reads as the collection `default`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from index_service.store import StoreState
+from index_service.store import DEFAULT_COLLECTION, CatalogState, StoreState
 from index_service.wal import fsync_dir
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"IMGSNAP1"
+MAGIC = b"IMGSNAP2"
+MAGIC_ONE_COLLECTION = b"IMGSNAP1"  # before collections
 PREFIX, SUFFIX = "snapshot-", ".bin"
 
 
@@ -44,28 +49,42 @@ def snapshots(data_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def write_snapshot(state: StoreState, data_dir: Path) -> Path:
+def write_snapshot(state: CatalogState, data_dir: Path) -> Path:
     """Writes the state via a temporary file, fsync, rename and a directory fsync; returns the path."""
+    names = sorted(state.collections)
     header = json.dumps(
         {
             "lsn": state.lsn,
-            "dim": state.dim,
-            "model_version": state.model_version,
-            "count": len(state.ids),
-            "ids": state.ids,
-            "metadata": state.metadata,
+            "aliases": state.aliases,
+            "collections": [
+                {
+                    "name": name,
+                    "model_name": state.collections[name].model_name,
+                    "dim": state.collections[name].dim,
+                    "model_version": state.collections[name].model_version,
+                    "count": len(state.collections[name].ids),
+                    "ids": state.collections[name].ids,
+                    "metadata": state.collections[name].metadata,
+                }
+                for name in names
+            ],
             "created": time.time(),
         },
         ensure_ascii=False,
     ).encode("utf-8")
-    vectors = np.ascontiguousarray(state.vectors, dtype="<f4").tobytes()
-    body = MAGIC + struct.pack("<Q", len(header)) + header + vectors
     path = snapshot_path(data_dir, state.lsn)
     temporary = path.with_suffix(".tmp")
     try:
         with open(temporary, "wb") as file:
-            file.write(body)
-            file.write(struct.pack("<I", zlib.crc32(body)))
+            prefix = MAGIC + struct.pack("<Q", len(header)) + header
+            crc = zlib.crc32(prefix)
+            file.write(prefix)
+            for name in names:  # one collection's vectors at a time: no copy of them all at once
+                vectors = np.ascontiguousarray(state.collections[name].vectors, dtype="<f4").tobytes()
+                crc = zlib.crc32(vectors, crc)
+                file.write(vectors)
+                del vectors
+            file.write(struct.pack("<I", crc))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -76,13 +95,25 @@ def write_snapshot(state: StoreState, data_dir: Path) -> Path:
     return path
 
 
-def read_snapshot(path: Path) -> StoreState:
+def _vectors(path: Path, body: bytes, offset: int, count: int, dim: int) -> np.ndarray:
+    size = count * dim * 4
+    if offset + size > len(body):
+        raise SnapshotError(f"{path} is damaged: too few bytes for {count} vectors of dim {dim}")
+    return (
+        np.frombuffer(body, dtype="<f4", count=count * dim, offset=offset)
+        .reshape(count, dim)
+        .astype(np.float32)
+    )
+
+
+def read_snapshot(path: Path) -> CatalogState:
     """Returns the state in a snapshot file; SnapshotError naming the file when it is damaged."""
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise SnapshotError(f"{path} cannot be read: {error.strerror or error}") from error
-    if len(raw) < len(MAGIC) + 12 or not raw.startswith(MAGIC):
+    magic = raw[: len(MAGIC)]
+    if len(raw) < len(MAGIC) + 12 or magic not in (MAGIC, MAGIC_ONE_COLLECTION):
         raise SnapshotError(f"{path} is not an imgsearch snapshot (bad magic or too short)")
     body, (crc,) = raw[:-4], struct.unpack("<I", raw[-4:])
     if zlib.crc32(body) != crc:
@@ -90,21 +121,33 @@ def read_snapshot(path: Path) -> StoreState:
     (header_length,) = struct.unpack_from("<Q", body, len(MAGIC))
     start = len(MAGIC) + 8
     header = json.loads(body[start : start + header_length].decode("utf-8"))
-    dim, count = int(header["dim"]), int(header["count"])
-    vectors = np.frombuffer(body, dtype="<f4", offset=start + header_length)
-    if vectors.size != count * dim:
-        raise SnapshotError(f"{path} is damaged: {vectors.size} floats for {count} vectors of dim {dim}")
-    return StoreState(
-        dim=dim,
-        model_version=header["model_version"],
-        ids=list(header["ids"]),
-        metadata=[dict(m) for m in header["metadata"]],
-        vectors=vectors.reshape(count, dim).astype(np.float32),
-        lsn=int(header["lsn"]),
-    )
+    lsn = int(header["lsn"])
+    offset = start + header_length
+    if magic == MAGIC_ONE_COLLECTION:
+        entries = [{**header, "name": DEFAULT_COLLECTION, "model_name": ""}]
+        aliases: dict[str, str] = {}
+    else:
+        entries, aliases = header["collections"], dict(header["aliases"])
+    collections = {}
+    for entry in entries:
+        dim, count = int(entry["dim"]), int(entry["count"])
+        vectors = _vectors(path, body, offset, count, dim)
+        offset += count * dim * 4
+        collections[entry["name"]] = StoreState(
+            dim=dim,
+            model_version=entry["model_version"],
+            ids=list(entry["ids"]),
+            metadata=[dict(m) for m in entry["metadata"]],
+            vectors=vectors,
+            lsn=lsn,
+            model_name=entry.get("model_name", ""),
+        )
+    if offset != len(body):
+        raise SnapshotError(f"{path} is damaged: {len(body) - offset} bytes past the last vectors")
+    return CatalogState(collections, aliases, lsn)
 
 
-def newest_valid_snapshot(data_dir: Path) -> StoreState | None:
+def newest_valid_snapshot(data_dir: Path) -> CatalogState | None:
     """Returns the newest snapshot that reads back whole, falling back to older ones with a warning.
 
     None when there is none at all; SnapshotError (naming every file) when none is readable."""

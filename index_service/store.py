@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,11 +16,14 @@ MAX_ID_BYTES = 256
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_KEY_BYTES = 256
 MAX_METADATA_VALUE_BYTES = 4096
-# Said with every model-version refusal: the way to change models is a fresh index, filled by reindex.
+DEFAULT_COLLECTION = "default"  # what a data call with no collection uses; always exists
+NAME_PATTERN = "[a-z0-9][a-z0-9_-]{0,63}"  # collections and aliases alike
+_NAME = re.compile(NAME_PATTERN + r"\Z")
+# Said with every model-version refusal: the way to change models is a new collection, filled by reindex.
 REINDEX_HINT = (
-    "to change models, start an index service on a new, empty data dir and run "
-    "`imgsearch reindex --to HOST:PORT` (--index: this index; HOST:PORT: the new one), which re-embeds "
-    "every stored item from its `source` path with the current encoder"
+    "to change models, create a collection for the new model and fill it from this one with "
+    "`imgsearch reindex --collection OLD --to-collection NEW` (re-embeds every stored item from its "
+    "`source` path), then point an alias at it: README, Collections and model changes"
 )
 
 
@@ -33,6 +37,10 @@ class InvalidArgument(StoreError):
 
 class NotFound(StoreError):
     """An id the request needs is not stored."""
+
+
+class AlreadyExists(StoreError):
+    """A collection or alias name that is taken."""
 
 
 class FailedPrecondition(StoreError):
@@ -53,14 +61,41 @@ class Upsert:
     vectors: np.ndarray  # float32 [len(ids), dim], owned by the operation
     metadata: tuple[dict[str, str], ...]
     model_version: str
+    model_name: str = ""
+    collection: str = DEFAULT_COLLECTION
 
 
 @dataclass(frozen=True)
 class Delete:
     ids: tuple[str, ...]
+    collection: str = DEFAULT_COLLECTION
 
 
-Operation = Upsert | Delete
+@dataclass(frozen=True)
+class CreateCollection:
+    name: str
+    model_name: str = ""
+
+
+@dataclass(frozen=True)
+class DropCollection:
+    name: str
+
+
+@dataclass(frozen=True)
+class SetAlias:
+    alias: str
+    collection: str
+
+
+@dataclass(frozen=True)
+class DropAlias:
+    alias: str
+
+
+ItemOperation = Upsert | Delete  # what one collection's store logs
+CatalogOperation = CreateCollection | DropCollection | SetAlias | DropAlias
+Operation = ItemOperation | CatalogOperation
 
 
 @dataclass(frozen=True)
@@ -76,6 +111,18 @@ class Stats:
     dim: int
     model_version: str
     bytes_used: int
+    model_name: str = ""
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    count: int
+    dim: int
+    model_name: str
+    model_version: str
+    bytes_used: int
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -88,6 +135,17 @@ class StoreState:
     metadata: list[dict[str, str]] = field(default_factory=list)
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     lsn: int = 0  # the last logged operation this state includes
+    model_name: str = ""
+
+
+@dataclass
+class CatalogState:
+    """Every collection and alias of a FAISS index, each collection as a StoreState: what a snapshot
+    writes and reads. `lsn` is the last logged operation it includes (each collection's too)."""
+
+    collections: dict[str, StoreState] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    lsn: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +161,7 @@ class StoreCopy:
     encoded_metadata: list[bytes | None]
     vectors: np.ndarray
     lsn: int
+    model_name: str = ""
 
     def metadata(self, start: int = 0, stop: int | None = None) -> list[dict[str, str]]:
         """The metadata of rows start to stop, decoded."""
@@ -110,7 +169,9 @@ class StoreCopy:
 
     def as_state(self) -> StoreState:
         """The copy as a snapshot writes it (made with vectors)."""
-        return StoreState(self.dim, self.model_version, self.ids, self.metadata(), self.vectors, self.lsn)
+        return StoreState(
+            self.dim, self.model_version, self.ids, self.metadata(), self.vectors, self.lsn, self.model_name
+        )
 
 
 # Called between chunks of a long search; raises to stop it (the caller has gone, say).
@@ -122,7 +183,12 @@ class Store(Protocol):
     (milvus_store.py) both give it, with the same validation, errors and distances."""
 
     def upsert(
-        self, ids: Sequence[str], vectors: np.ndarray, metadata: MetadataBatch = (), model_version: str = ""
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: MetadataBatch = (),
+        model_version: str = "",
+        model_name: str = "",
     ) -> int: ...
     def delete(self, ids: Sequence[str]) -> tuple[int, int]: ...
     def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]: ...
@@ -135,6 +201,64 @@ class Store(Protocol):
     def stats(self) -> Stats: ...
     def item_sizes(self) -> tuple[int, float] | None: ...
     def copy(self, *, with_vectors: bool = True) -> StoreCopy: ...
+
+
+class Collections(Protocol):
+    """Named collections of one backend, each a `Store`, and aliases naming them: what the servicer
+    serves. Catalog (catalog.py, FAISS) and MilvusCollections (milvus_store.py) both give it.
+
+    Every name argument is checked with `check_name`; "" means DEFAULT_COLLECTION wherever a collection
+    is looked up. An alias is accepted wherever a collection is looked up."""
+
+    def lookup(self, name: str) -> tuple[str, Store]:
+        """(the collection's name, its store) for a collection or an alias; NotFound naming it."""
+        ...
+
+    def create(self, name: str, model_name: str = "") -> CollectionInfo:
+        """A new, empty collection; AlreadyExists when a collection or an alias has the name."""
+        ...
+
+    def drop(self, name: str) -> int:
+        """Removes a collection and its items, returning how many; NotFound; FailedPrecondition when an
+        alias points at it (naming the alias) or for DEFAULT_COLLECTION."""
+        ...
+
+    def set_alias(self, alias: str, collection: str) -> str:
+        """Points the alias at the collection atomically; returns the collection it pointed at before
+        ("" when new). AlreadyExists when a collection has the alias's name; NotFound for the collection
+        (an alias is not accepted as the target)."""
+        ...
+
+    def drop_alias(self, alias: str) -> str:
+        """Removes the alias; returns the collection it pointed at; NotFound when there is none."""
+        ...
+
+    def collections(self) -> list[CollectionInfo]:
+        """Every collection, sorted by name, with the aliases pointing at each."""
+        ...
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> collection, sorted by alias."""
+        ...
+
+    def total(self) -> Stats:
+        """Every collection together (count and bytes summed): what the metrics report."""
+        ...
+
+
+def check_name(name: str, what: str = "collection") -> str:
+    """The name itself, or InvalidArgument saying what a name must be."""
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"{what} name {name!r} is not valid: names are 1 to 64 characters of lowercase letters, digits, "
+            f"'_' and '-', beginning with a letter or digit ({NAME_PATTERN})"
+        )
+    return name
+
+
+def collection_name(name: str) -> str:
+    """A data call's collection: "" is DEFAULT_COLLECTION; anything else must be a valid name."""
+    return check_name(name) if name else DEFAULT_COLLECTION
 
 
 def check_ids(ids: Sequence[str], *, unique: bool = True) -> tuple[str, ...]:
@@ -190,6 +314,15 @@ def check_vectors(vectors: np.ndarray, what: str = "vector") -> np.ndarray:
         bad = int(np.flatnonzero(~finite)[0])
         raise InvalidArgument(f"{what} {bad} has a NaN or infinite value")
     return array
+
+
+def check_model(collection: str, held: str, given: str) -> None:
+    """Refuses vectors of another model than the one the collection is filled by (both named)."""
+    if held and given and held != given:
+        raise FailedPrecondition(
+            f"vectors are from model {given!r}, the collection {collection!r} is filled by model {held!r}; "
+            "index into a collection of that model (imgsearch collections create NAME --model MODEL)"
+        )
 
 
 def check_not_empty(count: int, what: str) -> None:

@@ -1,11 +1,15 @@
-"""The write-ahead log: every Upsert and Delete, checksummed and fsync'd before it is acknowledged.
+"""The write-ahead log: every write (upserts, deletes, collections and aliases made or dropped),
+checksummed and fsync'd before it is acknowledged.
 
 The log is a series of segment files `wal-<first lsn>.log` in the data dir. A record is
 
     payload length (uint32 LE) | CRC-32 of lsn + payload (uint32 LE) | lsn (uint64 LE) | payload
 
 where lsn (log sequence number) counts records from 1, one more for each, and payload is an operation:
-kind (1 byte, U = upsert, D = delete) | JSON length (uint32 LE) | JSON | vectors (float32 LE, upserts).
+kind (1 byte) | JSON length (uint32 LE) | JSON | vectors (float32 LE, upserts only). The kinds are
+U = upsert, D = delete (their JSON names the collection; a record without one, as versions before
+collections wrote, is of `default`), C = create a collection, X = drop one, A = set an alias and
+R = remove one.
 
 A segment is closed (and a new one begun) when a snapshot is taken, so whole segments can be removed
 once a snapshot covers them. Reading stops at the first record that is torn, fails its checksum or
@@ -27,7 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from index_service.store import Delete, Operation, Upsert
+from index_service.store import (
+    DEFAULT_COLLECTION,
+    CreateCollection,
+    Delete,
+    DropAlias,
+    DropCollection,
+    Operation,
+    SetAlias,
+    Upsert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +75,38 @@ def segments(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# The catalog's operations: kind byte, class, and its fields in the JSON header.
+_CATALOG_KINDS: dict[bytes, tuple[type, tuple[str, ...]]] = {
+    b"C": (CreateCollection, ("name", "model_name")),
+    b"X": (DropCollection, ("name",)),
+    b"A": (SetAlias, ("alias", "collection")),
+    b"R": (DropAlias, ("alias",)),
+}
+
+
+def _record(kind: bytes, header: dict[str, object], tail: bytes = b"") -> bytes:
+    encoded = json.dumps(header, ensure_ascii=False).encode()
+    return kind + struct.pack("<I", len(encoded)) + encoded + tail
+
+
 def encode(operation: Operation) -> bytes:
     """Returns the payload of a record for the operation."""
     if isinstance(operation, Delete):
-        header = json.dumps({"ids": list(operation.ids)}, ensure_ascii=False).encode()
-        return b"D" + struct.pack("<I", len(header)) + header
-    header = json.dumps(
-        {
+        return _record(b"D", {"ids": list(operation.ids), "collection": operation.collection})
+    if isinstance(operation, Upsert):
+        header = {
             "ids": list(operation.ids),
             "metadata": list(operation.metadata),
             "model_version": operation.model_version,
+            "model_name": operation.model_name,
+            "collection": operation.collection,
             "dim": int(operation.vectors.shape[1]),
-        },
-        ensure_ascii=False,
-    ).encode()
-    vectors = np.ascontiguousarray(operation.vectors, dtype="<f4").tobytes()
-    return b"U" + struct.pack("<I", len(header)) + header + vectors
+        }
+        return _record(b"U", header, np.ascontiguousarray(operation.vectors, dtype="<f4").tobytes())
+    for kind, (operation_class, fields) in _CATALOG_KINDS.items():
+        if isinstance(operation, operation_class):
+            return _record(kind, {name: getattr(operation, name) for name in fields})
+    raise TypeError(f"not a loggable operation: {operation!r}")
 
 
 def decode(payload: bytes) -> Operation:
@@ -86,14 +115,24 @@ def decode(payload: bytes) -> Operation:
     (length,) = struct.unpack_from("<I", payload, 1)
     header = json.loads(payload[5 : 5 + length].decode("utf-8"))
     if kind == b"D":
-        return Delete(tuple(header["ids"]))
+        return Delete(tuple(header["ids"]), header.get("collection", DEFAULT_COLLECTION))
+    if kind in _CATALOG_KINDS:
+        operation_class, fields = _CATALOG_KINDS[kind]
+        return operation_class(*(str(header[name]) for name in fields))  # type: ignore[no-any-return]
     if kind != b"U":
         raise ValueError(f"unknown operation kind {kind!r}")
     ids, dim = tuple(header["ids"]), int(header["dim"])
     vectors = np.frombuffer(payload, dtype="<f4", offset=5 + length).astype(np.float32)
     if vectors.size != len(ids) * dim:
         raise ValueError(f"{vectors.size} floats for {len(ids)} vectors of dim {dim}")
-    return Upsert(ids, vectors.reshape(len(ids), dim), tuple(header["metadata"]), header["model_version"])
+    return Upsert(
+        ids,
+        vectors.reshape(len(ids), dim),
+        tuple(header["metadata"]),
+        header["model_version"],
+        header.get("model_name", ""),
+        header.get("collection", DEFAULT_COLLECTION),
+    )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 
 from imgsearch.client import IndexClient
 from index_service.service import IndexService
-from tests.support import MilvusLite, connect, serve, start_index
+from tests.support import MilvusLite, connect, drop_milvus_collections, serve, start_index
 from tools.milvus_server import MilvusServer
 
 
@@ -55,7 +55,7 @@ def backend_args(backend: str, request: pytest.FixtureRequest) -> Iterator[list[
     )
     name = milvus.new_collection()
     yield ["--backend", "milvus", "--milvus-uri", milvus.uri, "--milvus-collection", name]
-    milvus.drop(name)
+    drop_milvus_collections(milvus.uri, name)
 
 
 @pytest.fixture

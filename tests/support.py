@@ -131,17 +131,21 @@ class MilvusLite:
         return f"test_{next(self._names)}"
 
     def drop(self, name: str) -> None:
-        from pymilvus import MilvusClient
-
-        client: Any = MilvusClient(self.uri)
-        try:
-            if client.has_collection(name):
-                client.drop_collection(name)
-        finally:
-            client.close()
+        drop_milvus_collections(self.uri, name)
 
     def close(self) -> None:
         self._keeper.close()
+
+
+def drop_milvus_collections(uri: str, prefix: str) -> None:
+    """Drops every collection and alias an index service with --milvus-collection `prefix` made."""
+    from index_service.milvus_store import MilvusCollections
+
+    collections = MilvusCollections(uri, prefix)
+    try:
+        collections.remove_everything()
+    finally:
+        collections.close()
 
 
 def start_encoder(*extra: str) -> EncoderService:

@@ -1,4 +1,9 @@
-"""The JSON API under /api/: search by upload or by id, items, thumbnails, stats, health, config.
+"""The JSON API under /api/: search by upload or by id, items, thumbnails, stats, collections, health,
+config.
+
+The data routes take a `collection` (a collection or an alias of the index service; empty or left out: the
+gateway's --collection) and answer with the collection that answered, an alias resolved. An image is
+embedded, and shown as the model sees it, by the model that fills that collection.
 
 `router` is module-level and shared by every app; each route reaches its app's settings and client
 through the dependencies in web/deps.py. Every route goes through the client's Python API (`ImageSearch`,
@@ -8,8 +13,9 @@ One limit differs per app and so is no part of a signature: k's bound, --max-k, 
 `limited_k` enforces them and `document_limits` writes them into the app's OpenAPI document, as a bound in
 the signature would have. No `from __future__ import annotations`: FastAPI reads the annotations."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import grpc
@@ -19,7 +25,16 @@ from fastapi.responses import Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel, Field
 
-from imgsearch.client import BadImage, EncoderClient, ImageSearch, IndexClient, Match, ServiceError
+from imgsearch.client import (
+    BadImage,
+    EncoderClient,
+    ImageSearch,
+    IndexClient,
+    Match,
+    ModelNotServed,
+    ServiceError,
+    Target,
+)
 from web import media
 from web.deps import MediaRoot, SearchDep, SettingsDep, require_indexing_token
 from web.errors import http_error
@@ -31,6 +46,14 @@ HEALTH_TIMEOUT_S = 2.0
 THUMBNAIL_CACHE = "max-age=300"  # a stored item's image rarely changes; the ETag catches it when it does
 GUARDED_THUMBNAIL_CACHE = "private, max-age=300"  # behind a read token: the browser may keep it, no proxy
 K_NOT_SENT = 0  # k's default in the signatures, read as "the gateway's default"; a 0 sent fails ge=1
+# A collection's name is at most 64 characters, which the index checks with the rest of its rules; one past
+# this the gateway refuses itself (422), without asking the index.
+MAX_COLLECTION_CHARS = 256
+COLLECTION_HELP = (
+    "a collection or an alias of the index service; empty or left out: the gateway's default (--collection)"
+)
+ANSWERED = "the collection that answered (an alias resolved)"
+MODEL = "the encoder model that fills the collection; empty: the encoder's default"
 
 
 class Error(BaseModel):
@@ -65,6 +88,8 @@ class ModelView(BaseModel):
 
 class UploadSearch(BaseModel):
     k: int
+    collection: str = Field(description=ANSWERED)
+    model: str = Field(description=MODEL)
     query: ModelView
     results: list[Result]
 
@@ -75,22 +100,43 @@ class IdQuery(BaseModel):
 
 class IdSearch(BaseModel):
     k: int
+    collection: str = Field(description=ANSWERED)
+    model: str = Field(description=MODEL)
     query: IdQuery
     results: list[Result]
 
 
 class Item(BaseModel):
     id: str
+    collection: str = Field(description="the collection it is stored in (an alias resolved)")
     metadata: dict[str, str] = Field(description=METADATA)
     thumbnail_url: str | None
     view: ModelView
 
 
 class Stats(BaseModel):
+    collection: str = Field(description=ANSWERED)
+    model_name: str = Field(description=MODEL)
     count: int
     dim: int
     model_version: str
     bytes_used: int
+
+
+class CollectionEntry(BaseModel):
+    name: str
+    count: int
+    dim: int = Field(description="0 until the first vector is stored")
+    model_name: str = Field(description=MODEL)
+    model_version: str
+    bytes_used: int
+    aliases: list[str] = Field(description="the aliases pointing at it")
+
+
+class Collections(BaseModel):
+    default: str = Field(description="the gateway's default (--collection): a collection or an alias")
+    collections: list[CollectionEntry] = Field(description="every collection, by name")
+    aliases: dict[str, str] = Field(description="every alias and the collection it points at, by alias")
 
 
 class ServiceHealth(BaseModel):
@@ -126,6 +172,8 @@ K = Annotated[int, Query(ge=1, description="results wanted")]
 FormK = Annotated[int, Form(ge=1, description="results wanted")]
 ItemId = Annotated[str, Query(min_length=1, description="a stored id (ids may hold any character)")]
 ThumbnailSize = Annotated[int, Query(ge=media.THUMBNAIL_SIZES[0], le=media.THUMBNAIL_SIZES[1])]
+CollectionName = Annotated[str, Query(max_length=MAX_COLLECTION_CHARS, description=COLLECTION_HELP)]
+FormCollection = Annotated[str, Form(max_length=MAX_COLLECTION_CHARS, description=COLLECTION_HELP)]
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -170,10 +218,35 @@ def document_limits(openapi: dict[str, Any], settings: Settings) -> dict[str, An
     return openapi
 
 
-def thumbnail_url(settings: Settings, item_id: str, metadata: dict[str, str]) -> str | None:
+def collection_of(settings: Settings, collection: str) -> str:
+    """The collection (or alias) a request names: the gateway's default when it names none."""
+    return collection or settings.collection
+
+
+T = TypeVar("T")
+
+
+def in_collection(search: ImageSearch, name: str, call: Callable[[Target], T]) -> T:
+    """Runs a call on the collection the name stands for and with its model, found by one Stats call: once
+    more if that collection went away meanwhile (an alias moved, then its old collection dropped), as
+    `ImageSearch.search` does. An unknown or bad name fails here: the index's NOT_FOUND, INVALID_ARGUMENT."""
+    target = search.target(name)
+    try:
+        return call(target)
+    except ServiceError as error:
+        if error.service != "index" or error.code != grpc.StatusCode.NOT_FOUND:
+            raise
+        return call(search.target(name))
+
+
+def thumbnail_url(settings: Settings, item_id: str, metadata: dict[str, str], collection: str) -> str | None:
+    """The item's thumbnail; it names the collection (as resolved) unless that is the gateway's default."""
     if settings.media_root is None or not metadata.get(media.SOURCE_KEY):
         return None
-    return f"/api/thumbnail?id={quote(item_id, safe='')}"
+    url = f"/api/thumbnail?id={quote(item_id, safe='')}"
+    if collection != settings.collection:
+        url += f"&collection={quote(collection, safe='')}"
+    return url
 
 
 def thumbnail_cache(settings: Settings) -> str:
@@ -189,13 +262,13 @@ def shown(settings: Settings, metadata: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in metadata.items() if key != media.SOURCE_KEY}
 
 
-def results(settings: Settings, matches: list[Match]) -> list[Result]:
+def results(settings: Settings, matches: list[Match], collection: str) -> list[Result]:
     return [
         Result(
             id=m.id,
             distance=m.distance,
             metadata=shown(settings, m.metadata),
-            thumbnail_url=thumbnail_url(settings, m.id, m.metadata),
+            thumbnail_url=thumbnail_url(settings, m.id, m.metadata, collection),
         )
         for m in matches
     ]
@@ -205,13 +278,16 @@ def no_view(note: str) -> ModelView:
     return ModelView(input=None, reconstruction=None, note=note)
 
 
-def model_view(search: ImageSearch, image: bytes) -> ModelView:
-    """The image's preprocessed input and reconstruction from the encoder (Reconstruct); a note instead
-    when the encoder cannot give them (a model without a decoder, an older encoder, a bad stored file)."""
+def model_view(search: ImageSearch, image: bytes, target: Target) -> ModelView:
+    """The image's preprocessed input and reconstruction by the model that fills the target collection
+    (Reconstruct); a note instead when the encoder cannot give them (a model it does not serve or without
+    a decoder, an older encoder, a bad stored file)."""
     try:
-        [view] = search.encoder.reconstruct([image])
+        [view] = search.encoder.reconstruct([image], model=target.model)
     except BadImage as error:
         return no_view(http_error(error)[1])
+    except ModelNotServed as error:
+        return no_view(model_not_served(target, error))
     except ServiceError as error:
         return no_view(str(error))
     return ModelView(
@@ -219,18 +295,27 @@ def model_view(search: ImageSearch, image: bytes) -> ModelView:
     )
 
 
-def stored_view(search: ImageSearch, root: Path | None, metadata: dict[str, str]) -> ModelView:
+def model_not_served(target: Target, error: ModelNotServed) -> str:
+    return (
+        f"the collection {target.collection!r} is filled by the model {error.model!r}, which the encoder "
+        f"does not serve ({error.details})"
+    )
+
+
+def stored_view(
+    search: ImageSearch, root: Path | None, metadata: dict[str, str], target: Target
+) -> ModelView:
     """The model's view of a stored item's image, read from the media root; a note when there is none."""
     try:
         image = media.read_source(root, metadata.get(media.SOURCE_KEY))
     except media.NoImage as missing:
         return no_view(str(missing))
-    return model_view(search, image)
+    return model_view(search, image, target)
 
 
-def stored(search: ImageSearch, item_id: str) -> tuple[str, dict[str, str]]:
-    """The stored item's id and metadata; 404 when the index has no such item."""
-    items, _ = search.index.get([item_id])
+def stored(search: ImageSearch, item_id: str, collection: str) -> tuple[str, dict[str, str]]:
+    """The stored item's id and metadata; 404 when the collection has no such item (or does not exist)."""
+    items, _ = search.index.get([item_id], collection=collection)
     if not items:
         raise HTTPException(404, f"no item with id {item_id!r}")
     return items[0].id, items[0].metadata
@@ -271,46 +356,82 @@ def health(search: ImageSearch, timeout_s: float) -> Health:
 @router.post(
     "/search",
     response_model=UploadSearch,
-    summary="Search by an uploaded image",
-    responses=_errors(400, 413, 503),
+    summary="Search by an uploaded image, embedded by the model that fills the collection",
+    responses=_errors(400, 404, 413, 502, 503),
 )
 def search_upload(
     file: Annotated[UploadFile, File(description="an image: PNG, JPEG, BMP, GIF, WebP or TIFF")],
     settings: SettingsDep,
     search: SearchDep,
     k: FormK = K_NOT_SENT,
+    collection: FormCollection = "",
 ) -> UploadSearch:
     k = limited_k(k, settings, "body")
     image = read_upload(file, settings.max_upload_bytes)
-    [matches] = search.search([image], k)  # a bad image fails here: 400 with the encoder's reason
-    return UploadSearch(k=k, query=model_view(search, image), results=results(settings, matches))
+
+    def run(target: Target) -> tuple[Target, list[Match]]:
+        embedding = search.embed([image], target)  # a bad image fails here: 400 with the encoder's reason
+        [matches] = search.index.search(
+            embedding.vectors, k, embedding.model_version, collection=target.collection
+        )
+        return target, matches
+
+    target, matches = in_collection(search, collection_of(settings, collection), run)
+    return UploadSearch(
+        k=k,
+        collection=target.collection,
+        model=target.model,
+        query=model_view(search, image, target),
+        results=results(settings, matches, target.collection),
+    )
 
 
 @router.get(
     "/search",
     response_model=IdSearch,
     summary="More like a stored item (SearchById; the item itself is left out)",
-    responses=_errors(404, 503),
+    responses=_errors(400, 404, 503),
 )
-def search_by_id(id: ItemId, settings: SettingsDep, search: SearchDep, k: K = K_NOT_SENT) -> IdSearch:
+def search_by_id(
+    id: ItemId,
+    settings: SettingsDep,
+    search: SearchDep,
+    k: K = K_NOT_SENT,
+    collection: CollectionName = "",
+) -> IdSearch:
     k = limited_k(k, settings, "query")
-    [matches] = search.search_by_id([id], k)
-    return IdSearch(k=k, query=IdQuery(id=id), results=results(settings, matches))
+    target = search.target(collection_of(settings, collection))  # for the name that answered
+    [matches] = search.search_by_id([id], k, collection=target.collection)
+    return IdSearch(
+        k=k,
+        collection=target.collection,
+        model=target.model,
+        query=IdQuery(id=id),
+        results=results(settings, matches, target.collection),
+    )
 
 
 @router.get(
     "/items",
     response_model=Item,
     summary="A stored item, with its image as the model sees it",
-    responses=_errors(404, 503),
+    responses=_errors(400, 404, 503),
 )
-def get_item(id: ItemId, settings: SettingsDep, root: MediaRoot, search: SearchDep) -> Item:
-    item_id, metadata = stored(search, id)
+def get_item(
+    id: ItemId,
+    settings: SettingsDep,
+    root: MediaRoot,
+    search: SearchDep,
+    collection: CollectionName = "",
+) -> Item:
+    target = search.target(collection_of(settings, collection))
+    item_id, metadata = stored(search, id, target.collection)
     return Item(
         id=item_id,
+        collection=target.collection,
         metadata=shown(settings, metadata),
-        thumbnail_url=thumbnail_url(settings, item_id, metadata),
-        view=stored_view(search, root, metadata),
+        thumbnail_url=thumbnail_url(settings, item_id, metadata, target.collection),
+        view=stored_view(search, root, metadata, target),
     )
 
 
@@ -318,8 +439,8 @@ def get_item(id: ItemId, settings: SettingsDep, root: MediaRoot, search: SearchD
     "/items",
     response_model=Added,
     status_code=201,
-    summary="Add an uploaded image to the index (only with --allow-indexing and the token)",
-    responses=_errors(400, 401, 403, 413, 503),
+    summary="Add an uploaded image to a collection (only with --allow-indexing and the token)",
+    responses=_errors(400, 401, 403, 404, 413, 502, 503),
     dependencies=[Depends(require_indexing_token)],
 )
 def add_item(
@@ -328,16 +449,18 @@ def add_item(
     settings: SettingsDep,
     search: SearchDep,
     label: Annotated[str, Form(description="the metadata `label`")] = "",
+    collection: FormCollection = "",
 ) -> Added:
     image = read_upload(file, settings.max_upload_bytes)
-    count = search.add([id], [image], [{"label": label}] if label else [{}])
+    metadata = [{"label": label}] if label else [{}]
+    count = search.add([id], [image], metadata, collection=collection_of(settings, collection))
     return Added(id=id, count=count)
 
 
 @router.get(
     "/thumbnail",
     summary="A stored item's image, downscaled (PNG)",
-    responses={200: {"content": {"image/png": {}}}, **_errors(404, 503)},
+    responses={200: {"content": {"image/png": {}}}, **_errors(400, 404, 503)},
     response_class=Response,
 )
 def get_thumbnail(
@@ -347,8 +470,9 @@ def get_thumbnail(
     root: MediaRoot,
     search: SearchDep,
     size: ThumbnailSize = media.DEFAULT_THUMBNAIL_SIZE,
+    collection: CollectionName = "",
 ) -> Response:
-    _, metadata = stored(search, id)
+    _, metadata = stored(search, id, collection_of(settings, collection))
     data, etag = media.thumbnail(media.resolve_source(root, metadata.get(media.SOURCE_KEY)), size)
     headers = {"ETag": etag, "Cache-Control": thumbnail_cache(settings)}
     if request.headers.get("if-none-match") == etag:
@@ -356,9 +480,39 @@ def get_thumbnail(
     return Response(data, media_type="image/png", headers=headers)
 
 
-@router.get("/stats", response_model=Stats, summary="The collection: count, dim, model version")
-def stats(search: SearchDep) -> Stats:
-    return Stats.model_validate(search.index.stats(), from_attributes=True)
+@router.get(
+    "/stats",
+    response_model=Stats,
+    summary="A collection: count, dim, model and model version",
+    responses=_errors(400, 404, 503),
+)
+def stats(settings: SettingsDep, search: SearchDep, collection: CollectionName = "") -> Stats:
+    name = collection_of(settings, collection)
+    found = search.index.stats(collection=name)
+    return Stats(
+        collection=found.collection or name,
+        model_name=found.model_name,
+        count=found.count,
+        dim=found.dim,
+        model_version=found.model_version,
+        bytes_used=found.bytes_used,
+    )
+
+
+@router.get(
+    "/collections",
+    response_model=Collections,
+    summary="The index service's collections, with their models and aliases, and the gateway's default",
+    responses=_errors(503),
+)
+def collections(settings: SettingsDep, search: SearchDep) -> Collections:
+    found = search.index.list_collections()  # one call: the aliases as each collection lists them
+    aliases = {alias: c.name for c in found for alias in c.aliases}
+    return Collections(
+        default=settings.collection,
+        collections=[CollectionEntry.model_validate(c, from_attributes=True) for c in found],
+        aliases=dict(sorted(aliases.items())),
+    )
 
 
 @router.get(

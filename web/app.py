@@ -140,6 +140,7 @@ def connect(settings: Settings) -> ImageSearch:
         settings.timeout_s,
         tls_ca=settings.tls_ca,
         token=settings.token.value if settings.token else None,
+        collection=settings.collection,
     )
 
 

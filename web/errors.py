@@ -6,7 +6,7 @@ import re
 
 import grpc
 
-from imgsearch.client import BadImage, ServiceError
+from imgsearch.client import BadImage, ModelNotServed, ServiceError
 
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -21,6 +21,8 @@ def http_error(error: ServiceError) -> tuple[int, str]:
     """Returns (HTTP status, message) for a failed call to the encoder or the index."""
     if isinstance(error, BadImage):  # the uploaded file: one image per request, so no position needed
         return 400, f"not an image the encoder can use: {_POSITION.sub('', error.details)}"
+    if isinstance(error, ModelNotServed):  # the deployment's fault, not the request's: the collection exists
+        return 502, error.details  # names the collection and the model (ImageSearch.embed)
     code = error.code
     if code in _UNAVAILABLE:
         return 503, f"{error}; try again once it is back"

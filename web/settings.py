@@ -12,6 +12,7 @@ from imgsearch.client import DEFAULT_ENCODER, DEFAULT_INDEX
 from imgsearch.flags import Entry, Flag, SecretFlag, add_flags, secret
 
 DEFAULT_PORT = 8080
+DEFAULT_COLLECTION = "default"  # the index service's own default collection
 DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_K = 100
 DEFAULT_TIMEOUT_S = 10.0
@@ -37,6 +38,8 @@ READ_TOKEN_COOKIE = "imgsearch_read_token"  # the page keeps the read token here
 class Settings:
     encoder: str = DEFAULT_ENCODER
     index: str = DEFAULT_INDEX
+    # The collection (or alias) of a request that names none; the index service says whether it exists.
+    collection: str = DEFAULT_COLLECTION
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     media_root: Path | None = None  # resolved; thumbnails and item views read only below it
@@ -76,6 +79,8 @@ class Settings:
             raise ValueError(
                 "--read-token must differ from the indexing token (--token): whoever may read could write"
             )
+        if not self.collection:
+            raise ValueError("--collection must name a collection or an alias (default: default)")
         if self.max_upload_bytes < 1:
             raise ValueError(f"--max-upload-bytes must be positive, got {self.max_upload_bytes}")
         if self.max_k < 1:
@@ -93,7 +98,8 @@ class Settings:
     def summary(self) -> str:
         """One line for the log: everything but the token's value."""
         return (
-            f"encoder {self.encoder}, index {self.index}, media root {self.media_root or '-'}, "
+            f"encoder {self.encoder}, index {self.index}, collection {self.collection}, "
+            f"media root {self.media_root or '-'}, "
             f"max upload {self.max_upload_bytes} bytes, max k {self.max_k}, "
             f"TLS {'on' if self.tls_ca else 'off'}, token {'set' if self.token else 'none'}, "
             f"indexing {'on' if self.allow_indexing else 'off'}, "
@@ -131,6 +137,13 @@ WEB_FLAGS: list[Entry] = [
     Flag("--port", "port", "IMGSEARCH_WEB_PORT", DEFAULT_PORT, int),
     replace(client_flags.ENCODER, help="encoder address, as the CLI takes it"),
     client_flags.INDEX,
+    Flag(
+        "--collection",
+        "the collection (or alias) of the index service that searches use when a request names none; "
+        "the page offers every collection, this one first",
+        "IMGSEARCH_COLLECTION",
+        DEFAULT_COLLECTION,
+    ),
     Flag(
         "--media-root",
         "folder of the stored images: thumbnails and item views read an item's `source` path only inside it",
@@ -254,6 +267,7 @@ def parse_settings(argv: Sequence[str] | None = None, prog: str = "python -m web
         return Settings(
             encoder=args.encoder,
             index=args.index,
+            collection=args.collection or DEFAULT_COLLECTION,
             host=args.host,
             port=args.port,
             media_root=media_root,

@@ -111,7 +111,12 @@ def test_encoder_metrics_count_the_calls(encoder: EncoderService, encoder_client
     assert value(samples, f"{batch}_bucket", le="8.0") == 3
     assert value(samples, encoder_metrics.ENCODER_IMAGES) == 15
     assert labels_of(samples, encoder_metrics.MODEL_INFO) == [
-        {"model_version": info["model_version"], "runtime": "litert", "replica": info["replica"]}
+        {
+            "model": "default",
+            "model_version": info["model_version"],
+            "runtime": "litert",
+            "replica": info["replica"],
+        }
     ]
     assert (
         value(samples, encoder_metrics.MODEL_INFO, **labels_of(samples, encoder_metrics.MODEL_INFO)[0]) == 1

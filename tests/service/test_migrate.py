@@ -142,7 +142,7 @@ def test_refuses_the_source_itself(source: IndexService, capsys: pytest.CaptureF
     ):
         code, out, err = imgsearch(capsys, "--index", address(source), "migrate", "--to", same)
         assert code == 2 and not out
-        assert "is the index being migrated" in err and "another index service" in err
+        assert "is the collection being migrated" in err and "another index service" in err
         assert len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit, match="--to needs the address"):  # not taken for IMGSEARCH_INDEX
         main(["--index", address(source), "migrate", "--to", " "])
@@ -238,9 +238,11 @@ class FlakySource(IndexClient):
 
     scans = 0
 
-    def scan(self, page_size: int = 0, with_vectors: bool = False) -> Iterator[ScanPage]:
+    def scan(
+        self, page_size: int = 0, with_vectors: bool = False, *, collection: str | None = None
+    ) -> Iterator[ScanPage]:
         self.scans += 1
-        pages = super().scan(page_size, with_vectors)
+        pages = super().scan(page_size, with_vectors, collection=collection)
         if self.scans > 1:
             return pages
         return self._broken(pages)
@@ -291,8 +293,8 @@ class BlindTarget(IndexClient):
     """A target whose stats say it is empty: as if another model's vectors were written to it after the
     check."""
 
-    def stats(self) -> IndexStats:
-        return IndexStats(0, 0, "", 0)
+    def stats(self, *, collection: str | None = None) -> IndexStats:
+        return IndexStats(0, 0, "", 0, "default")
 
 
 def test_a_target_that_refuses_the_vectors_part_way_gets_one_clear_line(

@@ -92,16 +92,20 @@ def test_reindex_embeds_every_item_again_into_a_fresh_index(
         search.search([png.read_bytes()])
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     for words in (
-        "new, empty data dir",
-        "`imgsearch reindex --to HOST:PORT`",
+        "create a collection for the new model",
+        "`imgsearch reindex --collection OLD --to-collection NEW`",
         "`source` path",
-        "current encoder",
+        "point an alias at it",
     ):
         assert words in str(refused.value)
     code, _, err = imgsearch(
         capsys, "--encoder", encoder_address, "--index", address(source), "index", str(png)
     )
-    assert code == 2 and "FAILED_PRECONDITION" in err and "`imgsearch reindex --to HOST:PORT`" in err
+    assert (
+        code == 2
+        and "FAILED_PRECONDITION" in err
+        and "`imgsearch reindex --collection OLD --to-collection NEW`" in err
+    )
 
     target = start_index(tmp_path / "target")
     try:
@@ -112,8 +116,8 @@ def test_reindex_embeds_every_item_again_into_a_fresh_index(
         assert "reindexing" in err and "43/43" in err  # the progress bar
         lines = out.strip().splitlines()
         assert (
-            lines[-1]
-            == f"reindexed {COUNT} of {COUNT + 3} items into {to} (model version {version}); skipped 3"
+            lines[-1] == f"reindexed {COUNT} of {COUNT + 3} items into {to}, collection 'default' "
+            f"(model version {version}); skipped 3"
         )
         assert "  no-source: no `source` path in its metadata" in lines
         assert any(line.startswith("  gone.png: cannot read") and "gone.png)" in line for line in lines)
@@ -153,7 +157,7 @@ def test_reindex_refuses_the_source_itself_and_another_models_index(
     for same in (address(source), f"localhost:{source.server.port}"):
         code, out, err = imgsearch(capsys, *base, "--to", same, "--no-progress")
         assert code == 2 and not out
-        assert "is the index being reindexed" in err and "new, empty data dir" in err
+        assert "is the collection being reindexed" in err and "--to-collection a new collection" in err
 
     other = start_index(tmp_path / "other")
     try:
@@ -161,7 +165,7 @@ def test_reindex_refuses_the_source_itself_and_another_models_index(
             client.upsert(["kept"], np.ones((1, 128), np.float32), [{"label": "1"}], "another-model")
         code, out, err = imgsearch(capsys, *base, "--to", address(other), "--no-progress")
         assert code == 2 and not out and "Traceback" not in err
-        assert "holds 1 vector of model version 'another-model'" in err and "new, empty data dir" in err
+        assert "holds 1 vector of model version 'another-model'" in err and "a new, empty collection" in err
         with closing(IndexClient(address(other))) as client:
             assert client.stats().count == 1  # nothing was written
     finally:

@@ -370,3 +370,85 @@ def test_long_ids_and_labels_keep_to_their_card(tmp_path: Path) -> None:
             assert not errors, f"errors on the page: {errors}"
         finally:
             browser.close()
+
+
+PICKER_DIGITS = 20
+PICKER_CLOTHES = 4
+
+
+def test_the_collection_picker_lists_the_collections_and_keeps_the_pick_in_the_url(tmp_path: Path) -> None:
+    """Two collections (digits in `default`, a few other images in `clothes`, filled by the model `fashion`)
+    and an alias: the picker lists them all, the alias as `live → clothes`; picking one puts it in the URL,
+    a search answers from it (the reply's collection shown), and a reload of that URL keeps it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    media = tmp_path / "media"
+    write_digits(media / "digits", PICKER_DIGITS)
+    clothes = []
+    for n, pixels in enumerate(mnist_sample(PICKER_CLOTHES, QUERY + 10)[0]):
+        path = media / "clothes" / f"{n}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png(pixels))
+        clothes.append(path)
+    errors: list[str] = []
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    encoder, index = start_encoder("--models", "default,fashion"), start_index(tmp_path / "index")
+    search = ImageSearch(address(encoder), address(index), 30)
+    try:
+        index_folder(search, media / "digits")
+        search.index.create_collection("clothes", "fashion")
+        search.add(
+            [f"clothes/{p.name}" for p in clothes],
+            [p.read_bytes() for p in clothes],
+            [{"label": "garment", "source": str(p)} for p in clothes],
+            collection="clothes",
+        )
+        search.index.set_alias("live", "clothes")
+        settings = Settings(encoder=address(encoder), index=address(index), media_root=media.resolve())
+        with Gateway(settings) as gateway, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 760})
+                page.set_default_timeout(TIMEOUT_MS)
+                expect.set_options(timeout=TIMEOUT_MS)
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(gateway.url)
+                expect(page.locator("body")).to_have_attribute("data-ready", "1")
+                picker = page.locator("#collection")
+                assert picker.locator("option").all_text_contents() == [
+                    f"clothes (fashion, {PICKER_CLOTHES} images)",
+                    f"default (default, {PICKER_DIGITS} images)",
+                    "live → clothes",
+                ]
+                expect(picker).to_have_value("default")
+                expect(page.locator("#stats")).to_contain_text(f"default · {PICKER_DIGITS} images")
+
+                page.select_option("#collection", "clothes")
+                page.wait_for_url("**/?collection=clothes")
+                expect(page.locator("#stats")).to_contain_text(f"clothes · {PICKER_CLOTHES} images")
+                page.set_input_files("#file", str(clothes[1]))
+                cards = page.locator("#results .card")
+                expect(cards).to_have_count(PICKER_CLOTHES)
+                expect(cards.first.locator(".id")).to_have_text("clothes/1.png")
+                answered = page.locator("#results-collection")
+                expect(answered).to_have_text("answered by the collection clothes · model fashion")
+
+                page.reload()  # the link keeps the collection
+                expect(page.locator("body")).to_have_attribute("data-ready", "1")
+                expect(picker).to_have_value("clothes")
+                page.select_option("#collection", "live")
+                page.wait_for_url("**/?collection=live")
+                page.set_input_files("#file", str(clothes[2]))
+                expect(cards.first.locator(".id")).to_have_text("clothes/2.png")
+                expect(answered).to_contain_text("answered by the collection clothes (through live)")
+                page.select_option("#collection", "default")  # the upload runs again, in the digits
+                page.wait_for_url("**/?collection=default")
+                expect(answered).to_contain_text("answered by the collection default · model default")
+                expect(cards).to_have_count(10)
+                assert not errors, f"errors on the page: {errors}"
+            finally:
+                browser.close()
+    finally:
+        search.close()
+        index.stop(0)
+        encoder.stop(0)

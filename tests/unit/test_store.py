@@ -11,8 +11,13 @@ import pytest
 
 from index_service.faiss_store import VectorStore
 from index_service.snapshot import SnapshotError, newest_valid_snapshot, read_snapshot, write_snapshot
-from index_service.store import FailedPrecondition, InvalidArgument, NotFound
+from index_service.store import CatalogState, FailedPrecondition, InvalidArgument, NotFound, StoreState
 from tests.support import brute_force
+
+
+def alone(state: StoreState) -> CatalogState:
+    """A store's state as a snapshot holds it: the collection `default`."""
+    return CatalogState({"default": state}, {}, state.lsn)
 
 
 def filled(count: int, dim: int, seed: int = 0) -> tuple[VectorStore, np.ndarray, list[str]]:
@@ -143,8 +148,8 @@ def test_empty_index_searches_to_nothing_and_takes_any_model() -> None:
 def test_snapshot_round_trip_and_damage(tmp_path: Path) -> None:
     store, vectors, _ = filled(500, 16)
     store.upsert(["ünïcode/ключ"], np.ones((1, 16), np.float32), [{"label": "ß"}], "v1")
-    path = write_snapshot(store.state(), tmp_path)
-    restored = VectorStore(read_snapshot(path))
+    path = write_snapshot(alone(store.state()), tmp_path)
+    restored = VectorStore(read_snapshot(path).collections["default"])
     assert restored.stats() == store.stats()
     queries = vectors[:10]
     assert restored.search(queries, 7) == store.search(queries, 7)
@@ -163,13 +168,13 @@ def test_a_damaged_snapshot_falls_back_to_the_previous_one(tmp_path: Path) -> No
     store, _, _ = filled(50, 4)
     older = store.state()
     older.lsn = 10
-    write_snapshot(older, tmp_path)
+    write_snapshot(alone(older), tmp_path)
     newer = store.state()
     newer.lsn = 20
-    path = write_snapshot(newer, tmp_path)
+    path = write_snapshot(alone(newer), tmp_path)
     path.write_bytes(path.read_bytes()[:-10])
     state = newest_valid_snapshot(tmp_path)
-    assert state is not None and state.lsn == 10 and len(state.ids) == 50
+    assert state is not None and state.lsn == 10 and len(state.collections["default"].ids) == 50
 
 
 def test_searches_never_see_half_a_batch() -> None:

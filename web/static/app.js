@@ -14,6 +14,9 @@
     queryView: null, // the current query's {input, reconstruction}
     items: new Map(), // id -> promise of /api/items (the model's view of a result), per result list
     selected: null,
+    collections: null, // /api/collections: {default, collections, aliases}, once loaded
+    answered: "", // the collection the shown results came from (an alias resolved): their items' views
+    hint: "", // the results' first hint, shown again when the collection changes
   };
 
   class ApiError extends Error {
@@ -140,15 +143,22 @@
       showStatus("");
     }
     if (health.index && health.index.ok) {
+      if (!state.collections) await loadCollections(); // the index was down when the page opened
+      const collection = picked();
       try {
-        const stats = await api("/api/stats");
-        const model = stats.model_version ? stats.model_version.slice(0, 12) : "–";
+        const stats = await api(inCollection("/api/stats", collection));
+        if (picked() !== collection) return !down.length; // another one was picked meanwhile
+        if (state.collections) $("collection-note").textContent = "";
+        const version = stats.model_version ? stats.model_version.slice(0, 12) : "–";
+        const model = stats.model_name ? `${stats.model_name} ${version}` : version;
         $("stats").textContent =
-          `${stats.count.toLocaleString()} ${stats.count === 1 ? "image" : "images"} · ` +
-          `${stats.dim}-d · model ${model}`;
-        $("stats").title = `model version ${stats.model_version || "none yet"}`;
+          `${stats.collection} · ${plural(stats.count, "image", "images")} · ${stats.dim}-d · model ${model}`;
+        $("stats").title =
+          `collection ${stats.collection}, model ${stats.model_name || "the encoder's default"}, ` +
+          `model version ${stats.model_version || "none yet"}`;
       } catch (error) {
         $("stats").textContent = "";
+        if (error.status === 400 || error.status === 404) $("collection-note").textContent = error.message;
       }
     } else {
       $("stats").textContent = "collection unavailable";
@@ -166,6 +176,117 @@
 
   function k() {
     return Number($("k").value) || state.config.default_k;
+  }
+
+  // The collection: picked in #collection, kept in the address (?collection=NAME) so that a link keeps
+  // it. "" is the gateway's default (--collection); the gateway says whether a name exists.
+  const COLLECTION_PARAM = "collection";
+
+  function picked() {
+    return $("collection").value || "";
+  }
+
+  function inCollection(path, collection) {
+    if (!collection) return path;
+    return `${path}${path.includes("?") ? "&" : "?"}collection=${encodeURIComponent(collection)}`;
+  }
+
+  function addressCollection() {
+    return new URLSearchParams(window.location.search).get(COLLECTION_PARAM) || "";
+  }
+
+  function keepInAddress(collection) {
+    const url = new URL(window.location.href);
+    if (collection) url.searchParams.set(COLLECTION_PARAM, collection);
+    else url.searchParams.delete(COLLECTION_PARAM);
+    window.history.replaceState(null, "", url.href);
+  }
+
+  function plural(count, one, many) {
+    return `${count.toLocaleString()} ${count === 1 ? one : many}`;
+  }
+
+  function option(value, text, title) {
+    const node = el("option", "", text);
+    node.value = value;
+    if (title) node.title = title;
+    return node;
+  }
+
+  // The picker: every collection (name, model, count) and every alias ("live → clothes-v2"), the one in
+  // the address chosen, else the gateway's default. A name in the address that the index does not know
+  // stays chosen, so its searches say so.
+  function fillCollections(found, wanted) {
+    const select = $("collection");
+    const groups = [];
+    const names = new Set();
+    if (found) {
+      const collections = el("optgroup");
+      collections.label = "Collections";
+      for (const c of found.collections) {
+        const model = c.model_name || "default model";
+        const text = `${c.name} (${model}, ${plural(c.count, "image", "images")})`;
+        collections.append(option(c.name, text, `collection ${c.name}`));
+        names.add(c.name);
+      }
+      groups.push(collections);
+      const aliases = Object.entries(found.aliases);
+      if (aliases.length) {
+        const group = el("optgroup");
+        group.label = "Aliases";
+        for (const [alias, target] of aliases) {
+          group.append(option(alias, `${alias} → ${target}`, `alias ${alias} of the collection ${target}`));
+          names.add(alias);
+        }
+        groups.push(group);
+      }
+    }
+    const chosen = wanted || (found ? found.default : "");
+    if (!names.has(chosen)) {
+      const text = chosen || "the gateway's default";
+      const unlisted = found ? `${text} (not listed)` : text;
+      groups.unshift(option(chosen, unlisted, "not among the index's collections"));
+    }
+    select.replaceChildren(...groups);
+    select.value = chosen;
+  }
+
+  async function loadCollections() {
+    const wanted = picked() || addressCollection();
+    try {
+      state.collections = await api("/api/collections");
+      $("collection-note").textContent = "";
+    } catch (error) {
+      $("collection-note").textContent = `collections unavailable: ${error.message}`;
+    }
+    fillCollections(state.collections, wanted);
+  }
+
+  function showAnswered(reply) {
+    state.answered = reply.collection;
+    const through = picked() && picked() !== reply.collection ? ` (through ${picked()})` : "";
+    const model = reply.model ? ` · model ${reply.model}` : "";
+    const box = $("results-collection");
+    box.textContent = `answered by the collection ${reply.collection}${through}${model}`;
+    box.hidden = false;
+  }
+
+  function clearResults() {
+    state.last = null;
+    state.answered = "";
+    renderResults([], "Results", state.hint);
+    $("results-collection").hidden = true;
+    $("query-panel").hidden = true;
+  }
+
+  function setUpCollections() {
+    $("collection").addEventListener("change", () => {
+      keepInAddress(picked());
+      const last = state.last;
+      if (last && last.kind === "upload") rerun();
+      else clearResults(); // an id belongs to its collection
+      refreshStatus();
+    });
   }
 
   // Results: a grid of thumbnails with id, label and distance.
@@ -186,7 +307,7 @@
     } else {
       open.append(el("span", "thumb placeholder", "no image"));
     }
-    open.addEventListener("click", () => searchById(result.id));
+    open.addEventListener("click", () => searchById(result.id, state.answered));
 
     // One line each, cut with an ellipsis (style.css), the whole text in the tooltip: a long label or id
     // never runs into the distance, nor makes its card taller than the others.
@@ -219,7 +340,7 @@
 
   function itemView(id) {
     if (!state.items.has(id)) {
-      const pending = api(`/api/items?id=${encodeURIComponent(id)}`);
+      const pending = api(inCollection(`/api/items?id=${encodeURIComponent(id)}`, state.answered));
       pending.catch(() => state.items.delete(id));
       state.items.set(id, pending);
     }
@@ -269,14 +390,18 @@
       return;
     }
     state.last = { kind: "upload", blob, name, preview };
+    const collection = picked();
     const form = new FormData();
     form.append("file", blob, name);
     form.append("k", String(k()));
+    if (collection) form.append("collection", collection);
     setBusy(true);
     try {
       const reply = await api("/api/search", { method: "POST", body: form });
+      if (picked() !== collection) return; // another collection was picked meanwhile: its search runs
       if ($("status").classList.contains("error")) showStatus("");
       showQuery(name === "drawing.png" ? "Your drawing" : "Your image", preview, reply.query);
+      showAnswered(reply);
       renderResults(reply.results, "Most similar", "No results: the collection is empty.");
     } catch (error) {
       handleError(error);
@@ -285,17 +410,19 @@
     }
   }
 
-  // More like this: SearchById, the stored item left out.
-  async function searchById(id) {
-    state.last = { kind: "id", id };
+  // More like this: SearchById, the stored item left out, in the collection its result came from.
+  async function searchById(id, collection) {
+    state.last = { kind: "id", id, collection };
     setBusy(true);
     try {
-      const reply = await api(`/api/search?id=${encodeURIComponent(id)}&k=${k()}`);
+      const reply = await api(inCollection(`/api/search?id=${encodeURIComponent(id)}&k=${k()}`, collection));
+      if (!state.last || state.last.kind !== "id" || state.last.id !== id) return;
       if ($("status").classList.contains("error")) showStatus("");
+      showAnswered(reply);
       renderResults(reply.results, `More like ${id}`, "No other images in the collection.");
       showQuery(`More like ${id}`, null, null);
       const item = await itemView(id);
-      if (state.last.kind !== "id" || state.last.id !== id) return;
+      if (!state.last || state.last.kind !== "id" || state.last.id !== id) return;
       showQuery(`More like ${id}`, item.thumbnail_url, item.view);
       window.scrollTo({ top: 0, behavior: "smooth" });
     } catch (error) {
@@ -308,7 +435,7 @@
   function rerun() {
     const last = state.last;
     if (!last) return;
-    if (last.kind === "id") searchById(last.id);
+    if (last.kind === "id") searchById(last.id, last.collection);
     else searchUpload(last.blob, last.name, last.preview);
   }
 
@@ -448,6 +575,8 @@
       form.append("file", file, file.name);
       form.append("id", $("add-id").value);
       form.append("label", $("add-label").value);
+      const collection = picked();
+      if (collection) form.append("collection", collection);
       $("add-result").textContent = "adding…";
       try {
         const reply = await api("/api/items", {
@@ -455,8 +584,9 @@
           body: form,
           headers: { Authorization: `Bearer ${$("add-token").value}` },
         });
-        $("add-result").textContent = `added ${reply.id}; the index holds ${reply.count}`;
-        refreshStatus();
+        const where = collection ? `the collection ${collection}` : "the collection";
+        $("add-result").textContent = `added ${reply.id}; ${where} holds ${reply.count}`;
+        loadCollections().then(refreshStatus);
       } catch (error) {
         $("add-result").textContent = error.message;
       }
@@ -470,6 +600,9 @@
     } catch (error) {
       showStatus(error.message);
     }
+    state.hint = $("results-hint").textContent;
+    await loadCollections();
+    setUpCollections();
     setUpK();
     setUpUpload();
     setUpCanvas();
