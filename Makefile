@@ -51,8 +51,8 @@ browser:
 test: setup ## run the whole test suite: unit, service and system tiers (about 5 minutes on 2 cores)
 	$(PY) -m pytest -q
 
-test-fast: setup ## the fast loop for edits: the unit and service tiers, 4 workers (under a minute)
-	$(PY) -m pytest -q -n 4 tests/unit tests/service
+test-fast: setup ## the fast loop for edits: the unit and service tiers, 4 workers, no Milvus server (about a minute)
+	IMGSEARCH_FAST_TESTS=1 $(PY) -m pytest -q -n 4 tests/unit tests/service
 
 lint: setup ## ruff (lint and format check) and mypy
 	$(VENV)/bin/ruff check .

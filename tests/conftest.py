@@ -16,7 +16,7 @@ import pytest
 
 from imgsearch.client import IndexClient
 from index_service.service import IndexService
-from tests.support import MilvusLite, connect, drop_milvus_collections, serve, start_index
+from tests.support import FAST, MilvusLite, connect, drop_milvus_collections, serve, start_index
 from tools.milvus_server import MilvusServer
 
 
@@ -29,7 +29,11 @@ def milvus_lite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusLite
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MilvusServer]:
-    """One Milvus server for the session (each xdist worker starts its own, on its own ports)."""
+    """One Milvus server for the session (each xdist worker starts its own, on its own ports). The fast loop
+    (`make test-fast`, IMGSEARCH_FAST_TESTS=1) leaves the server's tests to `make test`: each of its four
+    workers would start a server of its own."""
+    if FAST:
+        pytest.skip("the Milvus server runs in `make test`, not in the fast loop (IMGSEARCH_FAST_TESTS)")
     server = MilvusServer(tmp_path_factory.mktemp("milvus-server"))
     try:
         yield server.start()

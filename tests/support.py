@@ -8,6 +8,7 @@ import importlib.util
 import io
 import itertools
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -97,6 +98,9 @@ MILVUS_SERVER_SKIP = pytest.mark.skipif(
     "server), which are not installed: pip install -c constraints.txt -e '.[milvus,dev]'",
 )
 
+
+# `make test-fast` (IMGSEARCH_FAST_TESTS=1): the quick loop for edits; the slowest parts wait for `make test`.
+FAST = os.environ.get("IMGSEARCH_FAST_TESTS", "") not in ("", "0")
 
 # The index backends the behaviour tests run on: FAISS, Milvus Lite (a local file) and a Milvus server.
 BACKENDS = [
