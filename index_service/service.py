@@ -44,6 +44,7 @@ class IndexConfig:
     milvus_timeout_s: float = 10.0
     max_results: int = 100_000
     when_locked: str = "exit"
+    max_collections: int = 1000
 
 
 INDEX_FLAGS = [
@@ -105,6 +106,14 @@ INDEX_FLAGS = [
         int,
     ),
     Flag(
+        "--max-collections",
+        "most collections one index holds, and most aliases: a CreateCollection or a new alias past it is "
+        "refused with RESOURCE_EXHAUSTED",
+        "IMGSEARCH_INDEX_MAX_COLLECTIONS",
+        1000,
+        int,
+    ),
+    Flag(
         "--snapshot-every-ops",
         "snapshot after this many logged writes",
         "IMGSEARCH_SNAPSHOT_EVERY_OPS",
@@ -132,12 +141,12 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         own=INDEX_FLAGS,
     )
     args = parser.parse_args(argv)
-    if min(args.max_k, args.max_batch, args.max_results, args.snapshot_every_ops) < 1 or (
-        args.snapshot_every_s <= 0
-    ):
+    if min(
+        args.max_k, args.max_batch, args.max_results, args.max_collections, args.snapshot_every_ops
+    ) < 1 or (args.snapshot_every_s <= 0):
         parser.error(
-            "--max-k, --max-batch, --max-results, --snapshot-every-ops and --snapshot-every-s "
-            "must be positive"
+            "--max-k, --max-batch, --max-results, --max-collections, --snapshot-every-ops and "
+            "--snapshot-every-s must be positive"
         )
     if args.milvus_timeout_s <= 0:
         parser.error("--milvus-timeout-s must be positive")
@@ -156,6 +165,7 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         args.milvus_timeout_s,
         args.max_results,
         args.when_locked,
+        args.max_collections,
     )
 
 
@@ -220,7 +230,11 @@ class IndexService:
                 raise SystemExit(f"index_service: {error}") from error
             self.collections = self.durable.catalog
         servicer = IndexServicer(
-            self.collections, config.max_batch, config.server.max_message_bytes, config.max_results
+            self.collections,
+            config.max_batch,
+            config.server.max_message_bytes,
+            config.max_results,
+            config.max_collections,
         )
         service = index_pb2.DESCRIPTOR.services_by_name["Index"]
         try:

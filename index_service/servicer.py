@@ -126,8 +126,10 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         max_batch: int,
         max_message_bytes: int = 64 * 1024 * 1024,
         max_results: int = 100_000,
+        max_collections: int = 1000,
     ) -> None:
         self.collections = collections
+        self.max_collections = max_collections
         self.max_batch = max_batch
         self.max_message_bytes = max_message_bytes
         self.max_results = max_results
@@ -283,6 +285,13 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     def CreateCollection(
         self, request: index_pb2.CreateCollectionRequest, context: grpc.ServicerContext
     ) -> index_pb2.CreateCollectionResponse:
+        held = len(self.collections.collections())
+        if held >= self.max_collections:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the index holds {held} collections, its limit (--max-collections {self.max_collections}); "
+                "drop one first",
+            )
         info = self.collections.create(request.name, request.model_name)
         return index_pb2.CreateCollectionResponse(collection=_collection(info))
 
@@ -304,6 +313,13 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
     def SetAlias(
         self, request: index_pb2.SetAliasRequest, context: grpc.ServicerContext
     ) -> index_pb2.SetAliasResponse:
+        aliases = self.collections.aliases()
+        if request.alias not in aliases and len(aliases) >= self.max_collections:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the index holds {len(aliases)} aliases, its limit (--max-collections {self.max_collections}); "
+                "drop one first",
+            )
         return index_pb2.SetAliasResponse(
             previous=self.collections.set_alias(request.alias, request.collection)
         )

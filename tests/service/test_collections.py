@@ -307,3 +307,21 @@ def test_eval_show_and_migrate_take_a_collection(
         assert (stats.count, stats.model_name) == (200, "fashion")
     finally:
         other.stop(0)
+
+
+def test_collections_and_aliases_are_bounded(tmp_path: Path) -> None:
+    service = start_index(tmp_path / "small", "--max-collections", "3")
+    try:
+        with closing(IndexClient(address(service))) as index:
+            index.create_collection("one")
+            index.create_collection("two")  # with default, three
+            with pytest.raises(ServiceError, match=r"--max-collections 3") as refused:
+                index.create_collection("three")
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for alias in ("a", "b", "c"):
+                index.set_alias(alias, "one")
+            index.set_alias("c", "two")  # moving one is not a new one
+            assert code_of(lambda: index.set_alias("d", "one")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [c.name for c in index.list_collections()] == ["default", "one", "two"]
+    finally:
+        service.stop(0)
