@@ -317,8 +317,8 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         if request.alias not in aliases and len(aliases) >= self.max_collections:
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the index holds {len(aliases)} aliases, its limit (--max-collections {self.max_collections}); "
-                "drop one first",
+                f"the index holds {len(aliases)} aliases, its limit (--max-collections "
+                f"{self.max_collections}); drop one first",
             )
         return index_pb2.SetAliasResponse(
             previous=self.collections.set_alias(request.alias, request.collection)
