@@ -19,7 +19,12 @@ Command = Callable[..., argparse.ArgumentParser]
 def cmd_collections_create(search: ImageSearch, args: argparse.Namespace) -> int:
     served = _served_models(search)
     created = search.index.create_collection(args.name, args.model)
-    print(f"created the collection {created.name!r}, filled by the model {args.model or 'default'!r}")
+    filled = (
+        f"filled by the model {args.model!r}"
+        if args.model
+        else "filled by the model its first vectors come from (the encoder's default model)"
+    )
+    print(f"created the collection {created.name!r}, {filled}")
     if served is not None and args.model and args.model not in served:
         print(
             f"imgsearch: warning: the encoder at {search.encoder.address} does not serve the model "

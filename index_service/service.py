@@ -65,7 +65,9 @@ INDEX_FLAGS = [
     ),
     Flag(
         "--milvus-collection",
-        "with --backend milvus: the collection",
+        "with --backend milvus: the prefix of its Milvus collections and aliases; the collection `default` "
+        "is the Milvus collection of this name (as before collections), every other collection or alias "
+        "NAME is PREFIX__NAME",
         "IMGSEARCH_MILVUS_COLLECTION",
         "imgsearch",
     ),

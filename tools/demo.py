@@ -1,20 +1,26 @@
-"""`make demo`: the MNIST sample through both services, end to end, offline.
+"""`make demo`: the digits and the clothes, side by side in one index service, end to end, offline.
 
-Writes the sample's index split (the first 8,000 digits) and query split (the last 2,000) as PNG
-folders named by label, starts both services as local processes and the web gateway (the page, on
-http://localhost:8080 or a free port), indexes the index split, evaluates the query split, draws
-out/similar.png for 3 queries, and stops them all. With --keep-running they run on until Ctrl-C, the
-services on their default ports (encoder 50051, index 50052: the CLI's defaults) where those are free,
-and the demo prints the `export IMGSEARCH_ENCODER=... IMGSEARCH_INDEX=...` line that points the CLI at
-them either way.
+Writes the MNIST sample's index split (the first 8,000 digits) and query split (the last 2,000), and the
+Fashion-MNIST sample's first 2,400 images and last 600, as PNG folders named by label (t-shirt, trouser,
+...), starts both services as local processes (the encoder with two models: `--models default,fashion`)
+and the web gateway (the page, on http://localhost:8080 or a free port, its picker offering both
+collections); indexes the digits into the collection `default`, creates the collection `clothes` for
+the model `fashion` and indexes the clothes into it, evaluates each on its queries, draws
+out/similar.png and out/similar-clothes.png for 3 queries each, and stops them all. With --keep-running
+they run on until Ctrl-C, the services on their default ports (encoder 50051, index 50052: the CLI's
+defaults) where those are free, and the demo prints the `export IMGSEARCH_ENCODER=...
+IMGSEARCH_INDEX=...` line that points the CLI at them either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -33,17 +39,40 @@ from imgsearch.cli import main as cli
 from imgsearch.flags import Flag
 from tools.local import LocalServices, ServiceProcess, free_port, run_until_stopped
 
-SAMPLE = Path(__file__).resolve().parent.parent / "encoder_service" / "data" / "mnist-10k.npz"
+DATA = Path(__file__).resolve().parent.parent / "encoder_service" / "data"
+SAMPLE = DATA / "mnist-10k.npz"
 INDEX_SPLIT = 8000
+FASHION_SAMPLE = DATA / "fashion-3k.npz"
+FASHION_INDEX_SPLIT = 2400
+FASHION_MODEL = "fashion"
+CLOTHES = "clothes"  # the collection
+ENCODER_ARGS = ("--models", f"default,{FASHION_MODEL}")  # the digits' model (the default) and the clothes'
+# Fashion-MNIST's classes 0-9, as folder names (labels)
+FASHION_CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
+)
 
 
-def write_split(x: np.ndarray, y: np.ndarray, indices: range, folder: Path) -> None:
-    """Writes digits as folder/<label>/<number>.png, unless a previous run already did."""
+def write_split(
+    x: np.ndarray, y: np.ndarray, indices: range, folder: Path, names: tuple[str, ...] | None = None
+) -> None:
+    """Writes images as folder/<label>/<number>.png (the label is names[y] when names are given),
+    unless a previous run already did."""
     if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == len(indices):
         return
     shutil.rmtree(folder, ignore_errors=True)
     for n in indices:
-        path = folder / str(y[n]) / f"{n:05d}.png"
+        label = names[int(y[n])] if names else str(y[n])
+        path = folder / label / f"{n:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(x[n]).save(path)
 
@@ -88,11 +117,13 @@ def started_services(work: Path, keep_running: bool) -> Iterator[LocalServices]:
             port_or_free(default_port(client_flags.INDEX)),
         )
         try:
-            services = LocalServices(work / "index-data", *ports, log_dir=work).__enter__()
+            services = LocalServices(
+                work / "index-data", *ports, log_dir=work, encoder_args=ENCODER_ARGS
+            ).__enter__()
         except RuntimeError as error:  # a default port taken meanwhile: the service could not bind it
             print(f"demo: {error}; starting them on free ports instead", file=sys.stderr, flush=True)
     if services is None:
-        services = LocalServices(work / "index-data", log_dir=work).__enter__()
+        services = LocalServices(work / "index-data", log_dir=work, encoder_args=ENCODER_ARGS).__enter__()
     try:
         yield services
     finally:
@@ -138,7 +169,7 @@ def start_page(services: LocalServices, media_root: Path, log_dir: Path, port: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("out"), help="where to write (default out/)")
-    parser.add_argument("--seed", type=int, default=3, help="picks the 3 queries drawn")
+    parser.add_argument("--seed", type=int, default=3, help="picks the 3 queries drawn of each collection")
     parser.add_argument(
         "--keep-running",
         action="store_true",
@@ -155,23 +186,35 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with np.load(SAMPLE) as sample:
         x, y = sample["x"], sample["y"]
+    with np.load(FASHION_SAMPLE) as sample:
+        fx, fy = sample["x"], sample["y"]
     work = args.out / "demo"
-    index_dir, query_dir = work / "index", work / "queries"
-    print(f"writing the MNIST sample as PNGs under {work}/ ...", flush=True)
-    write_split(x, y, range(INDEX_SPLIT), index_dir)
-    write_split(x, y, range(INDEX_SPLIT, len(x)), query_dir)
+    folders = Folders(work)
+    print(f"writing the MNIST and Fashion-MNIST samples as PNGs under {work}/ ...", flush=True)
+    write_split(x, y, range(INDEX_SPLIT), folders.digits)
+    write_split(x, y, range(INDEX_SPLIT, len(x)), folders.digit_queries)
+    write_split(fx, fy, range(FASHION_INDEX_SPLIT), folders.clothes, FASHION_CLASSES)
+    write_split(fx, fy, range(FASHION_INDEX_SPLIT, len(fx)), folders.clothes_queries, FASHION_CLASSES)
     shutil.rmtree(work / "index-data", ignore_errors=True)
 
-    print("starting the encoder and index services ...", flush=True)
+    print(f"starting the encoder ({' '.join(ENCODER_ARGS)}) and index services ...", flush=True)
     with started_services(work, args.keep_running) as services:
         print(f"encoder at {services.encoder.address}, index at {services.index.address}", flush=True)
-        page = start_page(services, index_dir, work, args.web_port)
+        page = start_page(services, work, work, args.web_port)  # media root: both image folders
         if page is not None:
-            print(f"the page: http://localhost:{page.port} (search by upload or drawing)", flush=True)
+            print(
+                f"the page: http://localhost:{page.port} (search by upload or drawing; the picker offers "
+                f"the collections default and {CLOTHES})",
+                flush=True,
+            )
         try:
-            code = run_steps(args, services, index_dir, query_dir, work)
+            code, figures, clothes_query = run_steps(args, services, folders, work)
             if code:
                 return code
+            print()
+            for line in figures:
+                print(line, flush=True)
+            search_clothes = f"imgsearch search --collection {CLOTHES} {clothes_query} -k 5"
             if args.keep_running:
                 where = f"the page at http://localhost:{page.port}, " if page else ""
                 defaults = (services.encoder.address, services.index.address) == (
@@ -191,41 +234,77 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 print(export_line(services), flush=True)
+                print(f"{search_clothes}   # the clothes; without --collection, the digits", flush=True)
                 run_until_stopped([services.encoder, services.index, *([page] if page else [])])
                 return 0
         finally:
             if page is not None:
                 page.stop()
-    print(f"\ndemo done in {time.monotonic() - started:.0f} s; the picture is {args.out / 'similar.png'}")
-    if page is not None:
-        print("the services and the page have stopped; `make demo KEEP=1` leaves them running")
+    print(
+        f"\ndemo done in {time.monotonic() - started:.0f} s; the pictures are {args.out / 'similar.png'} "
+        f"and {args.out / 'similar-clothes.png'}"
+    )
+    print(
+        "the services and the page have stopped; `make demo KEEP=1` leaves them running, and then "
+        f"`{search_clothes}` searches the clothes"
+    )
     return 0
+
+
+class Folders:
+    """Where the demo writes each split, under `work`: folders of labelled subfolders."""
+
+    def __init__(self, work: Path) -> None:
+        self.digits, self.digit_queries = work / "index", work / "queries"
+        self.clothes, self.clothes_queries = work / CLOTHES, work / f"{CLOTHES}-queries"
 
 
 def run_steps(
-    args: argparse.Namespace, services: LocalServices, index_dir: Path, query_dir: Path, work: Path
-) -> int:
-    """index, eval and show through the CLI; returns the first failing step's exit code, else 0."""
+    args: argparse.Namespace, services: LocalServices, folders: Folders, work: Path
+) -> tuple[int, list[str], str]:
+    """Indexes, evaluates and draws each collection through the CLI. Returns the first failing step's exit
+    code (else 0), a line of figures per collection, and a clothes query (for the line that shows how to
+    search them)."""
     address = ["--encoder", services.encoder.address, "--index", services.index.address]
+
+    def drawn(folder: Path) -> list[str]:
+        return random.Random(args.seed).sample(sorted(map(str, folder.rglob("*.png"))), 3)
+
+    clothes_drawn = drawn(folders.clothes_queries)
+    collection = ["--collection", CLOTHES]
     steps = [
-        ["index", str(index_dir)],
-        ["eval", str(query_dir), "-k", "10"],
-        [
-            "show",
-            *random.Random(args.seed).sample(sorted(map(str, query_dir.rglob("*.png"))), 3),
-            "-k",
-            "3",
-            "-o",
-            str(args.out / "similar.png"),
-        ],
+        ["index", str(folders.digits)],
+        ["eval", str(folders.digit_queries), "-k", "10"],
+        ["show", *drawn(folders.digit_queries), "-k", "3", "-o", str(args.out / "similar.png")],
+        ["collections", "create", CLOTHES, "--model", FASHION_MODEL],
+        ["index", *collection, str(folders.clothes)],
+        ["eval", *collection, str(folders.clothes_queries), "-k", "10"],
+        ["show", *collection, *clothes_drawn, "-k", "3", "-o", str(args.out / "similar-clothes.png")],
     ]
+    what = {
+        str(folders.digit_queries): ("digits", "default", "default", INDEX_SPLIT),
+        str(folders.clothes_queries): ("clothes", CLOTHES, FASHION_MODEL, FASHION_INDEX_SPLIT),
+    }
+    figures: list[str] = []
     for step in steps:
-        print(f"\n$ imgsearch {' '.join(step[:2])} ...", flush=True)
-        code = cli(address + step)
+        shown = step[: next((n + 1 for n, word in enumerate(step) if "/" in word), len(step))]
+        print(f"\n$ imgsearch {' '.join(shown)}{' ...' if len(shown) < len(step) else ''}", flush=True)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed) if step[0] == "eval" else contextlib.nullcontext():
+            code = cli(address + step)
+        print(printed.getvalue(), end="", flush=True)
         if code:
             print(f"demo: `imgsearch {step[0]}` failed with code {code}; logs in {work}/", file=sys.stderr)
-            return code
-    return 0
+            return code, figures, clothes_drawn[0]
+        if step[0] == "eval":
+            name, in_collection, model, indexed = what[step[-3]]
+            found = re.search(r"^queries (\d+).*$\n^P@1 +(\S+)$\n^P@10 +(\S+)$", printed.getvalue(), re.M)
+            queries, p1, p10 = found.groups() if found else ("?", "?", "?")
+            figures.append(
+                f"{name + ':':<8} collection {in_collection!r}, model {model!r}, {indexed:,} indexed, "
+                f"{queries} queries: P@10 {p10} (P@1 {p1})"
+            )
+    return 0, figures, clothes_drawn[0]
 
 
 if __name__ == "__main__":

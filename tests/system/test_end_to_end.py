@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.support import ROOT, mnist_sample
+from tools.demo import FASHION_CLASSES
 from tools.local import LocalServices, free_port
 
 COUNT = 1000
@@ -170,7 +172,9 @@ def test_a_wanted_port_is_kept_when_free_else_a_free_one() -> None:
 def test_the_demo_kept_running_prints_the_line_that_points_the_cli_at_it(tmp_path: Path) -> None:
     """`make demo KEEP=1`: the services keep running on the CLI's default ports where those are free, and
     the demo prints `export IMGSEARCH_ENCODER=... IMGSEARCH_INDEX=...`, which the CLI then reaches them by
-    (as the README's commands do); Ctrl-C stops them all."""
+    (as the README's commands do), and how to search the clothes; both collections are served, each
+    evaluated (the digits in `default`, the clothes in `clothes` by the model `fashion`), the page lists
+    them both; Ctrl-C stops them all."""
 
     def listened_on(port: int) -> bool:
         try:
@@ -216,23 +220,51 @@ def test_the_demo_kept_running_prints_the_line_that_points_the_cli_at_it(tmp_pat
         except queue.Empty:
             pytest.fail(f"no line after the demo's last one:\n{''.join(printed)}")
         assert re.fullmatch(r"export IMGSEARCH_ENCODER=\S+:\d+ IMGSEARCH_INDEX=\S+:\d+", line), line
+        try:
+            search_clothes = lines.get(timeout=10).strip()  # and how to search the clothes
+        except queue.Empty:
+            pytest.fail(f"no line after the export line:\n{''.join(printed)}")
+        assert search_clothes.startswith("imgsearch search --collection clothes "), search_clothes
+        text = "".join(printed)
+        for figures in (
+            r"digits: +collection 'default', model 'default', 8,000 indexed, 2000 queries: P@10 0\.\d{4}",
+            r"clothes: collection 'clothes', model 'fashion', 2,400 indexed, 600 queries: P@10 0\.\d{4}",
+        ):
+            assert re.search(figures, text), text  # each collection evaluated
+        assert "queries 2000 (skipped 0)" in text and "queries 600 (skipped 0)" in text
+        assert (tmp_path / "similar.png").is_file() and (tmp_path / "similar-clothes.png").is_file()
         if defaults_free and not any("on free ports instead" in text for text in printed):
             assert line == "export IMGSEARCH_ENCODER=localhost:50051 IMGSEARCH_INDEX=localhost:50052"
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
         for word in shlex.split(line)[1:]:  # as the shell's `export` would set them
             name, _, value = word.partition("=")
             env[name] = value
-        for command in (["stats", "--json"], ["info"]):
+        clothes_query = [*shlex.split(search_clothes, comments=True)[1:], "--json"]
+        replies = {}
+        for command in (["stats", "--json"], ["info"], ["collections", "list", "--json"], clothes_query):
             reply = subprocess.run(
                 [sys.executable, "-m", "imgsearch", *command],
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=60,
+                cwd=ROOT,  # the demo prints paths relative to where it runs
             )
             assert reply.returncode == 0, reply.stderr
-            if command[0] == "stats":
-                assert json.loads(reply.stdout)["count"] == 8000  # the demo's index split
+            replies[command[0]] = reply.stdout
+        assert json.loads(replies["stats"])["count"] == 8000  # the demo's index split
+        served = {c["name"]: c for c in json_lines(replies["collections"])}
+        assert (served["default"]["count"], served["default"]["model_name"]) == (8000, "default")
+        assert (served["clothes"]["count"], served["clothes"]["model_name"]) == (2400, "fashion")
+        (answer,) = json_lines(replies["search"])  # the clothes, searched by the clothes' model
+        assert len(answer["results"]) == 5 and all("/" in m["id"] for m in answer["results"])
+        assert answer["results"][0]["metadata"]["label"] in set(FASHION_CLASSES)
+        page = re.search(r"the page: http://localhost:(\d+)", text)
+        if page is not None:  # the web extra installed: its picker offers both
+            address = f"http://127.0.0.1:{page.group(1)}/api/collections"
+            with urllib.request.urlopen(address, timeout=10) as listed:
+                names = {c["name"] for c in json.load(listed)["collections"]}
+            assert {"default", "clothes"} <= names
         demo.send_signal(signal.SIGINT)
         assert demo.wait(60) == 0, "".join(printed)
     finally:
