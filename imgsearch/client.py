@@ -469,9 +469,10 @@ class ImageSearch:
     """Similar-image search through both services: embed with the encoder, store and search in the index.
 
     Image calls go to a collection (`collection`, else IMGSEARCH_COLLECTION, else `default`; an alias is
-    accepted) and are embedded by the model that collection is filled by, looked up on each call, so a
-    collection of clothes is searched with the clothes model. Each call resolves an alias once and uses
-    the collection found for the whole call, so an alias moved meanwhile never mixes two collections.
+    accepted) and are embedded by the model that collection is filled by, so a collection of clothes is
+    searched with the clothes model: the model of each name is looked up once and remembered, and looked
+    up again when the index says the collection (an alias moved) now holds another model's vectors. Each
+    call is one index call, so an alias moved meanwhile never mixes two collections.
 
     Each argument left out comes from its env var (IMGSEARCH_ENCODER, IMGSEARCH_INDEX, IMGSEARCH_TLS_CA,
     IMGSEARCH_TOKEN, IMGSEARCH_COLLECTION), as in the CLI; `tls_ca` turns on TLS, `token` is sent on every
@@ -491,6 +492,7 @@ class ImageSearch:
         token = token or os.environ.get("IMGSEARCH_TOKEN") or None
         self.collection = collection or os.environ.get("IMGSEARCH_COLLECTION") or "default"
         self.pinned: Target | None = None  # set by pin()
+        self._models: dict[str, str] = {}  # collection or alias -> the model that fills it, as last seen
         self.encoder = EncoderClient(
             encoder or os.environ.get("IMGSEARCH_ENCODER") or DEFAULT_ENCODER,
             timeout_s,
@@ -556,15 +558,32 @@ class ImageSearch:
         )
 
     def _resolved(self, collection: str | None, call: Callable[[Target], T]) -> T:
-        """Runs a call on the resolved collection, once more if that collection went away meanwhile (an
-        alias moved, then its old collection dropped, between the lookup and the call)."""
-        target = self.target(collection)
-        try:
-            return call(target)
-        except ServiceError as error:
-            if error.service != "index" or error.code != grpc.StatusCode.NOT_FOUND:
-                raise
-            return call(self.target(collection))
+        """Runs an image call on a collection (or alias), embedded by the model that fills it.
+
+        The model of each name is looked up once (a Stats call) and remembered, and the call names the
+        collection or alias and carries the model version: the index resolves an alias in the call, so an
+        alias moved to a collection of the same model is followed at once, at no extra cost. When the alias
+        has moved to a collection of another model, the index refuses the call (FAILED_PRECONDITION): then
+        the alias is resolved (its collection and model) and the call made again on that collection itself,
+        which no later move can change. A collection dropped between that lookup and the call (an alias
+        moved, then its old collection dropped) gets one more lookup."""
+        name = collection or self.collection
+        model = self._models.get(name)
+        if model is not None:
+            try:
+                return call(Target(name, model))
+            except ServiceError as error:
+                if error.service != "index" or error.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+        for attempt in range(2):
+            target = self.target(name)
+            self._models[name] = target.model
+            try:
+                return call(target)
+            except ServiceError as error:
+                if attempt or error.service != "index" or error.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+        raise AssertionError("unreachable")
 
     def add(
         self,
