@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.report import Section, write_report
 
 # Each section module has `run(out: Path, quick: bool) -> list[Section]`.
-SECTIONS = ["encoder", "index", "peers", "e2e", "hostile"]
+SECTIONS = ["encoder", "index", "filters", "duplicates", "peers", "e2e", "hostile"]
 
 
 def main(argv: list[str] | None = None) -> int:

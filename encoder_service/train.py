@@ -20,7 +20,9 @@ The output directory gets:
 - `decoder.tflite`: the decoder, from the served embedding to the 28x28 reconstruction, for the service's
   `Reconstruct` (`encoder_service.export`, which also adds it to a model directory trained before);
 - `card.json`: what was trained on what, the losses, and `model_version`, a content hash of the encoder's
-  weights ("<architecture>-" + 12 hex of sha256), identical for identical weights.
+  weights ("<architecture>-" + 12 hex of sha256), identical for identical weights; and the model's
+  near-duplicate distance `duplicate_distance` with its `nothing_close_factor`, measured on the dataset's
+  images through the written model (`encoder_service.duplicate_distance`, a few seconds).
 
 Everything is written to a temporary sibling directory first and swapped in at the end, so a crash never
 leaves a half-written model behind. TensorFlow is imported only once training starts.
@@ -305,6 +307,8 @@ def train(
         card["tflite_max_abs_diff"] = check_tflite(tflite, encoder, x[:16])
         card.update(write_decoder(autoencoder, encoder, tmp, x[:16]))  # decoder.tflite, checked
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+        card.update(_duplicate_distance(tmp, encoder, dataset))  # through the model just written
+        (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         _swap_in(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -378,6 +382,33 @@ def _retrieval(encoder: Any, dataset: Dataset, k: int = 10) -> dict[str, Any]:
         "p_at_k": round(quality.p_at_k, 4),
         "map_at_k": round(quality.map_at_k, 4),
     }
+
+
+def _duplicate_distance(model_dir: Path, encoder: Any, dataset: Dataset) -> dict[str, Any]:
+    """The card's `duplicate_distance`, `nothing_close_factor` and their measurement, as
+    `python -m tools.duplicate_distance` measures a shipped model: on the dataset's images (training
+    split then test split; a seeded sample of 10,000 of a larger one), each a PNG through decode_image and
+    the LiteRT runtime of `model_dir` (the Keras encoder where LiteRT is not installed), class labels as
+    the dataset gives them (the nearest distinct image decides D either way)."""
+    from encoder_service.duplicate_distance import MAX_POOL, measure, outside_sample
+
+    try:
+        from encoder_service.runtime import load_runtime
+
+        embed = load_runtime(model_dir).embed
+    except ImportError:
+
+        def embed(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(encoder.predict(batch[..., None], batch_size=512, verbose=0))
+
+    images = np.concatenate([dataset.x_train, dataset.x_test])
+    labels = np.concatenate([dataset.y_train, dataset.y_test]).astype(np.int64)
+    outside = outside_sample(dataset.name)
+    measurement = measure(embed, images, labels, outside=outside[0] if outside else None)
+    source = _portable(dataset.source) or dataset.name
+    if len(images) > MAX_POOL:
+        source += f" (a seeded sample of {MAX_POOL} of its {len(images)} images)"
+    return measurement.card_entries(source, outside[1] if outside else "")
 
 
 def _portable(source: str) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,26 +19,32 @@ from imgsearch import client_flags
 from imgsearch.addresses import endpoint_count
 from imgsearch.client import MAX_MESSAGE_BYTES, ImageSearch, IndexClient, Match, ModelNotServed, ServiceError
 from imgsearch.evaluate import self_matches, unmatched_labels
+from imgsearch.exchange import DEFAULT_IMPORT_BATCH
+from imgsearch.filters import Condition, parse_filters
 from imgsearch.flags import Entry, Flag, add_flags, secret
 from imgsearch.ingest import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
     DEFAULT_PATIENCE_S,
+    SOURCE_KEY,
     ImageFile,
+    IngestReport,
     collect_images,
     embed_files,
     index_images,
+    labelled,
+    parse_meta,
     stored_ids,
 )
-from imgsearch.measure import measure, search_in_batches
+from imgsearch.measure import RESULTS_PER_CALL, measure
 from imgsearch.migrate import DEFAULT_PAGE_SIZE as MIGRATE_PAGE_SIZE
 from imgsearch.words import plural
 
 
-def _progress(total: int, description: str, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress(total: int, description: str, enabled: bool, unit: str = "img"):  # type: ignore[no-untyped-def]
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="img", disable=not enabled, file=sys.stderr)
+    return tqdm(total=total, desc=description, unit=unit, disable=not enabled, file=sys.stderr)
 
 
 def counted(least: int) -> Callable[[str], int]:
@@ -53,14 +62,46 @@ def counted(least: int) -> Callable[[str], int]:
     return parse
 
 
+def distance(text: str) -> float:
+    """An argparse type: a Euclidean distance, a finite number of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a distance (a finite number of 0 or more)")
+    return value
+
+
+def _conditions(args: argparse.Namespace) -> list[Condition] | None:
+    """The command's --filter arguments as conditions; None, once a line saying why is printed, when one
+    cannot be read (the command then exits 2)."""
+    try:
+        return parse_filters(args.filter)
+    except ValueError as error:
+        print(f"imgsearch {args.command}: {error}", file=sys.stderr)
+        return None
+
+
+def _filter_words(args: argparse.Namespace) -> str:
+    """The --filter arguments as given, for a summary: `--filter label=3 --filter source^=/x`."""
+    return " ".join(f"--filter {text}" for text in args.filter)
+
+
 def in_flight_for(encoder: str) -> int:
     """Batches to keep in flight: enough for every encoder replica to have one while a batch is stored."""
     return max(DEFAULT_IN_FLIGHT, endpoint_count(encoder) + 1)
 
 
 def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
+    try:
+        extra = parse_meta(args.meta)
+    except ValueError as error:
+        print(f"imgsearch index: {error}", file=sys.stderr)
+        return 2
     search.pin()
     files, skipped = collect_images(args.paths)
+    files = labelled(files, args.id_prefix, extra)
     if args.resume:
         stored = stored_ids(search.index)
         remaining = [image for image in files if image.id not in stored]
@@ -86,11 +127,28 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
     if len(report.by_replica) > 1:
         shares = ", ".join(f"{name} {count}" for name, count in sorted(report.by_replica.items()))
         print(f"embedded by {len(report.by_replica)} encoder replicas: {shares}")
+    collided = _collision_summary(report)
+    if collided:
+        print(collided)
     if report.skipped:
         print(f"skipped {plural(len(report.skipped), 'file')}:")
         for path, reason in report.skipped:
             print(f"  {path}: {reason}")
     return 0
+
+
+def _collision_summary(report: IngestReport) -> str:
+    """The line that says how many stored items of another `source` the ingest replaced, naming the first
+    few; "" when none."""
+    count = report.replaced_other_source
+    if not count:
+        return ""
+    named = ", ".join(f"{c.id} (was {c.was or 'an item with no source'})" for c in report.collisions)
+    more = count - len(report.collisions)
+    return (
+        f"warning: replaced {plural(count, 'item')} whose {SOURCE_KEY} was another file (ids collide; "
+        f"--id-prefix keeps folders apart): {named}" + (f" and {more} more" if more > 0 else "")
+    )
 
 
 def cmd_reindex(search: ImageSearch, args: argparse.Namespace) -> int:
@@ -197,42 +255,63 @@ def _ensure_collection(source: IndexClient, target: IndexClient, note: Callable[
     note(f"created the collection {target.collection!r} (model {model or 'default'!r}) at {target.address}")
 
 
-def _print_results(query: str, matches: Sequence[Match], as_json: bool) -> None:
+def _print_results(query: str, matches: Sequence[Match], as_json: bool, nothing: str = "no result") -> None:
+    """One query's results: a JSON object, or a table, where a query without results says `nothing`."""
     if as_json:
         print(json.dumps({"query": query, "results": [m.as_dict() for m in matches]}))
         return
     print(f"{query}")
+    if not matches:
+        print(f"  {nothing}")
+        return
     print(f"  {'rank':>4}  {'distance':>9}  {'label':<8} id")
     for rank, match in enumerate(matches, start=1):
         print(f"  {rank:>4}  {match.distance:>9.4f}  {match.metadata.get('label', ''):<8} {match.id}")
 
 
+def _nothing_found(args: argparse.Namespace) -> str:
+    """What the table says of a query with no result: `no result within 0.5 matching --filter label=3`."""
+    said = "no result"
+    if args.max_distance is not None:
+        said += f" within {args.max_distance}"
+    if args.filter:
+        said += f" matching {_filter_words(args)}"
+    return said
+
+
 def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
+    conditions = _conditions(args)
+    if conditions is None:
+        return 2
+    nothing = _nothing_found(args)
     if args.id:
-        for item_id, matches in zip(args.id, search.search_by_id(args.id, args.k), strict=True):
-            _print_results(item_id, matches, args.json)
+        found = search.search_by_id(args.id, args.k, filter=conditions, max_distance=args.max_distance)
+        for item_id, matches in zip(args.id, found, strict=True):
+            _print_results(item_id, matches, args.json, nothing)
         return 0
     if not args.images:
         raise SystemExit("imgsearch search: give image files, or --id ID")
     search.pin()
     if STDIN in args.images:
-        return _search_stdin(search, args)
+        return _search_stdin(search, args, conditions)
     files, skipped = collect_images(args.images)
     for path, reason in skipped:
         print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
     kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size)
     for path, reason in bad:
         print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
-    results = _search_in_batches(search, vectors, args.k, version, args.batch_size)
+    results = _search_in_batches(
+        search, vectors, args.k, version, args.batch_size, conditions, args.max_distance
+    )
     for image, matches in zip(kept, results, strict=True):
-        _print_results(str(image.path), matches, args.json)
+        _print_results(str(image.path), matches, args.json, nothing)
     return 0 if not (skipped or bad) else 1
 
 
 STDIN = "-"  # `imgsearch search -`: the query image is read from stdin
 
 
-def _search_stdin(search: ImageSearch, args: argparse.Namespace) -> int:
+def _search_stdin(search: ImageSearch, args: argparse.Namespace, conditions: Sequence[Condition]) -> int:
     """`imgsearch search -`: one query image, its encoded bytes read from stdin (a pipe or a redirect, as
     `docker compose run -T client search - < photo.jpg` gives). An image the encoder cannot decode ends
     the command with its INVALID_ARGUMENT message (main prints it, exit 2)."""
@@ -260,15 +339,174 @@ def _search_stdin(search: ImageSearch, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    (matches,) = search.search([data], args.k)
-    _print_results(STDIN, matches, args.json)
+    (matches,) = search.search([data], args.k, filter=conditions, max_distance=args.max_distance)
+    _print_results(STDIN, matches, args.json, _nothing_found(args))
     return 0
 
 
 def _search_in_batches(
-    search: ImageSearch, vectors: np.ndarray, k: int, version: str, batch_size: int
+    search: ImageSearch,
+    vectors: np.ndarray,
+    k: int,
+    version: str,
+    batch_size: int,
+    conditions: Sequence[Condition] = (),
+    max_distance: float | None = None,
 ) -> list[list[Match]]:
-    return search_in_batches(search.index, vectors, k, version, batch_size)
+    """The matches of every query, in calls of up to batch_size queries, fewer where k is large, so that
+    each call stays within the index's default results budget (--max-results)."""
+    per_call = max(1, min(batch_size, RESULTS_PER_CALL // max(k, 1)))
+    results: list[list[Match]] = []
+    for start in range(0, len(vectors), per_call):
+        results += search.index.search(
+            vectors[start : start + per_call], k, version, filter=conditions, max_distance=max_distance
+        )
+    return results
+
+
+def cmd_list(search: ImageSearch, args: argparse.Namespace) -> int:
+    """Every stored item (those matching --filter), streamed page by page: one line each."""
+    conditions = _conditions(args)
+    if conditions is None:
+        return 2
+    listed = 0
+    pages = search.index.scan(args.page_size, filter=conditions)
+    try:
+        for page in pages:
+            lines = []
+            for item_id, metadata in zip(page.ids, page.metadata, strict=True):
+                entries = dict(sorted(metadata.items()))
+                if args.json:
+                    lines.append(json.dumps({"id": item_id, "metadata": entries}))
+                else:
+                    lines.append("  ".join([item_id, *(f"{k}={v}" for k, v in entries.items())]))
+            if lines:
+                print("\n".join(lines))
+            listed += len(page.ids)
+    finally:
+        getattr(pages, "close", lambda: None)()  # cancels the scan when left early (a closed pipe)
+    if not args.json:
+        where = "the index" if search.collection == "default" else f"the collection {search.collection!r}"
+        if conditions:
+            held = search.index.stats().count
+            print(f"{plural(listed, 'item')} matching {_filter_words(args)}, of {held} in {where}")
+        else:
+            print(f"{plural(listed, 'item')} in {where}")
+    return 0
+
+
+def cmd_export(search: ImageSearch, args: argparse.Namespace) -> int:
+    from imgsearch.exchange import ExchangeRefused, export_collection
+
+    conditions = _conditions(args)
+    if conditions is None:
+        return 2
+    try:
+        with _progress(0, "exporting", args.progress, "item") as bar:
+            report = export_collection(
+                search.index,
+                args.output,
+                page_size=args.page_size,
+                filter=conditions,
+                on_start=lambda total: bar.reset(total=total),
+                on_page=bar.update,
+            )
+    except ExchangeRefused as refused:
+        print(f"imgsearch export: {refused}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+def cmd_import(search: ImageSearch, args: argparse.Namespace) -> int:
+    from imgsearch.exchange import ExchangeRefused, import_collection
+
+    try:
+        with _progress(0, "importing", args.progress, "item") as bar:
+            report = import_collection(
+                search.index,
+                args.input,
+                batch_size=args.batch_size,
+                patience_s=args.patience_s,
+                note=lambda text: bar.write(f"imgsearch: {text}", file=sys.stderr),
+                on_start=lambda total: bar.reset(total=total),
+                on_batch=bar.update,
+            )
+    except ExchangeRefused as refused:
+        print(f"imgsearch import: {refused}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+DUPLICATE_CARD_KEY = "duplicate_distance"  # in a model's card: the distance within which two are copies
+DUPLICATES_DEADLINE_S = 3600.0  # the Duplicates call compares every pair: give it time
+
+
+def card_distance(search: ImageSearch) -> tuple[float | None, str]:
+    """The duplicate distance the card of the model that fills the collection gives, and where it comes
+    from (for the summary); (None, why not) when the card gives none."""
+    target = search.target()
+    try:
+        info = search.encoder.info()
+    except ServiceError as error:
+        return None, f"the card of the model {target.model or 'default'!r} cannot be read: {error}"
+    models: list[dict[str, Any]] = list(info.get("models") or ())
+    entry = next(
+        (m for m in models if m["name"] == target.model or (not target.model and m.get("default"))), None
+    )
+    if entry is None and not models:  # an encoder of one model, from before several were served
+        entry = {"name": target.model or "default", "card": info.get("card") or {}}
+    model = f"the model {target.model or 'default'!r}"
+    filling = f"{model} (which fills the collection {target.collection!r})"
+    if entry is None:
+        served = ", ".join(m["name"] for m in models)
+        return None, (
+            f"the encoder serves no model {target.model!r}, which fills the collection "
+            f"{target.collection!r} (it serves: {served}), so its card cannot be read"
+        )
+    value = (entry.get("card") or {}).get(DUPLICATE_CARD_KEY)
+    if value is None:
+        return None, f"the card of {filling} gives no {DUPLICATE_CARD_KEY}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        return None, f"the card of {filling} gives {DUPLICATE_CARD_KEY} {value!r}, not a distance"
+    return float(value), f"{DUPLICATE_CARD_KEY} of the card of the model {entry['name']!r}"
+
+
+def cmd_duplicates(search: ImageSearch, args: argparse.Namespace) -> int:
+    conditions = _conditions(args)
+    if conditions is None:
+        return 2
+    limit, said = args.max_distance, "--max-distance"
+    if limit is None:
+        limit, said = card_distance(search)
+        if limit is None:
+            print(
+                f"imgsearch duplicates: {said}; give --max-distance D: items at most D apart count as "
+                "duplicates (exact copies are 0 apart; `imgsearch search --id ID --json` shows distances)",
+                file=sys.stderr,
+            )
+            return 2
+    began = time.monotonic()
+    found = search.index.duplicates(limit, filter=conditions, timeout_s=args.deadline_s)
+    seconds = time.monotonic() - began
+    lines = []
+    for number, (ids, widest) in enumerate(found.groups, start=1):
+        if args.json:
+            lines.append(json.dumps({"ids": ids, "max_distance": widest}))
+        else:
+            lines.append(f"group {number}: {plural(len(ids), 'item')}, max distance {widest:.4f}")
+            lines += [f"  {item_id}" for item_id in ids]
+    if lines:
+        print("\n".join(lines))
+    grouped = sum(len(ids) for ids, _ in found.groups)
+    compared = f"{found.items} compared" + (f" (matching {_filter_words(args)})" if conditions else "")
+    print(
+        f"{plural(len(found.groups), 'group')}, {plural(grouped, 'item')} in them, of {compared}, within "
+        f"{limit} ({said}), in {seconds:.1f} s",
+        file=sys.stderr if args.json else sys.stdout,
+    )
+    return 0
 
 
 def cmd_delete(search: ImageSearch, args: argparse.Namespace) -> int:
@@ -429,6 +667,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=counted(1), default=DEFAULT_BATCH_SIZE, help="images per call")
         sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
+    def filter_flag(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument(
+            "--filter",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"{what} only the items whose metadata KEY is VALUE; repeat it: different keys must all "
+            "hold, the same key twice means any of the values; KEY!=VALUE: KEY is not VALUE (or missing); "
+            "KEY^=PREFIX: KEY starts with PREFIX (e.g. --filter label=3 --filter label=5 "
+            "--filter source^=/data/albumA/)",
+        )
+
     def patience_flag(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--patience-s",
@@ -444,6 +694,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="skip the images whose ids the index already holds (continue an ingest that stopped)",
+    )
+    sub.add_argument(
+        "--id-prefix",
+        default="",
+        metavar="P",
+        help="put P before every id, verbatim (--id-prefix albumA/ gives albumA/trip/img1.png): keeps "
+        "folders with the same relative paths apart in one collection (ids are the paths relative to "
+        "the folder given); --resume takes the prefix into account",
+    )
+    sub.add_argument(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="add this metadata to every image (repeatable; a key given twice: the last wins). It wins "
+        "over the built-in `label` (the parent folder's name); `source` (the image's path, which "
+        "reindex reads it again from) cannot be set",
     )
     sub.add_argument(
         "--in-flight",
@@ -530,8 +797,91 @@ def build_parser() -> argparse.ArgumentParser:
         "--id", nargs="+", metavar="ID", help="search by stored ids instead (excluding each itself)"
     )
     sub.add_argument("-k", type=int, default=10, help="results per query (default 10)")
+    filter_flag(sub, "search")
+    sub.add_argument(
+        "--max-distance",
+        type=distance,
+        metavar="D",
+        help="leave out results farther than D (Euclidean; one at exactly D is kept), so a query may get "
+        'fewer than k results, or none (the table then says so; --json gives "results": [])',
+    )
     sub.add_argument("--json", action="store_true", help="one JSON object per query")
     batch_flags(sub)
+    sub = command(
+        "list",
+        cmd_list,
+        "every stored item (or those --filter keeps) with its metadata, one line each, in the index's "
+        "order; streamed page by page, so it works for any size; a count line at the end",
+    )
+    filter_flag(sub, "list")
+    sub.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per item, {"id": ..., "metadata": {...}}, and no count line',
+    )
+    sub.add_argument(
+        "--page-size",
+        type=counted(0),
+        default=0,
+        help="items per scan page (default 0: the server's, 1000 or its --max-batch when lower)",
+    )
+    sub = command(
+        "export",
+        cmd_export,
+        "write every item of the collection (ids, vectors, metadata, model name and version) to one .npz "
+        "file, to keep or to load elsewhere with `imgsearch import`; keys: ids, vectors (float32 "
+        "[N, dim]), metadata (one JSON object per item), model_version, model_name, collection, dim",
+    )
+    sub.add_argument("output", metavar="OUT.npz", help="the file to write (replaced when it exists)")
+    filter_flag(sub, "export")
+    sub.add_argument(
+        "--page-size",
+        type=counted(0),
+        default=0,
+        help="items per scan page (default 0: the server's, 1000 or its --max-batch when lower)",
+    )
+    sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sub = command(
+        "import",
+        cmd_import,
+        "store the items of an `imgsearch export` file into --collection under their ids, with their "
+        "metadata, vectors and model version (nothing is embedded again); the collection is made for the "
+        "file's model when it does not exist, and refused when it holds another model version or dim",
+    )
+    sub.add_argument("input", metavar="IN.npz", help="a file `imgsearch export` wrote")
+    sub.add_argument(
+        "--batch-size",
+        type=counted(1),
+        default=DEFAULT_IMPORT_BATCH,
+        help=f"items per upsert (default {DEFAULT_IMPORT_BATCH:,}; at most the index's --max-batch)",
+    )
+    patience_flag(sub)
+    sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sub = command(
+        "duplicates",
+        cmd_duplicates,
+        "find the groups of near-duplicate items: items at most --max-distance apart are linked, and each "
+        "group is a set of linked items (one batched search in the index service)",
+    )
+    sub.add_argument(
+        "--max-distance",
+        type=distance,
+        metavar="D",
+        help=f"items at most D apart (Euclidean) count as duplicates (default: the `{DUPLICATE_CARD_KEY}` "
+        "of the card of the model that fills the collection; `imgsearch info` shows the cards)",
+    )
+    filter_flag(sub, "compare")
+    sub.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per group, {"ids": [...], "max_distance": x}; the summary goes to stderr',
+    )
+    sub.add_argument(
+        "--deadline-s",
+        type=float,
+        default=DUPLICATES_DEADLINE_S,
+        help=f"how long the comparison may take, in seconds (default {DUPLICATES_DEADLINE_S:.0f})",
+    )
     sub = command("delete", cmd_delete, "remove ids from the index")
     sub.add_argument("ids", nargs="+", metavar="ID")
     sub = command("stats", cmd_stats, "the index's count, dim, model version and memory")

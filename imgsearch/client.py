@@ -28,6 +28,7 @@ from imgsearch.convert import (
     ScanPage,
     StoredItem,
 )
+from imgsearch.filters import Condition, filter_message
 from imgsearch.v1 import encoder_pb2, encoder_pb2_grpc, index_pb2, index_pb2_grpc
 from imgsearch.wire import BAD_IMAGE_KEY, MetadataBatch
 
@@ -332,10 +333,24 @@ class IndexClient(_Client):
         return convert.items_of(reply, with_vectors)
 
     def search(
-        self, queries: np.ndarray, k: int = 10, model_version: str = "", *, collection: str | None = None
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        model_version: str = "",
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
+        """The k nearest stored items of each query among those that match `filter` (exactly, at every
+        selectivity), none farther than `max_distance`."""
         request = index_pb2.SearchRequest(
-            queries=wire.pack(queries), k=k, model_version=model_version, collection=self._in(collection)
+            queries=wire.pack(queries),
+            k=k,
+            model_version=model_version,
+            collection=self._in(collection),
+            filter=filter_message(filter),
+            max_distance=max_distance,
         )
         with self._call():
             return convert.matches_of(
@@ -343,12 +358,25 @@ class IndexClient(_Client):
             )
 
     def search_by_id(
-        self, ids: Sequence[str], k: int = 10, *, collection: str | None = None
+        self,
+        ids: Sequence[str],
+        k: int = 10,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
+        request = index_pb2.SearchByIdRequest(
+            ids=list(ids),
+            k=k,
+            collection=self._in(collection),
+            filter=filter_message(filter),
+            max_distance=max_distance,
+        )
         with self._call():
             return convert.matches_of(
                 self.stub.SearchById(
-                    index_pb2.SearchByIdRequest(ids=list(ids), k=k, collection=self._in(collection)),
+                    request,
                     timeout=self.timeout_s,
                     metadata=self._metadata,
                 )
@@ -364,7 +392,12 @@ class IndexClient(_Client):
         return convert.stats_of(reply)
 
     def scan(
-        self, page_size: int = 0, with_vectors: bool = False, *, collection: str | None = None
+        self,
+        page_size: int = 0,
+        with_vectors: bool = False,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
     ) -> Iterator[ScanPage]:
         """Yields every stored item once, page by page, as the index was when the scan began.
 
@@ -376,7 +409,10 @@ class IndexClient(_Client):
         if page_size < 0:
             raise ValueError(f"page_size must be 0 (the server's default) or positive, got {page_size}")
         request = index_pb2.ScanRequest(
-            page_size=page_size, with_vectors=with_vectors, collection=self._in(collection)
+            page_size=page_size,
+            with_vectors=with_vectors,
+            collection=self._in(collection),
+            filter=filter_message(filter),
         )
         return self._scan(request)
 
@@ -400,6 +436,29 @@ class IndexClient(_Client):
         finally:
             call.cancel()  # a no-op once the stream has ended; frees the server's copy when left early
             stall.close()
+
+    def duplicates(
+        self,
+        max_distance: float,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        timeout_s: float | None = None,
+    ) -> Duplicates:
+        """The groups of stored items (those matching `filter`) within max_distance of each other: one
+        batched range search in the index service. It may take a while on a large collection: the call's
+        deadline is timeout_s (default: this client's, at least 10 minutes)."""
+        request = index_pb2.DuplicatesRequest(
+            collection=self._in(collection), max_distance=max_distance, filter=filter_message(filter)
+        )
+        found = Duplicates([], 0, 0)
+        with self._call():
+            for page in self.stub.Duplicates(
+                request, timeout=timeout_s or max(self.timeout_s, 600.0), metadata=self._metadata
+            ):
+                found.items, found.pairs = page.items, page.pairs
+                found.groups += [(list(group.ids), float(group.max_distance)) for group in page.groups]
+        return found
 
     # ---- collections and aliases ---------------------------------------------------------------
 
@@ -452,6 +511,15 @@ class IndexClient(_Client):
                 index_pb2.ListAliasesRequest(), timeout=self.timeout_s, metadata=self._metadata
             )
         return {a.alias: a.collection for a in reply.aliases}
+
+
+@dataclass
+class Duplicates:
+    """What `IndexClient.duplicates` found."""
+
+    groups: list[tuple[list[str], float]]  # ids (sorted) and the largest linked distance, largest first
+    items: int  # the items compared (those that matched the filter)
+    pairs: int  # the linked pairs
 
 
 @dataclass(frozen=True)
@@ -609,19 +677,39 @@ class ImageSearch:
         return self._resolved(collection, add)
 
     def search(
-        self, images: Sequence[bytes | np.ndarray], k: int = 10, *, collection: str | None = None
+        self,
+        images: Sequence[bytes | np.ndarray],
+        k: int = 10,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
-        """Returns the k most similar stored images of each query image, nearest first."""
+        """Returns the k most similar stored images of each query image, nearest first, among those that
+        match `filter`, none farther than `max_distance`."""
 
         def search(target: Target) -> list[list[Match]]:
             embedding = self.embed(images, target)
             return self.index.search(
-                embedding.vectors, k, embedding.model_version, collection=target.collection
+                embedding.vectors,
+                k,
+                embedding.model_version,
+                collection=target.collection,
+                filter=filter,
+                max_distance=max_distance,
             )
 
         return self._resolved(collection, search)
 
     def search_by_id(
-        self, ids: Sequence[str], k: int = 10, *, collection: str | None = None
+        self,
+        ids: Sequence[str],
+        k: int = 10,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
-        return self.index.search_by_id(ids, k, collection=collection or self.collection)
+        return self.index.search_by_id(
+            ids, k, collection=collection or self.collection, filter=filter, max_distance=max_distance
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,6 +17,10 @@ import numpy as np
 
 from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch, IndexClient, ServiceError
 
+SOURCE_KEY = "source"  # the metadata key every indexed image's absolute path is stored under
+LABEL_KEY = "label"  # the metadata key of its parent folder's name
+COLLISIONS_NAMED = 5  # replaced items of another source an ingest names (it counts them all)
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_PATIENCE_S = 60.0
@@ -26,13 +30,33 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ImageFile:
-    id: str  # the path relative to the folder given, or the file name for a file given directly
+    id: str  # the path relative to the folder given (after any --id-prefix), or the file name for a file
     path: Path
     label: str  # the parent folder's name
 
     @property
     def metadata(self) -> dict[str, str]:
-        return {"label": self.label, "source": str(self.path)}
+        return {LABEL_KEY: self.label, SOURCE_KEY: str(self.path)}
+
+
+@dataclass(frozen=True)
+class TaggedImage(ImageFile):
+    """An image file with more metadata (`imgsearch index --meta`): it wins over `label`, never `source`."""
+
+    extra: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {LABEL_KEY: self.label, **dict(self.extra), SOURCE_KEY: str(self.path)}
+
+
+@dataclass(frozen=True)
+class Collision:
+    """A stored item an ingest replaced whose `source` was another file: two files, one id."""
+
+    id: str
+    was: str  # the stored item's source ("" when it had none)
+    now: str  # the file that replaced it
 
 
 @dataclass
@@ -41,6 +65,43 @@ class IngestReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (absolute path, reason)
     count: int = 0  # items in the index afterwards
     by_replica: dict[str, int] = field(default_factory=dict)  # images indexed, by the encoder replica
+    replaced_other_source: int = 0  # stored items replaced whose `source` was another file
+    collisions: list[Collision] = field(default_factory=list)  # the first COLLISIONS_NAMED of them
+
+
+def labelled(
+    files: Sequence[ImageFile], id_prefix: str = "", extra: Mapping[str, str] | None = None
+) -> list[ImageFile]:
+    """The files with `id_prefix` put before every id (verbatim: `albumA/` gives `albumA/trip/1.png`) and
+    `extra` metadata added to each (`imgsearch index --id-prefix P --meta KEY=VALUE`). ValueError for a
+    `source` key in extra: that is the file's path, which reindex and the collision check rely on."""
+    extras = tuple((extra or {}).items())
+    for key, _ in extras:
+        if not key:
+            raise ValueError("a metadata key cannot be empty")
+        if key == SOURCE_KEY:
+            raise ValueError(f"`{SOURCE_KEY}` is always the image's own path; it cannot be set")
+    if not id_prefix and not extras:
+        return list(files)
+    return [TaggedImage(id_prefix + f.id, f.path, f.label, getattr(f, "extra", ()) + extras) for f in files]
+
+
+def parse_meta(texts: Sequence[str]) -> dict[str, str]:
+    """`--meta KEY=VALUE` arguments as a dict, a later KEY winning; ValueError naming a bad one."""
+    found: dict[str, str] = {}
+    for text in texts:
+        key, equals, value = text.partition("=")
+        if not equals:
+            raise ValueError(f"--meta {text!r}: expected KEY=VALUE")
+        if not key:
+            raise ValueError(f"--meta {text!r}: the key before '=' is empty")
+        if key == SOURCE_KEY:
+            raise ValueError(
+                f"--meta {text!r}: `{SOURCE_KEY}` is always the image's own path (reindex reads the image "
+                "again from it); choose another key"
+            )
+        found[key] = value
+    return found
 
 
 def collect_images(paths: Sequence[str | Path]) -> tuple[list[ImageFile], list[tuple[str, str]]]:
@@ -171,7 +232,8 @@ def patiently(call: Callable[[], T], patience_s: float, on_wait: Callable[[str],
             pause = min(pause * 2, 2.0)
 
 
-_Embedded = tuple[list[ImageFile], Embedding | None, list[tuple[str, str]]]  # kept, vectors, skipped
+_Embedded = tuple[list[ImageFile], Embedding | None, list[tuple[str, str]], list[Collision]]
+# kept, vectors, skipped, the stored items of those ids whose source is another file
 
 
 def _read_and_embed(
@@ -179,13 +241,40 @@ def _read_and_embed(
     batch: Sequence[ImageFile],
     patience_s: float,
     on_wait: Callable[[str], None] | None,
+    index: IndexClient | None = None,
 ) -> _Embedded:
-    """Reads a batch's files and embeds them (patiently); returns what embed_images does, and every file
-    skipped on the way (unreadable, then refused by the encoder), in that order."""
+    """Reads a batch's files and embeds them (patiently); returns what embed_images does, every file
+    skipped on the way (unreadable, then refused by the encoder), in that order, and, when `index` is
+    given, the stored items the batch will replace whose `source` is another file (one Get of the
+    batch's ids, no vectors)."""
     skipped: list[tuple[str, str]] = []
     readable, datas = read_images(batch, skipped)
     kept, embedding, bad = patiently(partial(_embed_batch, encoder, readable, datas), patience_s, on_wait)
-    return kept, embedding, skipped + bad
+    collisions = _collisions(index, kept, patience_s, on_wait) if index is not None and kept else []
+    return kept, embedding, skipped + bad, collisions
+
+
+def _collisions(
+    index: IndexClient,
+    files: Sequence[ImageFile],
+    patience_s: float,
+    on_wait: Callable[[str], None] | None,
+) -> list[Collision]:
+    """The stored items of the files' ids whose `source` is not the one each file stores, in file order.
+
+    Asked before the batch's upsert: an ingest's ids are unique, so no earlier batch of it stored these,
+    and the batches read ahead may ask while earlier ones are still being stored."""
+    found, _ = patiently(partial(index.get, [f.id for f in files]), patience_s, on_wait)
+    if not found:
+        return []
+    stored = {item.id: item.metadata.get(SOURCE_KEY, "") for item in found}
+    collisions = []
+    for image in files:
+        if image.id in stored:
+            source = image.metadata.get(SOURCE_KEY, "")  # what the upsert will store
+            if stored[image.id] != source:
+                collisions.append(Collision(image.id, stored[image.id], source))
+    return collisions
 
 
 def index_images(
@@ -196,6 +285,7 @@ def index_images(
     patience_s: float = DEFAULT_PATIENCE_S,
     on_wait: Callable[[str], None] | None = None,
     in_flight: int = DEFAULT_IN_FLIGHT,
+    check_sources: bool = True,
 ) -> IngestReport:
     """Embeds and upserts the files in batches; returns what was indexed and what was skipped.
 
@@ -206,7 +296,12 @@ def index_images(
     upserts go one at a time in file order, so the report (skipped files, the count after the last
     upsert) is the same either way. A service that goes away mid-ingest (a restart, a replica
     removed) is waited for up to patience_s per call; upserts are by id, so a batch sent twice is
-    stored once."""
+    stored once.
+
+    With `check_sources`, each batch's ids are looked up (a Get, no vectors, beside the embedding)
+    before it is stored, and the stored items it replaces whose `source` is another file are counted in
+    the report (`replaced_other_source`) and the first few named (`collisions`): two folders with the
+    same relative paths, indexed into one collection without --id-prefix, overwrite each other."""
     report = IngestReport()
     pending = deque(batches(files, batch_size))
     ahead: deque[tuple[int, Future[_Embedded]]] = deque()  # (batch size, its read-and-embed)
@@ -215,11 +310,12 @@ def index_images(
         if in_flight > 0
         else None
     )
+    index = search.index if check_sources else None
 
     def fill() -> None:
         while pool is not None and pending and len(ahead) < in_flight:
             batch = pending.popleft()
-            future = pool.submit(_read_and_embed, search.encoder, batch, patience_s, on_wait)
+            future = pool.submit(_read_and_embed, search.encoder, batch, patience_s, on_wait, index)
             ahead.append((len(batch), future))
 
     try:
@@ -227,12 +323,14 @@ def index_images(
             fill()
             if ahead:
                 size, future = ahead.popleft()
-                kept, embedding, skipped = future.result()
+                kept, embedding, skipped, collisions = future.result()
                 fill()  # the next batches embed while this one is upserted
             else:  # in_flight 0: one batch after the other
                 batch = pending.popleft()
                 size = len(batch)
-                kept, embedding, skipped = _read_and_embed(search.encoder, batch, patience_s, on_wait)
+                kept, embedding, skipped, collisions = _read_and_embed(
+                    search.encoder, batch, patience_s, on_wait, index
+                )
             report.skipped += skipped
             if embedding is not None:
                 upsert = partial(
@@ -247,6 +345,8 @@ def index_images(
                 report.indexed += len(kept)
                 replica = embedding.replica or "?"
                 report.by_replica[replica] = report.by_replica.get(replica, 0) + len(kept)
+                report.replaced_other_source += len(collisions)
+                report.collisions += collisions[: COLLISIONS_NAMED - len(report.collisions)]
             if on_batch is not None:
                 on_batch(size)
     finally:

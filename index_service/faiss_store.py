@@ -9,6 +9,8 @@ through `_apply`.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -17,6 +19,9 @@ import numpy as np
 
 from imgsearch.wire import MetadataBatch
 from imgsearch_server.memory import release_free_memory
+from index_service.columns import MAX_COLUMNS, Column
+from index_service.duplicates import DEFAULT_MAX_PAIRS, Group, duplicate_groups
+from index_service.filters import Filter
 from index_service.rwlock import ReadWriteLock
 from index_service.store import (
     DEFAULT_COLLECTION,
@@ -46,6 +51,11 @@ BATCH_THREADS_FROM = 8  # queries in one call from which FAISS gets every core i
 # chunks whether anyone still wants the answer.
 CHUNK_DISTANCES = 1 << 24
 _CORES = len(os.sched_getaffinity(0))
+# A filtered search over at most this share of the rows copies those rows and searches the copy; over more,
+# it searches the whole index through a bitmap of the rows (IDSelectorBitmap). Both are exact. Measured for
+# one query at 100k x 128 on one core (median of 30; unfiltered 1.42 ms): at 1 % subset 0.05 ms, bitmap
+# 0.21; 5 %: 0.15, 0.32; 10 %: 0.37, 0.41; 20 %: 1.14, 0.65; 50 %: 3.56, 1.95.
+SUBSET_FRACTION = 0.1
 
 
 class VectorStore:
@@ -78,6 +88,8 @@ class VectorStore:
         self._row_of: dict[str, int] = {}  # id -> row
         self._metadata: list[bytes | None] = []  # row -> JSON of its metadata, None when empty
         self._text_bytes = 0
+        self._columns: OrderedDict[str, Column] = OrderedDict()  # metadata keys filters named (columns.py)
+        self._columns_lock = threading.Lock()  # columns are made under the read lock, by one reader at a time
         if state is not None:
             self._load(state)
             self.lsn = state.lsn
@@ -180,6 +192,10 @@ class VectorStore:
                 rows[row] = operation.vectors[position]
                 self._text_bytes += len(encoded or b"") - len(self._metadata[row] or b"")
                 self._metadata[row] = encoded
+                for key, column in self._columns.items():
+                    column.set(row, entries.get(key))
+        for key, column in self._columns.items():
+            column.append([operation.metadata[p].get(key) for p in new_positions])
         if new_positions:
             self._index.add(np.ascontiguousarray(operation.vectors[new_positions]))
 
@@ -197,9 +213,13 @@ class VectorStore:
                 rows[row] = rows[last]
                 self._ids[row], self._metadata[row] = moved, self._metadata[last]
                 self._row_of[moved] = row
+                for column in self._columns.values():
+                    column.move(last, row)
             self._ids.pop()
             self._metadata.pop()
             last -= 1
+        for column in self._columns.values():
+            column.truncate(last + 1)
         self._index.remove_ids(faiss.IDSelectorRange(last + 1, count))
 
     def _rows(self) -> np.ndarray:
@@ -239,16 +259,31 @@ class VectorStore:
             )
 
     def search(
-        self, queries: np.ndarray, k: int, model_version: str = "", *, check: Check | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        model_version: str = "",
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
-        """Returns the k nearest stored items of each query, nearest first; `check` runs between
-        chunks of queries and may raise to stop."""
+        """Returns the k nearest stored items of each query that match the filter, nearest first, none
+        farther than max_distance; `check` runs between chunks of queries and may raise to stop."""
         self._check_k(k)
         with self._lock.read():
             array = check_queries(queries, model_version, self._model_version, self._dim)
-            return self._search(array, k, exclude=None, check=check)
+            return self._search(array, k, None, check, self._mask(conditions), max_distance)
 
-    def search_by_id(self, ids: Sequence[str], k: int, *, check: Check | None = None) -> list[list[Match]]:
+    def search_by_id(
+        self,
+        ids: Sequence[str],
+        k: int,
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
+    ) -> list[list[Match]]:
         """Returns the k nearest items to each stored id, the item itself excluded."""
         self._check_k(k)
         checked_ids = check_id_batch(ids, unique=False)
@@ -257,7 +292,54 @@ class VectorStore:
             if missing:
                 raise NotFound(f"id {missing[0]!r} is not in the index")
             rows = [self._row_of[i] for i in checked_ids]
-            return self._search(self._copy(rows), k, exclude=rows, check=check)
+            return self._search(self._copy(rows), k, rows, check, self._mask(conditions), max_distance)
+
+    def duplicates(
+        self,
+        max_distance: float,
+        conditions: Filter = (),
+        *,
+        check: Check | None = None,
+        max_pairs: int = DEFAULT_MAX_PAIRS,
+    ) -> tuple[list[Group], int, int]:
+        """(the groups of items within max_distance of each other, the pairs linked, the items compared).
+        The matching items' vectors are copied under the read lock and searched without it."""
+        with self._lock.read():
+            mask = self._mask(conditions)
+            if self._index is None or not self._ids:
+                return [], 0, 0
+            if mask is None:
+                ids, vectors = list(self._ids), self._rows().copy()
+            else:
+                rows = np.flatnonzero(mask)
+                ids, vectors = [self._ids[r] for r in rows.tolist()], self._rows()[rows]
+        groups, pairs = duplicate_groups(ids, vectors, max_distance, check=check, max_pairs=max_pairs)
+        return groups, pairs, len(ids)
+
+    def _column(self, key: str) -> Column:
+        """The key's column, made now from the stored metadata if no filter named it lately (under the
+        read lock: writers, which keep the columns up to date, are held off)."""
+        with self._columns_lock:
+            column = self._columns.get(key)
+            if column is None:
+                column = Column(
+                    [decode_metadata(m).get(key) if m is not None else None for m in self._metadata]
+                )
+                self._columns[key] = column
+                while len(self._columns) > MAX_COLUMNS:
+                    self._columns.popitem(last=False)
+            else:
+                self._columns.move_to_end(key)
+            return column
+
+    def _mask(self, conditions: Filter) -> np.ndarray | None:
+        """The rows that match every condition (None: no filter, every row)."""
+        if not conditions:
+            return None
+        mask = np.ones(len(self._ids), bool)
+        for condition in conditions:
+            mask &= self._column(condition.key).mask(condition)
+        return mask
 
     def stats(self) -> Stats:
         with self._lock.read():
@@ -333,31 +415,68 @@ class VectorStore:
         return decode_metadata(self._metadata[row])
 
     def _search(
-        self, queries: np.ndarray, k: int, exclude: list[int] | None, check: Check | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[int] | None,
+        check: Check | None = None,
+        mask: np.ndarray | None = None,
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
+        """Exact k-NN of each query among the rows `mask` selects (every row when None).
+
+        A selection of few rows (at most SUBSET_FRACTION of them) is copied and searched as it is; a larger
+        one is searched in the whole index through a bitmap selector. Either way each query gets exactly its
+        k nearest selected rows, at every selectivity: nothing is cut from a fixed top-k afterwards."""
         count = len(self._ids)
         if self._index is None or count == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
-        fetch = min(k + (1 if exclude is not None else 0), count)
+        subset: np.ndarray | None = None  # the selected rows, when they are searched as a copy
+        params = None
+        selected = count
+        if mask is not None:
+            selected = int(mask.sum())
+            if selected == 0:
+                return [[] for _ in range(queries.shape[0])]
+            if selected <= SUBSET_FRACTION * count:
+                subset = np.flatnonzero(mask)
+            elif selected < count:
+                bits = np.packbits(mask, bitorder="little")
+                selector = faiss.IDSelectorBitmap(count, faiss.swig_ptr(bits))
+                params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+        fetch = min(k + (1 if exclude is not None else 0), selected)
         # One query is fastest on one thread; a batch wants every core. OpenMP keeps this per thread.
         faiss.omp_set_num_threads(1 if queries.shape[0] < BATCH_THREADS_FROM else _CORES)
-        chunk = max(BATCH_THREADS_FROM, CHUNK_DISTANCES // count)
+        chunk = max(BATCH_THREADS_FROM, CHUNK_DISTANCES // selected)
+        base = self._rows()[subset] if subset is not None else None
         results: list[list[Match]] = []
         try:
             for start in range(0, queries.shape[0], chunk):
                 if start and check is not None:
                     check()
                 stop = min(start + chunk, queries.shape[0])
-                squared, rows = self._index.search(queries[start:stop], fetch)
+                if base is not None and subset is not None:
+                    squared, found = faiss.knn(queries[start:stop], base, fetch)
+                    rows = np.where(found >= 0, subset[np.maximum(found, 0)], -1)
+                elif params is not None:
+                    squared, rows = self._index.search(queries[start:stop], fetch, params=params)
+                else:
+                    squared, rows = self._index.search(queries[start:stop], fetch)
                 excluded = exclude[start:stop] if exclude is not None else None
-                results += self._matches(np.sqrt(np.maximum(squared, 0.0)), rows, k, excluded)
+                distances = np.sqrt(np.maximum(squared, 0.0))
+                results += self._matches(distances, rows, k, excluded, max_distance)
         except BaseException:
             results.clear()  # the traceback keeps this frame: let the partial answer go now
             raise
         return results
 
     def _matches(
-        self, distances: np.ndarray, rows: np.ndarray, k: int, exclude: list[int] | None
+        self,
+        distances: np.ndarray,
+        rows: np.ndarray,
+        k: int,
+        exclude: list[int] | None,
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
         results = []
         for query, (row_distances, row_rows) in enumerate(
@@ -367,6 +486,8 @@ class VectorStore:
             for distance, row in zip(row_distances, row_rows, strict=True):
                 if row < 0 or (exclude is not None and row == exclude[query]):
                     continue
+                if max_distance is not None and distance > max_distance:
+                    break  # nearest first: the rest are farther still
                 matches.append(Match(self._ids[row], distance, self._metadata_of(row)))
             results.append(matches[:k])
         return results

@@ -27,7 +27,26 @@ Each collection (`--milvus-collection`'s, or one CreateCollection made):
 
     id        VARCHAR primary key, max_length MAX_ID_BYTES (the store's id limit)
     vector    FLOAT_VECTOR with the collection's dim; a FLAT index with the L2 metric (exact k-NN)
-    metadata  VARCHAR holding the metadata as compact JSON ("" when empty), at most 65,535 bytes
+    meta      JSON: the metadata as an object ({} when empty), what filters read; at most 65,535 bytes
+              as compact JSON (a Milvus server takes 65,536)
+
+A collection made before filters has, instead of `meta`, `metadata`: a VARCHAR of the metadata as
+compact JSON ("" when empty), which Milvus cannot filter on. It is kept as it is, and read and written as
+before: everything works on it but a filtered Search or SearchById, which is FAILED_PRECONDITION saying
+how to copy it into a new collection (`imgsearch migrate --collection OLD --to ADDRESS --to-collection
+NEW`, then use NEW or point an alias at it; Milvus 2.3.5 cannot add a field to a collection). Duplicates,
+which reads every item out anyway, filters such a collection's items here, with filters.matches. An
+empty one given vectors of a new dim is made again, with `meta` (so is every collection CreateCollection
+made before filters, at its first vectors). A replica of before reads a collection with `meta` as "not an
+imgsearch index": replace every replica before creating collections.
+
+Filters (milvus_filters.py) are Milvus filter expressions over `meta`, evaluated by Milvus in the search
+itself: a search of a FLAT index with a filter is a brute force over the rows that match, so each query
+gets exactly its k nearest matching items at any selectivity (nothing is cut from a fixed top-k);
+tests/service/test_milvus_filters.py holds both engines to a brute force at 100 to 0.1 %. max_distance
+then cuts each query's k nearest at that distance (inclusive), as in the FAISS store: a query may get
+fewer than k, or none. Duplicates reads the matching items' ids and vectors out page by page (the scan's
+pages, at one timestamp on a server) and compares them here (duplicates.py), as the FAISS store does.
 
 The dim is the vector field's dim; the model version and model name are the collection properties
 `imgsearch.model_version` and `imgsearch.model_name` (absent in a collection made before model names:
@@ -42,9 +61,10 @@ collection again, its aliases dropped first and made again after it: Milvus 2.3.
 with aliases but leaves them broken). Every collection is created with consistency level Strong and
 every read asks for it, so a write one replica acknowledged is seen by the next read on any replica.
 
-Distances: Milvus's L2 metric gives the squared Euclidean distance, as FAISS's IndexFlatL2 does (Milvus
-Lite too: it squares its norm to match); the store returns its square root, so both backends give the
-same numbers to float rounding.
+Distances: Milvus's L2 metric gives the squared Euclidean distance in float32, as FAISS's IndexFlatL2 does
+(Milvus Lite too: it squares its norm to match); the store returns its square root taken in float32, as
+the FAISS store does, so both backends give the same numbers to float rounding, and a distance sent back
+as a max_distance (a float on the wire) keeps its item.
 
 Input is checked with store.py's helpers before Milvus is asked, so both backends refuse the same bad
 requests with the same messages. A Milvus that cannot be reached when the store opens stops the service
@@ -63,8 +83,12 @@ What differs from the FAISS store, by the nature of a shared database:
   a call through it or them is NOT_FOUND or UNAVAILABLE.
 - `bytes_used` counts the vectors only (count x dim x 4); Milvus does not cheaply report the size of
   ids and metadata.
-- Metadata whose JSON is over 65,535 bytes (Milvus's VARCHAR limit) is refused with INVALID_ARGUMENT;
-  the FAISS store takes up to its per-key limits (64 keys of 4,096 bytes).
+- Metadata whose JSON is over 65,535 bytes (Milvus's VARCHAR limit; a server's JSON field takes 65,536)
+  is refused with INVALID_ARGUMENT; the FAISS store takes up to its per-key limits (64 keys of 4,096
+  bytes).
+- A filtered Search or SearchById on a collection made before filters is FAILED_PRECONDITION (above).
+  Milvus Lite, a Python engine, evaluates a filter row by row: about 5 microseconds a row per value
+  compared (milvus_filters.py); a Milvus server evaluates it in C++, the FAISS store over numpy columns.
 - Vectors over 32,768 dimensions (Milvus's default limit) are refused with INVALID_ARGUMENT.
 - A batch goes to Milvus as one upsert request, but Milvus has no transactions: a request that fails
   part way may leave part of the batch stored (UNAVAILABLE; sent again, it is stored once, as upserts
@@ -94,6 +118,9 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.client.types import LoadState
 
 from imgsearch.wire import MetadataBatch
+from index_service.duplicates import DEFAULT_MAX_PAIRS, Group, duplicate_groups
+from index_service.filters import Filter, matches
+from index_service.milvus_filters import filter_expression, filter_literal
 from index_service.store import (
     DEFAULT_COLLECTION,
     MAX_ID_BYTES,
@@ -123,8 +150,10 @@ DEFAULT_PREFIX = "imgsearch"  # --milvus-collection: the default collection, and
 SEPARATOR = "__"  # between the prefix and an escaped name
 MAX_MILVUS_NAME = 255  # Milvus's default common.maxNameLength
 MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-ID_FIELD, VECTOR_FIELD, METADATA_FIELD = "id", "vector", "metadata"
-MAX_METADATA_JSON_BYTES = 65_535  # Milvus's largest VARCHAR
+ID_FIELD, VECTOR_FIELD = "id", "vector"
+META_FIELD = "meta"  # the metadata as a JSON object: what filters read (collections made since filters)
+METADATA_FIELD = "metadata"  # the metadata as JSON text, in a collection made before filters
+MAX_METADATA_JSON_BYTES = 65_535  # Milvus's largest VARCHAR; a JSON field takes at most 65,536 bytes
 MAX_DIM = 32_768  # Milvus's default proxy.maxDimension
 MODEL_VERSION_PROPERTY = "imgsearch.model_version"
 MODEL_NAME_PROPERTY = "imgsearch.model_name"
@@ -148,6 +177,18 @@ class Layout(NamedTuple):
     model_version: str
     collection_id: int  # Milvus's id of the collection: a new one when it is dropped and made again
     model_name: str = ""
+    filterable: bool = True  # the metadata is in META_FIELD (JSON); False: METADATA_FIELD (text), made before
+
+
+def metadata_field(layout: Layout) -> str:
+    return META_FIELD if layout.filterable else METADATA_FIELD
+
+
+def row_metadata(row: Mapping[str, Any], layout: Layout) -> dict[str, str]:
+    """A row's metadata, from whichever field the collection keeps it in."""
+    if layout.filterable:
+        return dict(row[META_FIELD] or {})
+    return _decode_metadata(row[METADATA_FIELD])
 
 
 def is_local(uri: str) -> bool:
@@ -164,19 +205,6 @@ def redact(uri: str) -> str:
     if "@" not in parts.netloc:
         return uri
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
-
-
-def filter_literal(value: str) -> str:
-    """A string as a double-quoted Milvus filter literal (pymilvus's own `get(ids=...)` and
-    `query_iterator` do not escape, so an id holding a quote would break them)."""
-    escaped = (
-        value.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-        .replace("\t", "\\t")
-    )
-    return f'"{escaped}"'
 
 
 def ids_filter(ids: Sequence[str]) -> str:
@@ -410,15 +438,18 @@ class MilvusStore:
 
     def _read_layout(self, described: Mapping[str, Any]) -> Layout:
         fields = {f["name"]: f for f in described.get("fields", [])}
-        vector, ids, metadata = (fields.get(n) for n in (VECTOR_FIELD, ID_FIELD, METADATA_FIELD))
+        vector, ids, meta, text = (
+            fields.get(n) for n in (VECTOR_FIELD, ID_FIELD, META_FIELD, METADATA_FIELD)
+        )
         properties = described.get("properties") or {}
+        filterable = meta is not None and meta.get("type") == DataType.JSON
         if (
             vector is None
             or vector.get("type") != DataType.FLOAT_VECTOR
             or ids is None
             or not ids.get("is_primary")
             or ids.get("type") != DataType.VARCHAR
-            or metadata is None
+            or not (filterable or (text is not None and text.get("type") == DataType.VARCHAR))
             or MODEL_VERSION_PROPERTY not in properties
         ):
             raise FailedPrecondition(
@@ -430,6 +461,7 @@ class MilvusStore:
             str(properties[MODEL_VERSION_PROPERTY]),
             int(described.get("collection_id") or 0),
             str(properties.get(MODEL_NAME_PROPERTY, "")),
+            filterable,
         )
 
     def _index_and_load(self, client: MilvusClient) -> None:
@@ -451,7 +483,7 @@ class MilvusStore:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(ID_FIELD, DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim or 1)
-        schema.add_field(METADATA_FIELD, DataType.VARCHAR, max_length=MAX_METADATA_JSON_BYTES)
+        schema.add_field(META_FIELD, DataType.JSON)
         properties = {
             MODEL_VERSION_PROPERTY: model_version,
             MODEL_NAME_PROPERTY: model_name,
@@ -499,16 +531,16 @@ class MilvusStore:
         )
         return int(rows[0]["count(*)"])
 
-    def _prepare_for(self, client: MilvusClient, dim: int, model_version: str, model_name: str) -> None:
+    def _prepare_for(self, client: MilvusClient, dim: int, model_version: str, model_name: str) -> bool:
         """Makes the collection ready for vectors of this dim, model version and model name, or refuses
         them as the FAISS store does: a collection keeps the model name it was made for or first given
         (check_model: refused only when both are known, empty or not), and while it holds items its dim
-        and model version."""
+        and model version. Returns whether it keeps metadata in META_FIELD (else METADATA_FIELD)."""
         layout = self._layout(client)
         if layout is None:
             try:
                 self._create(client, dim, model_version, model_name)
-                return
+                return True
             except MilvusException:
                 layout = self._layout(client)  # another replica created it first: check against theirs
                 if layout is None:
@@ -516,7 +548,7 @@ class MilvusStore:
         check_model(self.name, layout.model_name, model_name)
         name = layout.model_name or model_name  # an unknown one is recorded by the first that is said
         if (layout.dim, layout.model_version, layout.model_name) == (dim, model_version, name):
-            return
+            return layout.filterable
         held_dim, held_version = layout.dim, layout.model_version
         if self._count(client, layout):
             if dim != held_dim:
@@ -528,14 +560,15 @@ class MilvusStore:
                     f"vectors are from model version {model_version!r}, the collection {self.name!r} "
                     f"holds {held_version!r}; {REINDEX_HINT}"
                 )
-        if dim != held_dim:  # empty: the dim is the schema's, so the collection is made again
+        if dim != held_dim:  # empty: the dim is the schema's, so the collection is made again (as of now)
             self._recreate(client, dim, model_version, name)
-        else:
-            client.alter_collection_properties(
-                self.collection,
-                {MODEL_VERSION_PROPERTY: model_version, MODEL_NAME_PROPERTY: name},
-                timeout=self.timeout_s,
-            )
+            return True
+        client.alter_collection_properties(
+            self.collection,
+            {MODEL_VERSION_PROPERTY: model_version, MODEL_NAME_PROPERTY: name},
+            timeout=self.timeout_s,
+        )
+        return layout.filterable
 
     # ---- writes -------------------------------------------------------------------------
 
@@ -561,12 +594,15 @@ class MilvusStore:
                     f"metadata {position} is {size} bytes as JSON; the Milvus backend keeps at most "
                     f"{MAX_METADATA_JSON_BYTES}"
                 )
-        rows = [
-            {ID_FIELD: item_id, VECTOR_FIELD: vector, METADATA_FIELD: text}
-            for item_id, vector, text in zip(checked_ids, array, encoded, strict=True)
-        ]
         with self._milvus("to upsert") as client:
-            self._prepare_for(client, array.shape[1], model_version, model_name)
+            values: Sequence[object] = encoded
+            field = METADATA_FIELD
+            if self._prepare_for(client, array.shape[1], model_version, model_name):
+                field, values = META_FIELD, checked_metadata
+            rows = [
+                {ID_FIELD: item_id, VECTOR_FIELD: vector, field: value}
+                for item_id, vector, value in zip(checked_ids, array, values, strict=True)
+            ]
             client.upsert(self.collection, rows, timeout=self.timeout_s)
             return self._count(client)
 
@@ -577,7 +613,7 @@ class MilvusStore:
             layout = self._layout(client)
             if layout is None or not layout.dim:
                 return 0, len(checked_ids)
-            present = list(self._fetch(client, checked_ids, with_vectors=False))
+            present = list(self._fetch(client, checked_ids, []))
             for start in range(0, len(present), IDS_PER_QUERY):
                 client.delete(
                     self.collection,
@@ -589,17 +625,16 @@ class MilvusStore:
     # ---- reads --------------------------------------------------------------------------
 
     def _fetch(
-        self, client: MilvusClient, ids: Sequence[str], *, with_vectors: bool
+        self, client: MilvusClient, ids: Sequence[str], fields: list[str]
     ) -> dict[str, dict[str, Any]]:
-        """The stored rows of these (distinct) ids, by id."""
-        fields = [ID_FIELD, METADATA_FIELD] + ([VECTOR_FIELD] if with_vectors else [])
+        """The stored rows of these (distinct) ids, by id, with these fields (and the id)."""
         found: dict[str, dict[str, Any]] = {}
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), IDS_PER_QUERY):
             rows = client.query(
                 self.collection,
                 filter=ids_filter(unique[start : start + IDS_PER_QUERY]),
-                output_fields=fields,
+                output_fields=[ID_FIELD, *fields],
                 consistency_level=CONSISTENCY,
                 timeout=self.timeout_s,
             )
@@ -613,19 +648,27 @@ class MilvusStore:
             layout = self._layout(client)
             if layout is None or not layout.dim:
                 return [], np.zeros((0, 0), np.float32), list(checked_ids)
-            rows = self._fetch(client, checked_ids, with_vectors=True)
+            rows = self._fetch(client, checked_ids, [metadata_field(layout), VECTOR_FIELD])
         found = [i for i in checked_ids if i in rows]
         vectors = np.array([rows[i][VECTOR_FIELD] for i in found], np.float32).reshape(len(found), layout.dim)
         return (
-            [(i, _decode_metadata(rows[i][METADATA_FIELD])) for i in found],
+            [(i, row_metadata(rows[i], layout)) for i in found],
             vectors,
             [i for i in checked_ids if i not in rows],
         )
 
     def search(
-        self, queries: np.ndarray, k: int, model_version: str = "", *, check: Check | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        model_version: str = "",
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
-        """Returns the k nearest stored items of each query, nearest first."""
+        """Returns the k nearest stored items of each query that match the filter, nearest first, none
+        farther than max_distance."""
         self._check_k(k)
         array = check_queries(queries, "", "", 0)
         with self._milvus("to search") as client:
@@ -635,32 +678,65 @@ class MilvusStore:
                     check_queries(array, model_version, layout.model_version, 0)
                 return [[] for _ in range(array.shape[0])]
             array = check_queries(array, model_version, layout.model_version, layout.dim)
-            return self._search(client, array, k, exclude=None, check=check)
+            expr = self._expression(layout, conditions)
+            return self._search(client, layout, array, k, None, check, expr, max_distance)
 
-    def search_by_id(self, ids: Sequence[str], k: int, *, check: Check | None = None) -> list[list[Match]]:
-        """Returns the k nearest items to each stored id, the item itself excluded."""
+    def search_by_id(
+        self,
+        ids: Sequence[str],
+        k: int,
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
+    ) -> list[list[Match]]:
+        """Returns the k nearest items to each stored id that match the filter, the item itself excluded
+        (the filter chooses the results, not the items searched from)."""
         self._check_k(k)
         checked_ids = check_id_batch(ids, unique=False)
         with self._milvus("to search by id") as client:
             layout = self._layout(client)
-            rows = self._fetch(client, checked_ids, with_vectors=True) if layout and layout.dim else {}
+            rows = self._fetch(client, checked_ids, [VECTOR_FIELD]) if layout and layout.dim else {}
             missing = [i for i in checked_ids if i not in rows]
             if missing or layout is None:
                 raise NotFound(f"id {missing[0]!r} is not in the index")
+            expr = self._expression(layout, conditions)
             queries = np.array([rows[i][VECTOR_FIELD] for i in checked_ids], np.float32)
             shaped = queries.reshape(len(checked_ids), layout.dim)
-            return self._search(client, shaped, k, list(checked_ids), check=check)
+            return self._search(client, layout, shaped, k, list(checked_ids), check, expr, max_distance)
+
+    def _expression(self, layout: Layout, conditions: Filter) -> str:
+        """The filter as a Milvus expression ("" for none); FailedPrecondition for a collection made
+        before filters (its metadata is text, which Milvus cannot filter on)."""
+        if not conditions:
+            return ""
+        if not layout.filterable:
+            raise FailedPrecondition(
+                f"the collection {self.name!r} cannot be filtered: it was made before filters, and keeps "
+                "its metadata as text, which Milvus cannot filter on. Copy it into a new collection, which "
+                f"can: `imgsearch migrate --collection {self.name} --to ADDRESS --to-collection NEW` "
+                "(ADDRESS: this index service's), then search NEW, or point an alias at it (`imgsearch "
+                "aliases set ALIAS NEW`)"
+            )
+        return filter_expression(conditions, META_FIELD, server=not is_local(self.uri))
 
     def _search(
         self,
         client: MilvusClient,
+        layout: Layout,
         queries: np.ndarray,
         k: int,
         exclude: list[str] | None,
         check: Check | None = None,
+        expr: str = "",
+        max_distance: float | None = None,
     ) -> list[list[Match]]:
+        """Exact k-NN of each query among the items the expression selects (Milvus searches a FLAT index
+        by brute force over the rows that match, so every query gets its k nearest matching items at any
+        selectivity), cut at max_distance."""
         limit = k + (1 if exclude is not None else 0)
         per_call = max(1, MILVUS_MAX_TOPK // limit)  # Milvus bounds the hits of one call as well
+        field = metadata_field(layout)
         results: list[list[Match]] = []
         for start in range(0, queries.shape[0], per_call):
             if start and check is not None:
@@ -668,26 +744,108 @@ class MilvusStore:
             hits = client.search(
                 self.collection,
                 data=list(queries[start : start + per_call]),
+                filter=expr,
                 limit=limit,
                 anns_field=VECTOR_FIELD,
                 search_params=SEARCH_PARAMS,
-                output_fields=[METADATA_FIELD],
+                output_fields=[field],
                 consistency_level=CONSISTENCY,
                 timeout=self.timeout_s,
             )
             for offset, query_hits in enumerate(hits):
                 skip = exclude[start + offset] if exclude is not None else None
-                matches = [
-                    Match(
-                        hit["id"],
-                        float(np.sqrt(max(float(hit["distance"]), 0.0))),  # squared L2, as FAISS gives
-                        _decode_metadata(hit["entity"][METADATA_FIELD]),
-                    )
-                    for hit in query_hits
-                    if hit["id"] != skip
-                ]
+                matches: list[Match] = []
+                for hit in query_hits:
+                    if hit["id"] == skip:
+                        continue
+                    # Milvus gives the squared L2 in float32, as FAISS does; its root in float32 too, so a
+                    # distance sent back as a max_distance (a float on the wire) keeps the item.
+                    distance = float(np.sqrt(np.float32(max(float(hit["distance"]), 0.0))))
+                    if max_distance is not None and distance > max_distance:
+                        break  # nearest first: the rest are farther still
+                    matches.append(Match(hit["id"], distance, row_metadata(hit["entity"], layout)))
                 results.append(matches[:k])
         return results
+
+    def duplicates(
+        self,
+        max_distance: float,
+        conditions: Filter = (),
+        *,
+        check: Check | None = None,
+        max_pairs: int = DEFAULT_MAX_PAIRS,
+    ) -> tuple[list[Group], int, int]:
+        """(the groups of items within max_distance of each other, the pairs linked, the items compared):
+        the matching items' ids and vectors are read out page by page (`check` between pages), then
+        compared here (duplicates.py). A collection made before filters is filtered here, with
+        filters.matches, as its metadata is read out with them."""
+        ids: list[str] = []
+        vectors: list[Any] = []
+        with self._milvus("to read the collection for duplicates") as client:
+            layout = self._layout(client)
+            if layout is None or not layout.dim:
+                return [], 0, 0
+            here = bool(conditions) and not layout.filterable
+            expr = "" if here else self._expression(layout, conditions)
+            fields = [VECTOR_FIELD, METADATA_FIELD] if here else [VECTOR_FIELD]
+            for page, rows in enumerate(self._pages(client, layout, fields, expr)):
+                if page and check is not None:
+                    check()
+                for row in rows:
+                    if here and not matches(conditions, row_metadata(row, layout)):
+                        continue
+                    ids.append(row[ID_FIELD])
+                    vectors.append(row[VECTOR_FIELD])
+        array = np.array(vectors, np.float32).reshape(len(vectors), layout.dim)
+        del vectors
+        groups, pairs = duplicate_groups(ids, array, max_distance, check=check, max_pairs=max_pairs)
+        return groups, pairs, len(ids)
+
+    def _pages(
+        self, client: MilvusClient, layout: Layout, fields: list[str], expr: str = ""
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The rows the expression selects (every row for ""), with these fields and the id, page by page
+        in id order.
+
+        On a Milvus server every page is read at the timestamp of the first, as pymilvus's own
+        query_iterator does, so the pages are the collection at one moment. Milvus Lite gives no such
+        timestamp: there each page is read at Strong consistency as it comes, so a write made on another
+        replica meanwhile may or may not be in them (each item still appears at most once, and every item
+        present throughout appears)."""
+        # As pymilvus's query_iterator asks: pages in id order, all read at the first one's timestamp.
+        options: dict[str, Any] = {
+            "iterator": "True",
+            "reduce_stop_for_best": "True",
+            "collection_id": layout.collection_id,
+        }
+        first = client.query(
+            self.collection,
+            filter=f'{ID_FIELD} != ""',
+            output_fields=[],
+            limit=1,
+            timeout=self.timeout_s,
+            **options,
+        )
+        session_ts = int((getattr(first, "extra", None) or {}).get("iterator_session_ts", 0) or 0)
+        if session_ts > 0:
+            options["guarantee_timestamp"] = session_ts
+        else:
+            options["consistency_level"] = CONSISTENCY
+        last: str | None = None
+        while True:
+            after = f'{ID_FIELD} != ""' if last is None else f"{ID_FIELD} > {filter_literal(last)}"
+            rows = client.query(
+                self.collection,
+                filter=f"({expr}) and ({after})" if expr else after,
+                output_fields=[ID_FIELD, *fields],
+                limit=SCAN_PAGE,
+                timeout=self.timeout_s,
+                **options,
+            )
+            if not rows:  # a page may hold more or fewer than SCAN_PAGE rows; the end is an empty one
+                return
+            yield rows
+            last = rows[-1][ID_FIELD]
 
     def stats(self) -> Stats:
         with self._milvus("to count") as client:
@@ -705,13 +863,9 @@ class MilvusStore:
     def copy(self, *, with_vectors: bool = True) -> StoreCopy:
         """Every item, read page by page in id order (for a scan), all of it before this returns.
 
-        On a Milvus server every page is read at the timestamp of the first, as pymilvus's own
-        query_iterator does, so the copy is the collection at one moment. Milvus Lite gives no such
-        timestamp: there each page is read at Strong consistency as it comes, so a write made on another
-        replica while the copy is being read may or may not be in it (each item still appears at most
-        once, and every item present throughout appears). Writes after this returns (after the scan's
-        first page is sent) are not in the scan, as with the FAISS store."""
-        fields = [ID_FIELD, METADATA_FIELD] + ([VECTOR_FIELD] if with_vectors else [])
+        On a Milvus server every page is read at the timestamp of the first, so the copy is the collection
+        at one moment; on Milvus Lite each page as it comes (see `_pages`). Writes after this returns
+        (after the scan's first page is sent) are not in the scan, as with the FAISS store."""
         ids: list[str] = []
         metadata: list[bytes | None] = []
         vectors: list[Any] = []
@@ -720,45 +874,15 @@ class MilvusStore:
             if layout is None or not layout.dim:
                 version, name = (layout.model_version, layout.model_name) if layout else ("", "")
                 return StoreCopy(0, version, [], [], np.zeros((0, 0), np.float32), 0, name)
-            # As pymilvus's query_iterator asks: pages in id order, all read at the first one's timestamp.
-            options: dict[str, Any] = {
-                "iterator": "True",
-                "reduce_stop_for_best": "True",
-                "collection_id": layout.collection_id,
-            }
-            first = client.query(
-                self.collection,
-                filter=f'{ID_FIELD} != ""',
-                output_fields=[],
-                limit=1,
-                timeout=self.timeout_s,
-                **options,
-            )
-            session_ts = int((getattr(first, "extra", None) or {}).get("iterator_session_ts", 0) or 0)
-            if session_ts > 0:
-                options["guarantee_timestamp"] = session_ts
-            else:
-                options["consistency_level"] = CONSISTENCY
-            last: str | None = None
-            while True:
-                expr = f'{ID_FIELD} != ""' if last is None else f"{ID_FIELD} > {filter_literal(last)}"
-                rows = client.query(
-                    self.collection,
-                    filter=expr,
-                    output_fields=fields,
-                    limit=SCAN_PAGE,
-                    timeout=self.timeout_s,
-                    **options,
-                )
+            fields = [metadata_field(layout)] + ([VECTOR_FIELD] if with_vectors else [])
+            for rows in self._pages(client, layout, fields):
                 for row in rows:
                     ids.append(row[ID_FIELD])
-                    text = row[METADATA_FIELD]
+                    filterable = layout.filterable
+                    text = metadata_json(row[META_FIELD] or {}) if filterable else row[METADATA_FIELD]
                     metadata.append(text.encode() if text else None)
                     if with_vectors:
                         vectors.append(row[VECTOR_FIELD])
-                if not rows:  # a page may hold more or fewer than SCAN_PAGE rows; the end is an empty one
-                    break
-                last = rows[-1][ID_FIELD]
         array = np.array(vectors, np.float32).reshape(len(vectors), layout.dim)
         return StoreCopy(layout.dim, layout.model_version, ids, metadata, array, 0, layout.model_name)
 

@@ -45,6 +45,7 @@ class IndexConfig:
     max_results: int = 100_000
     when_locked: str = "exit"
     max_collections: int = 1000
+    max_duplicate_pairs: int = 5_000_000
 
 
 INDEX_FLAGS = [
@@ -116,6 +117,14 @@ INDEX_FLAGS = [
         int,
     ),
     Flag(
+        "--max-duplicate-pairs",
+        "most linked pairs one Duplicates call may find; a max_distance that links more is refused with "
+        "RESOURCE_EXHAUSTED, as its answer would be unbounded",
+        "IMGSEARCH_INDEX_MAX_DUPLICATE_PAIRS",
+        5_000_000,
+        int,
+    ),
+    Flag(
         "--snapshot-every-ops",
         "snapshot after this many logged writes",
         "IMGSEARCH_SNAPSHOT_EVERY_OPS",
@@ -147,8 +156,8 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         args.max_k, args.max_batch, args.max_results, args.max_collections, args.snapshot_every_ops
     ) < 1 or (args.snapshot_every_s <= 0):
         parser.error(
-            "--max-k, --max-batch, --max-results, --max-collections, --snapshot-every-ops and "
-            "--snapshot-every-s must be positive"
+            "--max-k, --max-batch, --max-results, --max-collections, --max-duplicate-pairs, "
+            "--snapshot-every-ops and --snapshot-every-s must be positive"
         )
     if args.milvus_timeout_s <= 0:
         parser.error("--milvus-timeout-s must be positive")
@@ -168,6 +177,7 @@ def parse_config(argv: Sequence[str] | None = None) -> IndexConfig:
         args.max_results,
         args.when_locked,
         args.max_collections,
+        args.max_duplicate_pairs,
     )
 
 
@@ -237,6 +247,7 @@ class IndexService:
             config.server.max_message_bytes,
             config.max_results,
             config.max_collections,
+            config.max_duplicate_pairs,
         )
         service = index_pb2.DESCRIPTOR.services_by_name["Index"]
         try:

@@ -11,6 +11,20 @@ from imgsearch import wire
 from imgsearch.v1 import index_pb2, index_pb2_grpc
 from imgsearch_server.errors import RequestError, call_gone, grpc_errors
 from imgsearch_server.memory import release_free_memory
+from index_service.duplicates import DEFAULT_MAX_PAIRS, TooManyPairs
+from index_service.filters import (
+    ANY_OF,
+    EQUALS,
+    EXISTS,
+    NONE_OF,
+    NOT_EQUALS,
+    PREFIX,
+    Condition,
+    Filter,
+    check_filter,
+    check_max_distance,
+    matches,
+)
 from index_service.store import (
     AlreadyExists,
     Check,
@@ -42,10 +56,46 @@ ERRORS: dict[type[Exception], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     StorageUnavailable: grpc.StatusCode.UNAVAILABLE,
+    TooManyPairs: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+GROUPS_PER_PAGE = 1000  # duplicate groups per Duplicates reply (fewer in one that would pass half a message)
+
+_OPERATORS = {
+    index_pb2.Condition.EQUALS: EQUALS,
+    index_pb2.Condition.NOT_EQUALS: NOT_EQUALS,
+    index_pb2.Condition.ANY_OF: ANY_OF,
+    index_pb2.Condition.NONE_OF: NONE_OF,
+    index_pb2.Condition.PREFIX: PREFIX,
+    index_pb2.Condition.EXISTS: EXISTS,
 }
 
 
 # ---- the store's values as protobuf: every conversion of the server side ----------------------
+
+
+def _filter(message: index_pb2.Filter) -> Filter:
+    """The request's filter, checked (InvalidArgument naming a bad condition)."""
+    return check_filter(
+        [Condition(c.key, _OPERATORS.get(c.op, ""), tuple(c.values)) for c in message.conditions]
+    )
+
+
+def _max_distance(request: index_pb2.SearchRequest | index_pb2.SearchByIdRequest) -> float | None:
+    return check_max_distance(request.max_distance if request.HasField("max_distance") else None)
+
+
+def _matching(copied: StoreCopy, conditions: Filter) -> StoreCopy:
+    """The copy cut down to the items that match the filter (decoding each item's metadata once)."""
+    keep = [row for row, metadata in enumerate(copied.metadata()) if matches(conditions, metadata)]
+    return StoreCopy(
+        copied.dim,
+        copied.model_version,
+        [copied.ids[row] for row in keep],
+        [copied.encoded_metadata[row] for row in keep],
+        copied.vectors[keep] if len(copied.vectors) else copied.vectors,
+        copied.lsn,
+        copied.model_name,
+    )
 
 
 def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
@@ -127,7 +177,9 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         max_message_bytes: int = 64 * 1024 * 1024,
         max_results: int = 100_000,
         max_collections: int = 1000,
+        max_duplicate_pairs: int = DEFAULT_MAX_PAIRS,
     ) -> None:
+        self.max_duplicate_pairs = max_duplicate_pairs
         self.collections = collections
         self.max_collections = max_collections
         self.max_batch = max_batch
@@ -234,12 +286,20 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         queries = wire.unpack(request.queries)
         self._check_batch(queries.shape[0], "queries")
         _, store = self.collections.lookup(request.collection)
+        conditions, max_distance = _filter(request.filter), _max_distance(request)
         return self._search(
             context,
             store,
             queries.shape[0],
             request.k,
-            lambda check: store.search(queries, request.k, request.model_version, check=check),
+            lambda check: store.search(
+                queries,
+                request.k,
+                request.model_version,
+                check=check,
+                conditions=conditions,
+                max_distance=max_distance,
+            ),
         )
 
     @grpc_errors(ERRORS)
@@ -249,8 +309,15 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self._check_batch(len(request.ids), "ids")
         ids = list(request.ids)
         _, store = self.collections.lookup(request.collection)
+        conditions, max_distance = _filter(request.filter), _max_distance(request)
         return self._search(
-            context, store, len(ids), request.k, lambda check: store.search_by_id(ids, request.k, check=check)
+            context,
+            store,
+            len(ids),
+            request.k,
+            lambda check: store.search_by_id(
+                ids, request.k, check=check, conditions=conditions, max_distance=max_distance
+            ),
         )
 
     @grpc_errors(ERRORS)
@@ -272,7 +339,10 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                 "send 0 for the default",
             )
         _, store = self.collections.lookup(request.collection)
+        conditions = _filter(request.filter)
         copied = store.copy(with_vectors=request.with_vectors)  # the lock is released from here on
+        if conditions:
+            copied = _matching(copied, conditions)
         start = 0
         while start < len(copied.ids):
             page = _page(copied, start, page_size, request.with_vectors, self.max_page_bytes)
@@ -337,3 +407,34 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         return index_pb2.ListAliasesResponse(
             aliases=[index_pb2.Alias(alias=a, collection=c) for a, c in self.collections.aliases().items()]
         )
+
+    # ---- near-duplicates ---------------------------------------------------------------------------
+
+    @grpc_errors(ERRORS)
+    def Duplicates(
+        self, request: index_pb2.DuplicatesRequest, context: grpc.ServicerContext
+    ) -> Iterator[index_pb2.DuplicatesResponse]:
+        max_distance = check_max_distance(request.max_distance)
+        assert max_distance is not None
+        conditions = _filter(request.filter)
+        _, store = self.collections.lookup(request.collection)
+        self._skip_if_gone(context)
+
+        def check() -> None:
+            code = call_gone(context)
+            if code is not None:
+                raise RequestError(code, f"abandoned while comparing: {code.name.lower().replace('_', ' ')}")
+
+        groups, pairs, items = store.duplicates(
+            max_distance, conditions, check=check, max_pairs=self.max_duplicate_pairs
+        )
+        page = index_pb2.DuplicatesResponse(items=items, pairs=pairs)
+        size = 0
+        for ids, widest in groups:
+            group = page.groups.add(ids=ids, max_distance=widest)
+            size += group.ByteSize() + ITEM_OVERHEAD_BYTES
+            if len(page.groups) >= GROUPS_PER_PAGE or size > self.max_page_bytes:
+                yield page
+                page, size = index_pb2.DuplicatesResponse(items=items, pairs=pairs), 0
+        if page.groups or not groups:
+            yield page

@@ -56,6 +56,18 @@ class StorageUnavailable(StoreError):
 
 
 @dataclass(frozen=True)
+class Condition:
+    """One condition of a metadata filter (filters.py says what each operator means)."""
+
+    key: str
+    op: str  # one of filters.OPERATORS
+    values: tuple[str, ...] = ()
+
+
+Filter = tuple[Condition, ...]  # ANDed; empty: everything matches
+
+
+@dataclass(frozen=True)
 class Upsert:
     ids: tuple[str, ...]
     vectors: np.ndarray  # float32 [len(ids), dim], owned by the operation
@@ -193,11 +205,32 @@ class Store(Protocol):
     def delete(self, ids: Sequence[str]) -> tuple[int, int]: ...
     def get(self, ids: Sequence[str]) -> tuple[list[tuple[str, dict[str, str]]], np.ndarray, list[str]]: ...
     def search(
-        self, queries: np.ndarray, k: int, model_version: str = "", *, check: Check | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        model_version: str = "",
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]: ...
     def search_by_id(
-        self, ids: Sequence[str], k: int, *, check: Check | None = None
+        self,
+        ids: Sequence[str],
+        k: int,
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
     ) -> list[list[Match]]: ...
+    def duplicates(
+        self,
+        max_distance: float,
+        conditions: Filter = (),
+        *,
+        check: Check | None = None,
+        max_pairs: int = ...,
+    ) -> tuple[list[tuple[list[str], float]], int, int]: ...
     def stats(self) -> Stats: ...
     def item_sizes(self) -> tuple[int, float] | None: ...
     def copy(self, *, with_vectors: bool = True) -> StoreCopy: ...

@@ -1,9 +1,12 @@
-"""The JSON API under /api/: search by upload or by id, items, thumbnails, stats, collections, health,
-config.
+"""The JSON API under /api/: search by upload or by id, items, thumbnails, stats, collections, labels,
+health, config.
 
 The data routes take a `collection` (a collection or an alias of the index service; empty or left out: the
 gateway's --collection) and answer with the collection that answered, an alias resolved. An image is
 embedded, and shown as the model sees it, by the model that fills that collection.
+
+Both searches take a metadata filter (`label`, `filter`: web/labels.py) and a `max_distance`, and say when
+nothing is close to the query (web/nearness.py); /api/labels lists a collection's labels for a picker.
 
 `router` is module-level and shared by every app; each route reaches its app's settings and client
 through the dependencies in web/deps.py. Every route goes through the client's Python API (`ImageSearch`,
@@ -35,8 +38,10 @@ from imgsearch.client import (
     ServiceError,
     Target,
 )
-from web import media
-from web.deps import MediaRoot, SearchDep, SettingsDep, require_indexing_token
+from imgsearch.filters import Condition
+from web import labels as label_filter
+from web import media, nearness
+from web.deps import CardsDep, LabelsDep, MediaRoot, SearchDep, SettingsDep, require_indexing_token
 from web.errors import http_error
 from web.limits import too_large_message
 from web.settings import Settings
@@ -54,6 +59,27 @@ COLLECTION_HELP = (
 )
 ANSWERED = "the collection that answered (an alias resolved)"
 MODEL = "the encoder model that fills the collection; empty: the encoder's default"
+LABEL_HELP = (
+    "keep only items whose metadata `label` is one of these: repeat the parameter for each label (a value "
+    "is taken whole, commas and all; an empty one is ignored); ANDed with `filter`"
+)
+FILTER_HELP = (
+    "a metadata condition in the CLI's --filter syntax: KEY=VALUE (the key is VALUE; the same key twice: "
+    "any of the values), KEY!=VALUE (the key is not VALUE, or missing), KEY^=PREFIX (the key starts with "
+    "PREFIX); repeatable, ANDed; 400 naming one that cannot be read or that the index refuses"
+)
+MAX_DISTANCE_HELP = "leave out results farther than this from the query (a number, 0 or more)"
+FILTERED = "the filter applied, its conditions ANDed (`label` as one any_of on `label`); empty: none"
+NOTHING_CLOSE = (
+    "whether even the nearest result is farther than nothing_close_distance: the query is likely unlike "
+    "anything stored"
+)
+NOTICE = "when nothing_close: a line saying so, for the page; else null"
+DUPLICATE = "the model's duplicate distance (its card's `duplicate_distance`); null when the card has none"
+NOTHING_CLOSE_DISTANCE = (
+    f"duplicate_distance times the card's `nothing_close_factor` ({nearness.DEFAULT_NOTHING_CLOSE_FACTOR:g} "
+    "when it has none); null when the card has no duplicate distance"
+)
 
 
 class Error(BaseModel):
@@ -86,12 +112,24 @@ class ModelView(BaseModel):
     note: str | None = Field(default=None, description="why there is no view, when there is none")
 
 
+class FilterCondition(BaseModel):
+    key: str
+    op: str = Field(description="equals, not_equals, any_of, none_of, prefix or exists")
+    values: list[str]
+
+
 class UploadSearch(BaseModel):
     k: int
     collection: str = Field(description=ANSWERED)
     model: str = Field(description=MODEL)
     query: ModelView
     results: list[Result]
+    filter: list[FilterCondition] = Field(description=FILTERED)
+    max_distance: float | None = Field(description="as sent; null: none")
+    nothing_close: bool = Field(description=NOTHING_CLOSE)
+    notice: str | None = Field(description=NOTICE)
+    duplicate_distance: float | None = Field(description=DUPLICATE)
+    nothing_close_distance: float | None = Field(description=NOTHING_CLOSE_DISTANCE)
 
 
 class IdQuery(BaseModel):
@@ -104,6 +142,12 @@ class IdSearch(BaseModel):
     model: str = Field(description=MODEL)
     query: IdQuery
     results: list[Result]
+    filter: list[FilterCondition] = Field(description=FILTERED)
+    max_distance: float | None = Field(description="as sent; null: none")
+    nothing_close: bool = Field(description=NOTHING_CLOSE)
+    notice: str | None = Field(description=NOTICE)
+    duplicate_distance: float | None = Field(description=DUPLICATE)
+    nothing_close_distance: float | None = Field(description=NOTHING_CLOSE_DISTANCE)
 
 
 class Item(BaseModel):
@@ -137,6 +181,21 @@ class Collections(BaseModel):
     default: str = Field(description="the gateway's default (--collection): a collection or an alias")
     collections: list[CollectionEntry] = Field(description="every collection, by name")
     aliases: dict[str, str] = Field(description="every alias and the collection it points at, by alias")
+
+
+class Labels(BaseModel):
+    collection: str = Field(description=ANSWERED)
+    key: str = Field(description="the metadata key the labels are of, which the `label` filter tests")
+    labels: list[str] = Field(
+        description=f"the distinct labels of the sample, its {label_filter.SHOWN_LABELS} most frequent at "
+        "most, in natural order (2 before 10)"
+    )
+    distinct: int = Field(description="distinct labels in the sample: more than listed when some were cut")
+    sampled: int = Field(
+        description=f"the items read: the collection's first {label_filter.SAMPLE_ITEMS:,} at most"
+    )
+    count: int = Field(description="the collection's items")
+    complete: bool = Field(description="whether the sample read every item (then no label is missing)")
 
 
 class ServiceHealth(BaseModel):
@@ -174,6 +233,12 @@ ItemId = Annotated[str, Query(min_length=1, description="a stored id (ids may ho
 ThumbnailSize = Annotated[int, Query(ge=media.THUMBNAIL_SIZES[0], le=media.THUMBNAIL_SIZES[1])]
 CollectionName = Annotated[str, Query(max_length=MAX_COLLECTION_CHARS, description=COLLECTION_HELP)]
 FormCollection = Annotated[str, Form(max_length=MAX_COLLECTION_CHARS, description=COLLECTION_HELP)]
+LabelValues = Annotated[list[str] | None, Query(description=LABEL_HELP)]
+FormLabelValues = Annotated[list[str] | None, Form(description=LABEL_HELP)]
+FilterTexts = Annotated[list[str] | None, Query(description=FILTER_HELP)]
+FormFilterTexts = Annotated[list[str] | None, Form(description=FILTER_HELP)]
+MaxDistance = Annotated[float | None, Query(ge=0, allow_inf_nan=False, description=MAX_DISTANCE_HELP)]
+FormMaxDistance = Annotated[float | None, Form(ge=0, allow_inf_nan=False, description=MAX_DISTANCE_HELP)]
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -347,6 +412,28 @@ def service_health(client: EncoderClient | IndexClient, timeout_s: float) -> Ser
     )
 
 
+def nearness_of(
+    cards: nearness.ModelCards,
+    search: ImageSearch,
+    model: str,
+    conditions: list[Condition],
+    max_distance: float | None,
+    matches: list[Match],
+) -> dict[str, Any]:
+    """A search reply's fields beside its results: the filter as applied, and whether nothing is close by
+    the card of the model that fills the collection (web/nearness.py)."""
+    closeness = cards.closeness(search.encoder, model)
+    notice = nearness.nothing_close(closeness, matches, filtered=bool(conditions))
+    return {
+        "filter": [FilterCondition(key=c.key, op=c.op, values=list(c.values)) for c in conditions],
+        "max_distance": max_distance,
+        "nothing_close": notice is not None,
+        "notice": notice,
+        "duplicate_distance": closeness.duplicate_distance if closeness else None,
+        "nothing_close_distance": closeness.limit if closeness else None,
+    }
+
+
 def health(search: ImageSearch, timeout_s: float) -> Health:
     encoder = service_health(search.encoder, timeout_s)
     index = service_health(search.index, timeout_s)
@@ -363,16 +450,33 @@ def search_upload(
     file: Annotated[UploadFile, File(description="an image: PNG, JPEG, BMP, GIF, WebP or TIFF")],
     settings: SettingsDep,
     search: SearchDep,
+    cards: CardsDep,
     k: FormK = K_NOT_SENT,
     collection: FormCollection = "",
+    label: FormLabelValues = None,
+    filter: FormFilterTexts = None,
+    max_distance: FormMaxDistance = None,
 ) -> UploadSearch:
+    """The k stored images nearest the upload, among those the filter keeps (`label`, repeatable: any of
+    those labels; `filter`, repeatable: the CLI's KEY=VALUE, KEY!=VALUE, KEY^=PREFIX), none farther than
+    `max_distance`. A filter that cannot be read, or that the index refuses, is a 400 naming it.
+
+    `nothing_close` (with a `notice`) says when even the nearest result is farther than the model's
+    duplicate distance times its factor, both from the model's card; without a duplicate distance in the
+    card, it is never set."""
     k = limited_k(k, settings, "body")
+    conditions = label_filter.search_filter(label, filter)
     image = read_upload(file, settings.max_upload_bytes)
 
     def run(target: Target) -> tuple[Target, list[Match]]:
         embedding = search.embed([image], target)  # a bad image fails here: 400 with the encoder's reason
         [matches] = search.index.search(
-            embedding.vectors, k, embedding.model_version, collection=target.collection
+            embedding.vectors,
+            k,
+            embedding.model_version,
+            collection=target.collection,
+            filter=conditions,
+            max_distance=max_distance,
         )
         return target, matches
 
@@ -383,6 +487,7 @@ def search_upload(
         model=target.model,
         query=model_view(search, image, target),
         results=results(settings, matches, target.collection),
+        **nearness_of(cards, search, target.model, conditions, max_distance, matches),
     )
 
 
@@ -396,18 +501,28 @@ def search_by_id(
     id: ItemId,
     settings: SettingsDep,
     search: SearchDep,
+    cards: CardsDep,
     k: K = K_NOT_SENT,
     collection: CollectionName = "",
+    label: LabelValues = None,
+    filter: FilterTexts = None,
+    max_distance: MaxDistance = None,
 ) -> IdSearch:
+    """The k stored items nearest the stored item `id` (itself left out), filtered and bounded as the
+    search by upload is (`label`, `filter`, `max_distance`), with the same `nothing_close`."""
     k = limited_k(k, settings, "query")
+    conditions = label_filter.search_filter(label, filter)
     target = search.target(collection_of(settings, collection))  # for the name that answered
-    [matches] = search.search_by_id([id], k, collection=target.collection)
+    [matches] = search.search_by_id(
+        [id], k, collection=target.collection, filter=conditions, max_distance=max_distance
+    )
     return IdSearch(
         k=k,
         collection=target.collection,
         model=target.model,
         query=IdQuery(id=id),
         results=results(settings, matches, target.collection),
+        **nearness_of(cards, search, target.model, conditions, max_distance, matches),
     )
 
 
@@ -512,6 +627,34 @@ def collections(settings: SettingsDep, search: SearchDep) -> Collections:
         default=settings.collection,
         collections=[CollectionEntry.model_validate(c, from_attributes=True) for c in found],
         aliases=dict(sorted(aliases.items())),
+    )
+
+
+@router.get(
+    "/labels",
+    response_model=Labels,
+    summary="The labels a collection holds, from a sample of its first items: for a label picker",
+    responses=_errors(400, 404, 503),
+)
+def get_labels(
+    settings: SettingsDep, search: SearchDep, cache: LabelsDep, collection: CollectionName = ""
+) -> Labels:
+    """The distinct metadata `label` values among the collection's first 10,000 items (one Scan, cut short
+    there), the 100 most frequent at most; each collection's are kept for a minute, so a page load costs
+    one Stats call. `complete` says whether the sample covered the whole collection: when it did not, a
+    label may be missing from the list and can still be searched for by name."""
+    name = collection_of(settings, collection)
+    found = search.index.stats(collection=name)
+    answered = found.collection or name
+    sample = cache.labels(search.index, answered) if found.count else label_filter.LabelSample([], 0, 0, 0)
+    return Labels(
+        collection=answered,
+        key=label_filter.LABEL_KEY,
+        labels=sample.labels,
+        distinct=sample.distinct,
+        sampled=sample.sampled,
+        count=found.count,
+        complete=sample.complete and sample.sampled >= found.count,
     )
 
 

@@ -22,8 +22,10 @@ from web.asgi import HttpMiddleware
 from web.connections import BodyDeadline
 from web.deps import MetricsDep, SearchDep, SettingsDep
 from web.errors import http_error
+from web.labels import LabelCache
 from web.limits import BodyLimit
 from web.metrics import GatewayMetrics, MetricsMiddleware
+from web.nearness import ModelCards
 from web.readtoken import ReadTokenGate
 from web.requestlog import RequestLog, request_id_of
 from web.settings import Settings
@@ -160,6 +162,8 @@ def create_app(settings: Settings, search: ImageSearch | None = None) -> FastAPI
     app.state.settings = settings
     app.state.search = connect(settings) if search is None else search
     app.state.metrics = GatewayMetrics()
+    app.state.labels = LabelCache()
+    app.state.cards = ModelCards()
     app.include_router(api.router)
     app.include_router(site)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

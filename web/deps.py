@@ -1,5 +1,6 @@
-"""What the gateway's routes need, as FastAPI dependencies: the settings, the client and the metrics that
-`create_app` (web/app.py) keeps in `app.state` once per app, and the indexing token's check.
+"""What the gateway's routes need, as FastAPI dependencies: the settings, the client, the metrics and the
+caches (the collections' labels, the models' cards) that `create_app` (web/app.py) keeps in `app.state`
+once per app, and the indexing token's check.
 
 The routes are module-level, shared by every app in the process (the tests run several side by side), so
 they reach their app's state through the request instead of closing over it.
@@ -15,7 +16,9 @@ from fastapi import Depends, Header, HTTPException, Request
 from imgsearch import security
 from imgsearch.client import ImageSearch
 from imgsearch_server import auth
+from web.labels import LabelCache
 from web.metrics import GatewayMetrics
+from web.nearness import ModelCards
 from web.settings import Settings
 
 READ_ONLY = "this gateway is read-only (start it with --allow-indexing to add images)"
@@ -36,9 +39,21 @@ async def gateway_metrics(request: Request) -> GatewayMetrics:
     return metrics
 
 
+async def label_cache(request: Request) -> LabelCache:
+    labels: LabelCache = request.app.state.labels
+    return labels
+
+
+async def model_cards(request: Request) -> ModelCards:
+    cards: ModelCards = request.app.state.cards
+    return cards
+
+
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 SearchDep = Annotated[ImageSearch, Depends(image_search)]
 MetricsDep = Annotated[GatewayMetrics, Depends(gateway_metrics)]
+LabelsDep = Annotated[LabelCache, Depends(label_cache)]
+CardsDep = Annotated[ModelCards, Depends(model_cards)]
 
 
 async def media_root(settings: SettingsDep) -> Path | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import pytest
 
 from imgsearch.cli import main
 from imgsearch.client import IndexClient, IndexStats, ScanPage, ServiceError
+from imgsearch.filters import Condition
 from imgsearch.migrate import MigrateRefused, MigrateReport, migrate
 from index_service.service import IndexService
 from tests.support import serve, start_index
@@ -239,10 +240,15 @@ class FlakySource(IndexClient):
     scans = 0
 
     def scan(
-        self, page_size: int = 0, with_vectors: bool = False, *, collection: str | None = None
+        self,
+        page_size: int = 0,
+        with_vectors: bool = False,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
     ) -> Iterator[ScanPage]:
         self.scans += 1
-        pages = super().scan(page_size, with_vectors, collection=collection)
+        pages = super().scan(page_size, with_vectors, collection=collection, filter=filter)
         if self.scans > 1:
             return pages
         return self._broken(pages)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -445,6 +446,97 @@ def test_the_collection_picker_lists_the_collections_and_keeps_the_pick_in_the_u
                 page.wait_for_url("**/?collection=default")
                 expect(answered).to_contain_text("answered by the collection default · model default")
                 expect(cards).to_have_count(10)
+                assert not errors, f"errors on the page: {errors}"
+            finally:
+                browser.close()
+    finally:
+        search.close()
+        index.stop(0)
+        encoder.stop(0)
+
+
+FILTER_DIGITS = 40
+
+
+def test_the_label_filter_and_the_nothing_close_notice(tmp_path: Path) -> None:
+    """The label chips (the collection's labels, from /api/labels) filter the results and stay in the URL,
+    as does a label typed in; a blank image, far from every digit by a model whose card has a duplicate
+    distance (a copy of the default model's directory, its card edited), gets the nothing-close notice
+    above the results, and a stored digit none."""
+    from playwright.sync_api import expect, sync_playwright
+
+    shipped = ROOT / "encoder_service" / "models" / "default"
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in shipped.iterdir():
+        if path.name != "card.json":
+            (model / path.name).symlink_to(path)
+    card = json.loads((shipped / "card.json").read_text())
+    card.update(duplicate_distance=0.1, nothing_close_factor=5.0)
+    (model / "card.json").write_text(json.dumps(card))
+    media = tmp_path / "media"
+    write_digits(media / "digits", FILTER_DIGITS)
+    labels = [str(label) for label in mnist_sample(FILTER_DIGITS)[1]]
+    query = tmp_path / "query.png"
+    query.write_bytes(png(mnist_sample(1, QUERY)[0][0]))
+    blank = tmp_path / "blank.png"
+    Image.new("L", (28, 28), 0).save(blank)
+    stored = next((media / "digits").rglob("*.png"))
+    errors: list[str] = []
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    encoder, index = start_encoder("--models", f"default={model}"), start_index(tmp_path / "index")
+    search = ImageSearch(address(encoder), address(index), 30)
+    try:
+        index_folder(search, media / "digits")
+        settings = Settings(encoder=address(encoder), index=address(index), media_root=media.resolve())
+        with Gateway(settings) as gateway, sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 760})
+                page.set_default_timeout(TIMEOUT_MS)
+                expect.set_options(timeout=TIMEOUT_MS)
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                page.goto(gateway.url)
+                expect(page.locator("body")).to_have_attribute("data-ready", "1")
+                chips = page.locator("#label-chips .chip")
+                shown: list[str] = sorted(set(labels), key=int)
+                expect(chips).to_have_text(shown)
+                cards = page.locator("#results .card")
+                page.set_input_files("#file", str(query))
+                expect(cards).to_have_count(10)
+
+                three = page.locator("#label-chips").get_by_role("button", name="3", exact=True)
+                three.click()
+                page.wait_for_url("**/?collection=default&label=3")
+                expect(three).to_have_attribute("aria-pressed", "true")
+                wanted = min(10, labels.count("3"))
+                expect(cards.locator(".label")).to_have_text(["3"] * wanted)
+                expect(page.locator("#results-filter")).to_have_text("filtered: label is 3")
+
+                page.fill("#label-input", "5")  # a label typed in, as for one the sample missed
+                page.press("#label-input", "Enter")
+                page.wait_for_url("**/?collection=default&label=3&label=5")
+                expect(page.locator("#results-filter")).to_have_text("filtered: label is one of 3, 5")
+                expect(cards).to_have_count(min(10, labels.count("3") + labels.count("5")))
+                assert set(cards.locator(".label").all_text_contents()) <= {"3", "5"}
+
+                page.reload()  # the link keeps the filter
+                expect(page.locator("body")).to_have_attribute("data-ready", "1")
+                expect(page.locator("#label-chips .chip.chosen")).to_have_text(["3", "5"])
+                page.click("#label-clear")
+                page.wait_for_url(f"{gateway.url}/?collection=default")
+
+                page.set_input_files("#file", str(blank))
+                notice = page.locator("#results-notice")
+                expect(notice).to_be_visible()
+                expect(notice).to_contain_text("Nothing close: the nearest result is at")
+                expect(notice).to_contain_text("past 5 x the model's duplicate distance 0.1")
+                page.set_input_files("#file", str(stored))
+                expect(cards.first.locator(".id")).to_have_text(
+                    stored.relative_to(media / "digits").as_posix()
+                )
+                expect(notice).to_be_hidden()
+                expect(page.locator("#results-filter")).to_be_hidden()
                 assert not errors, f"errors on the page: {errors}"
             finally:
                 browser.close()

@@ -17,6 +17,8 @@
     collections: null, // /api/collections: {default, collections, aliases}, once loaded
     answered: "", // the collection the shown results came from (an alias resolved): their items' views
     hint: "", // the results' first hint, shown again when the collection changes
+    labels: [], // the label filter: search only items with one of these labels; none: any label
+    available: null, // /api/labels of the picked collection: the labels to choose from
   };
 
   class ApiError extends Error {
@@ -144,6 +146,7 @@
     }
     if (health.index && health.index.ok) {
       if (!state.collections) await loadCollections(); // the index was down when the page opened
+      if (!state.available) loadLabels();
       const collection = picked();
       try {
         const stats = await api(inCollection("/api/stats", collection));
@@ -195,11 +198,34 @@
     return new URLSearchParams(window.location.search).get(COLLECTION_PARAM) || "";
   }
 
-  function keepInAddress(collection) {
+  // The label filter, kept in the address as the collection is (?label=3&label=5, one per label).
+  const LABEL_PARAM = "label";
+
+  function addressLabels() {
+    return [...new Set(new URLSearchParams(window.location.search).getAll(LABEL_PARAM).filter(Boolean))];
+  }
+
+  function keepInAddress() {
     const url = new URL(window.location.href);
+    const collection = picked();
     if (collection) url.searchParams.set(COLLECTION_PARAM, collection);
     else url.searchParams.delete(COLLECTION_PARAM);
+    url.searchParams.delete(LABEL_PARAM);
+    for (const label of state.labels) url.searchParams.append(LABEL_PARAM, label);
     window.history.replaceState(null, "", url.href);
+  }
+
+  // What a search was asked with, to tell whether its reply is still the one wanted.
+  function filterKey() {
+    return JSON.stringify(state.labels);
+  }
+
+  function withLabels(path) {
+    let found = path;
+    for (const label of state.labels) {
+      found += `${found.includes("?") ? "&" : "?"}${LABEL_PARAM}=${encodeURIComponent(label)}`;
+    }
+    return found;
   }
 
   function plural(count, one, many) {
@@ -276,17 +302,117 @@
     state.answered = "";
     renderResults([], "Results", state.hint);
     $("results-collection").hidden = true;
+    $("results-filter").hidden = true;
+    $("results-notice").hidden = true;
     $("query-panel").hidden = true;
   }
 
   function setUpCollections() {
     $("collection").addEventListener("change", () => {
-      keepInAddress(picked());
+      keepInAddress();
       const last = state.last;
       if (last && last.kind === "upload") rerun();
       else clearResults(); // an id belongs to its collection
       refreshStatus();
+      loadLabels();
     });
+  }
+
+  // The label filter: a chip per label of the picked collection (GET /api/labels: a sample of its first
+  // items), pressed when chosen, and a field for a label the sample missed. Chosen labels stay chosen
+  // when the collection changes; a chosen label that the collection lacks still shows, to be removed.
+  async function loadLabels() {
+    const collection = picked();
+    try {
+      const found = await api(inCollection("/api/labels", collection));
+      if (picked() !== collection) return; // another one was picked meanwhile
+      state.available = found;
+    } catch (error) {
+      if (picked() !== collection) return;
+      state.available = null;
+      $("labels-note").textContent = `labels unavailable: ${error.message}`;
+      renderLabelChips();
+      return;
+    }
+    $("labels-note").textContent = labelsNote(state.available);
+    renderLabelChips();
+  }
+
+  function labelsNote(found) {
+    const first = `the first ${plural(found.sampled, "image", "images")} of ${found.count.toLocaleString()}`;
+    if (!found.labels.length) {
+      if (!found.count) return "";
+      return found.complete ? "no labels stored" : `no labels among ${first}`;
+    }
+    const parts = [];
+    if (!found.complete) parts.push(`labels of ${first}`);
+    if (found.distinct > found.labels.length) parts.push(`the ${found.labels.length} most common`);
+    if (parts.length) parts.push("type another to filter by it");
+    return parts.join("; ");
+  }
+
+  function renderLabelChips() {
+    const offered = state.available ? state.available.labels : [];
+    const shown = [...offered, ...state.labels.filter((label) => !offered.includes(label))];
+    $("label-chips").replaceChildren(
+      ...shown.map((label) => {
+        const chosen = state.labels.includes(label);
+        const chip = el("button", chosen ? "chip chosen" : "chip", label);
+        chip.type = "button";
+        chip.setAttribute("aria-pressed", chosen ? "true" : "false");
+        chip.title = chosen ? `label ${label}: chosen (click to remove)` : `search only the label ${label}`;
+        chip.addEventListener("click", () =>
+          setLabels(chosen ? state.labels.filter((l) => l !== label) : [...state.labels, label])
+        );
+        return chip;
+      })
+    );
+    $("label-clear").disabled = !state.labels.length;
+  }
+
+  function setLabels(labels) {
+    state.labels = [...new Set(labels.filter(Boolean))];
+    keepInAddress();
+    renderLabelChips();
+    rerun();
+  }
+
+  function setUpLabels() {
+    $("label-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const label = $("label-input").value.trim();
+      $("label-input").value = "";
+      if (label && !state.labels.includes(label)) setLabels([...state.labels, label]);
+    });
+    $("label-clear").addEventListener("click", () => setLabels([]));
+    renderLabelChips();
+  }
+
+  // The filter a reply was answered with (its `filter`: conditions, ANDed), in words.
+  const OPS = {
+    equals: "is",
+    not_equals: "is not",
+    any_of: "is one of",
+    none_of: "is none of",
+    prefix: "starts with",
+  };
+
+  function describeCondition(c) {
+    if (c.op === "exists") return `${c.key} is set`;
+    const one = (c.op === "any_of" || c.op === "equals") && c.values.length === 1;
+    if (one) return `${c.key} is ${c.values[0]}`;
+    return `${c.key} ${OPS[c.op] || c.op} ${c.values.join(", ")}`;
+  }
+
+  function showFilterAndNotice(reply) {
+    const filter = $("results-filter");
+    const conditions = Array.isArray(reply.filter) ? reply.filter : [];
+    const described = conditions.map(describeCondition).join(" and ");
+    filter.textContent = conditions.length ? `filtered: ${described}` : "";
+    filter.hidden = !conditions.length;
+    const notice = $("results-notice");
+    notice.textContent = reply.nothing_close && reply.notice ? reply.notice : "";
+    notice.hidden = !notice.textContent;
   }
 
   // Results: a grid of thumbnails with id, label and distance.
@@ -391,18 +517,25 @@
     }
     state.last = { kind: "upload", blob, name, preview };
     const collection = picked();
+    const filtered = filterKey();
     const form = new FormData();
     form.append("file", blob, name);
     form.append("k", String(k()));
     if (collection) form.append("collection", collection);
+    for (const label of state.labels) form.append(LABEL_PARAM, label);
     setBusy(true);
     try {
       const reply = await api("/api/search", { method: "POST", body: form });
-      if (picked() !== collection) return; // another collection was picked meanwhile: its search runs
+      // another collection or filter was picked meanwhile: its search runs
+      if (picked() !== collection || filterKey() !== filtered) return;
       if ($("status").classList.contains("error")) showStatus("");
       showQuery(name === "drawing.png" ? "Your drawing" : "Your image", preview, reply.query);
       showAnswered(reply);
-      renderResults(reply.results, "Most similar", "No results: the collection is empty.");
+      showFilterAndNotice(reply);
+      const empty = state.labels.length
+        ? "No results: no image has those labels."
+        : "No results: the collection is empty.";
+      renderResults(reply.results, "Most similar", empty);
     } catch (error) {
       handleError(error);
     } finally {
@@ -413,16 +546,24 @@
   // More like this: SearchById, the stored item left out, in the collection its result came from.
   async function searchById(id, collection) {
     state.last = { kind: "id", id, collection };
+    const filtered = filterKey();
+    const wanted = () =>
+      state.last && state.last.kind === "id" && state.last.id === id && filterKey() === filtered;
     setBusy(true);
     try {
-      const reply = await api(inCollection(`/api/search?id=${encodeURIComponent(id)}&k=${k()}`, collection));
-      if (!state.last || state.last.kind !== "id" || state.last.id !== id) return;
+      const path = inCollection(`/api/search?id=${encodeURIComponent(id)}&k=${k()}`, collection);
+      const reply = await api(withLabels(path));
+      if (!wanted()) return;
       if ($("status").classList.contains("error")) showStatus("");
       showAnswered(reply);
-      renderResults(reply.results, `More like ${id}`, "No other images in the collection.");
+      showFilterAndNotice(reply);
+      const empty = state.labels.length
+        ? "No other images with those labels."
+        : "No other images in the collection.";
+      renderResults(reply.results, `More like ${id}`, empty);
       showQuery(`More like ${id}`, null, null);
       const item = await itemView(id);
-      if (!state.last || state.last.kind !== "id" || state.last.id !== id) return;
+      if (!wanted()) return;
       showQuery(`More like ${id}`, item.thumbnail_url, item.view);
       window.scrollTo({ top: 0, behavior: "smooth" });
     } catch (error) {
@@ -601,8 +742,11 @@
       showStatus(error.message);
     }
     state.hint = $("results-hint").textContent;
+    state.labels = addressLabels();
     await loadCollections();
     setUpCollections();
+    setUpLabels();
+    await loadLabels();
     setUpK();
     setUpUpload();
     setUpCanvas();
