@@ -5,6 +5,10 @@
   and falls back to the shipped sample, and the dataset's name says so (`mnist-sample`).
 - `mnist-sample`: the shipped `encoder_service/data/mnist-10k.npz`, 10,000 real MNIST digits, split
   train = the first 8,000, test = the last 2,000 (the query split: never train on it).
+- `icons`: the shipped colour set `encoder_service/data/oxygen-icons-32.npz` (KDE's Oxygen icons from
+  Debian's `oxygen-icon-theme`, built by `python -m tools.build_colour_dataset`): RGB uint8
+  [N, 32, 32, 3] composited on white, labels = the icon category (actions, apps, mimetypes...);
+  train = the index split (1,026), test = the query split (257). Not 28x28 grayscale: see `load_icons`.
 - `fashion_mnist`: Debian's IDX files in /usr/share/datasets/fashion-mnist when present (package
   `dataset-fashion-mnist`), else Keras's download.
 - a path to an `.npz` with `x` and `y` (optional `x_test`, `y_test`; without them no test split).
@@ -42,7 +46,9 @@ FASHION_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-NAMED_DATASETS = ("mnist", "mnist-sample", "fashion_mnist")
+ICONS_PATH = Path(__file__).parent / "data" / "oxygen-icons-32.npz"
+ICONS_SHAPE = (32, 32, 3)
+NAMED_DATASETS = ("mnist", "mnist-sample", "fashion_mnist", "icons")
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class Dataset:
 
 
 def load_dataset(name_or_path: str) -> Dataset:
-    """Loads a dataset by name (`mnist`, `mnist-sample`, `fashion_mnist`) or path (`.npz` or folder).
+    """Loads a dataset by name (`mnist`, `mnist-sample`, `fashion_mnist`, `icons`) or path (`.npz`, folder).
 
     Raises ValueError for an unknown name or a file of the wrong format."""
     if name_or_path == "mnist":
@@ -75,6 +81,8 @@ def load_dataset(name_or_path: str) -> Dataset:
         return load_mnist_sample()
     if name_or_path in ("fashion_mnist", "fashion-mnist"):
         return _load_fashion_mnist()
+    if name_or_path == "icons":
+        return load_icons()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _load_folder(path, name_or_path)
@@ -101,6 +109,31 @@ def load_mnist_sample() -> Dataset:
         y_test=y[n:],
         class_names=DIGIT_CLASSES,
         source="encoder_service/data/mnist-10k.npz",
+    )
+
+
+def load_icons(path: str | Path = ICONS_PATH) -> Dataset:
+    """The shipped colour icon set: RGB uint8 [N, 32, 32, 3] (on white), train = index, test = queries.
+
+    Its images are colour 32x32, unlike every other dataset here (grayscale 28x28, 0 = background):
+    a consumer must take `x_train.shape[1:]` as the input shape (`--input-shape 32x32x3`)."""
+    path = Path(path)
+    with np.load(path) as data:
+        x, y = np.asarray(data["x"]), np.asarray(data["y"])
+        x_test, y_test = np.asarray(data["x_test"]), np.asarray(data["y_test"])
+        classes = tuple(str(c) for c in data["classes"])
+        source = str(data["source"]) if "source" in data.files else str(path)
+    for images, labels in ((x, y), (x_test, y_test)):
+        if images.dtype != np.uint8 or images.shape[1:] != ICONS_SHAPE or len(images) != len(labels):
+            raise ValueError(f"{path}: expected uint8 [N, 32, 32, 3] images and N labels, got {images.shape}")
+    return Dataset(
+        name="icons",
+        x_train=x,
+        y_train=y,
+        x_test=x_test,
+        y_test=y_test,
+        class_names=classes,
+        source=source,
     )
 
 
