@@ -23,12 +23,14 @@ import keras
 import numpy as np
 from keras import layers
 
-INPUT_SHAPE: tuple[int, int, int] = (28, 28, 1)
+from encoder_service.shapes import DEFAULT_INPUT_SHAPE, check_input_shape
+
+INPUT_SHAPE: tuple[int, int, int] = DEFAULT_INPUT_SHAPE
 EMBEDDING_DIM = 128
 DEFAULT_ARCHITECTURE = "wide"
 
 
-def build_tutorial() -> tuple[keras.Model, keras.Model]:
+def build_tutorial(input_shape: tuple[int, int, int] = INPUT_SHAPE) -> tuple[keras.Model, keras.Model]:
     """The tutorial's autoencoder, in Keras 3.
 
     Encoder: Conv2D 32, 16, 8 (3x3, relu, same), each followed by MaxPooling2D 2x2 (same):
@@ -38,6 +40,8 @@ def build_tutorial() -> tuple[keras.Model, keras.Model]:
     comes back to 28x28) + UpSampling -> 28x28, then a sigmoid Conv2D(1, 3x3, same).
     Compiled with Adam and binary cross-entropy.
     """
+    if input_shape != INPUT_SHAPE:
+        return _tutorial_of_any_size(input_shape)
     inputs = keras.Input(shape=INPUT_SHAPE, name="image")
     x = layers.Conv2D(32, (3, 3), activation="relu", padding="same", name="enc_conv1")(inputs)
     x = layers.MaxPooling2D((2, 2), padding="same", name="enc_pool1")(x)
@@ -61,7 +65,28 @@ def build_tutorial() -> tuple[keras.Model, keras.Model]:
     return autoencoder, encoder
 
 
-def build_wide() -> tuple[keras.Model, keras.Model]:
+def _tutorial_of_any_size(input_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.Model]:
+    """The tutorial's layers for another input: the bottleneck is the pooled map projected to 128 dims (a
+    flattened 4x4x8 map is 128 only at 28x28), and the decoder doubles a quarter-size map back twice."""
+    height, width, channels = input_shape
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    for n, filters in enumerate((32, 16, 8), start=1):
+        x = layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=f"enc_conv{n}")(x)
+        x = layers.MaxPooling2D((2, 2), padding="same", name=f"enc_pool{n}")(x)
+    embedding = layers.Dense(EMBEDDING_DIM, name="embedding")(layers.Flatten(name="bottleneck")(x))
+    x = layers.Dense((height // 4) * (width // 4) * 8, activation="relu", name="dec_dense")(embedding)
+    x = layers.Reshape((height // 4, width // 4, 8), name="dec_reshape")(x)
+    x = layers.Conv2DTranspose(16, (3, 3), strides=2, activation="relu", padding="same", name="dec_up1")(x)
+    x = layers.Conv2DTranspose(32, (3, 3), strides=2, activation="relu", padding="same", name="dec_up2")(x)
+    outputs = layers.Conv2D(channels, (3, 3), activation="sigmoid", padding="same", name="reconstruction")(x)
+    autoencoder = keras.Model(inputs, outputs, name="autoencoder")
+    encoder = keras.Model(inputs, embedding, name="encoder")
+    autoencoder.compile(optimizer="adam", loss="binary_crossentropy")
+    return autoencoder, encoder
+
+
+def build_wide(input_shape: tuple[int, int, int] = INPUT_SHAPE) -> tuple[keras.Model, keras.Model]:
     """The tutorial's family, widened: a better embedding for the same 128 float32 dims.
 
     Encoder: Conv2D 32, 64, 128 (3x3, relu, same), each followed by MaxPooling2D 2x2 (same):
@@ -73,20 +98,26 @@ def build_wide() -> tuple[keras.Model, keras.Model]:
     the product, and the decoder's cost is paid on every training step.
     Compiled for reconstruction alone (Adam, binary cross-entropy); training adds the class head.
     """
-    inputs = keras.Input(shape=INPUT_SHAPE, name="image")
+    height, width, channels = input_shape
+    inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
-    for n, width in enumerate((32, 64, 128), start=1):
-        x = layers.Conv2D(width, (3, 3), activation="relu", padding="same", name=f"enc_conv{n}")(x)
+    for n, filters in enumerate((32, 64, 128), start=1):
+        x = layers.Conv2D(filters, (3, 3), activation="relu", padding="same", name=f"enc_conv{n}")(x)
         x = layers.MaxPooling2D((2, 2), padding="same", name=f"enc_pool{n}")(x)
-    x = layers.Flatten(name="bottleneck")(x)  # 4x4x128
+    x = layers.Flatten(name="bottleneck")(x)  # 4x4x128 at 28x28
     code = layers.Dense(EMBEDDING_DIM, name="projection")(x)
     embedding = layers.UnitNormalization(name="embedding")(code)
 
-    x = layers.Dense(7 * 7 * 16, activation="relu", name="dec_dense")(embedding)
-    x = layers.Reshape((7, 7, 16), name="dec_reshape")(x)
-    x = layers.Conv2DTranspose(16, (3, 3), strides=2, activation="relu", padding="same", name="dec_up1")(x)
-    x = layers.Conv2DTranspose(8, (3, 3), strides=2, activation="relu", padding="same", name="dec_up2")(x)
-    outputs = layers.Conv2D(1, (3, 3), activation="sigmoid", padding="same", name="reconstruction")(x)
+    # The decoder doubles a quarter-size map back twice (7x7 -> 28x28 for digits); colour gets the widths of
+    # the encoder's first layers, as 3 channels carry more than 1.
+    first, second = (16, 8) if channels == 1 else (64, 32)
+    x = layers.Dense((height // 4) * (width // 4) * first, activation="relu", name="dec_dense")(embedding)
+    x = layers.Reshape((height // 4, width // 4, first), name="dec_reshape")(x)
+    x = layers.Conv2DTranspose(first, (3, 3), strides=2, activation="relu", padding="same", name="dec_up1")(x)
+    x = layers.Conv2DTranspose(second, (3, 3), strides=2, activation="relu", padding="same", name="dec_up2")(
+        x
+    )
+    outputs = layers.Conv2D(channels, (3, 3), activation="sigmoid", padding="same", name="reconstruction")(x)
 
     autoencoder = keras.Model(inputs, outputs, name="autoencoder")
     encoder = keras.Model(inputs, embedding, name="encoder")
@@ -131,26 +162,34 @@ def cosine_margin_loss(classes: int, scale: float, margin: float) -> Callable[[o
     return loss
 
 
-ARCHITECTURES: dict[str, Callable[[], tuple[keras.Model, keras.Model]]] = {
+ARCHITECTURES: dict[str, Callable[[tuple[int, int, int]], tuple[keras.Model, keras.Model]]] = {
     "tutorial": build_tutorial,
     "wide": build_wide,
 }
 
 
-def build_autoencoder(name: str = DEFAULT_ARCHITECTURE) -> tuple[keras.Model, keras.Model]:
-    """Returns `(autoencoder, encoder)` of the named architecture, sharing layers.
+def build_autoencoder(
+    name: str = DEFAULT_ARCHITECTURE, input_shape: tuple[int, int, int] = INPUT_SHAPE
+) -> tuple[keras.Model, keras.Model]:
+    """Returns `(autoencoder, encoder)` of the named architecture for the input shape, sharing layers.
 
-    Raises ValueError naming the known architectures when `name` is not one of them."""
+    Raises ValueError naming the known architectures when `name` is not one of them, and saying what a
+    shape must be when the shape is not one they can take (shapes.check_input_shape)."""
     try:
         builder = ARCHITECTURES[name]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"unknown model architecture {name!r}; known: {known}") from None
-    autoencoder, encoder = builder()
-    if tuple(encoder.input_shape[1:]) != INPUT_SHAPE or tuple(encoder.output_shape[1:]) != (EMBEDDING_DIM,):
+    input_shape = check_input_shape(tuple(input_shape))  # type: ignore[arg-type]
+    autoencoder, encoder = builder(input_shape)
+    if tuple(encoder.input_shape[1:]) != input_shape or tuple(encoder.output_shape[1:]) != (EMBEDDING_DIM,):
         raise AssertionError(
             f"architecture {name!r} maps {encoder.input_shape} to {encoder.output_shape}, "
-            f"expected {(None, *INPUT_SHAPE)} to {(None, EMBEDDING_DIM)}"
+            f"expected {(None, *input_shape)} to {(None, EMBEDDING_DIM)}"
+        )
+    if tuple(autoencoder.output_shape[1:]) != input_shape:
+        raise AssertionError(
+            f"architecture {name!r} reconstructs {autoencoder.output_shape}, not {input_shape}"
         )
     return autoencoder, encoder
 
