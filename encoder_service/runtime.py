@@ -9,12 +9,17 @@ and `reconstruct(batch)`.
 A model directory without its decoder still embeds; `reconstruct` then raises NoDecoderError
 (`python -m encoder_service.export MODEL_DIR` adds `decoder.tflite` to a directory trained before it).
 
+`novelty(batch, vectors)` runs the decoder on embeddings `embed` just made and scores each image's
+reconstruction error against the card's `novelty` threshold (`encoder_service.novelty`): above 1, unlike
+the training data. None without a decoder or without a threshold in the card (`has_novelty`).
+
 Both read `card.json` for the model version and are safe to call from many threads at once. This module
 imports neither LiteRT nor TensorFlow until a runtime of that kind is created.
 
     runtime = load_runtime(DEFAULT_MODEL_DIR)          # or load_runtime(path, "tensorflow")
     vectors = runtime.embed(images)                    # float32 [N, 28, 28] in [0, 1] -> float32 [N, 128]
     pictures = runtime.reconstruct(images)             # -> float32 [N, 28, 28] in [0, 1]: decoder(embed(x))
+    scores = runtime.novelty(images, vectors)          # -> float32 [N], or None (no decoder or threshold)
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from encoder_service.model_dir import (
     ENCODER_TFLITE,
     read_card,
 )
+from encoder_service.novelty import Threshold
 
 DEFAULT_MAX_CHUNK = 32  # images per LiteRT invoke: see LiteRTRuntime
 
@@ -48,7 +54,8 @@ class Runtime(ABC):
 
     Attributes: `name` ("litert" or "tensorflow"), `model_version` (the card's content hash),
     `dim` (embedding size, 128), `input_shape` ((28, 28, 1): height, width, channels),
-    `card` (card.json as a dict), `model_dir`, `has_decoder` (whether `reconstruct` works)."""
+    `card` (card.json as a dict), `model_dir`, `has_decoder` (whether `reconstruct` works),
+    `novelty_threshold` (the card's, or None) and `has_novelty` (whether `novelty` scores)."""
 
     name: str
     model_version: str
@@ -57,10 +64,12 @@ class Runtime(ABC):
     card: dict[str, Any]
     model_dir: Path
     has_decoder: bool = False
+    novelty_threshold: Threshold | None = None
 
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
         self.card = read_card(self.model_dir)
+        self.novelty_threshold = Threshold.from_card(self.card)
         self.model_version = str(self.card["model_version"])
         self.dim = int(self.card.get("embedding_dim", 128))
         height, width, channels = (int(v) for v in self.card.get("input_shape", (28, 28, 1)))
@@ -97,6 +106,37 @@ class Runtime(ABC):
         if pictures.shape != x.shape:
             raise RuntimeError(f"the decoder returned shape {pictures.shape}, expected {x.shape}")
         return np.ascontiguousarray(pictures.reshape(len(x), height, width) if channels == 1 else pictures)
+
+    @property
+    def has_novelty(self) -> bool:
+        """Whether `novelty` scores: the model has a decoder and its card a novelty threshold."""
+        return self.has_decoder and self.novelty_threshold is not None
+
+    def novelty(self, batch: np.ndarray, vectors: np.ndarray) -> np.ndarray | None:
+        """The novelty of each image of a batch (as `embed` takes it) from its embedding `vectors` (what
+        `embed` gave for it): the decoder runs on the vectors, and the reconstruction error is scored
+        against the card's threshold (encoder_service.novelty). float32 [N]; above 1, unlike the training
+        data. None when the runtime has no decoder or the card no threshold."""
+        threshold = self.novelty_threshold
+        if threshold is None or not self.has_decoder:
+            return None
+        x = self._as_input(batch)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(x), self.dim):
+            raise ValueError(
+                f"{len(x)} images need vectors of shape {(len(x), self.dim)}, got {vectors.shape}"
+            )
+        if len(x) == 0:
+            return np.zeros(0, np.float32)
+        pictures = np.asarray(self._decode(vectors), dtype=np.float32)
+        if pictures.shape != x.shape:
+            raise RuntimeError(f"the decoder returned shape {pictures.shape}, expected {x.shape}")
+        return threshold.novelty(x, pictures)
+
+    def _decode(self, vectors: np.ndarray) -> np.ndarray:
+        """The decoder's [N, H, W, C] output for non-empty float32 [N, dim] embeddings (only called with
+        a decoder)."""
+        raise NotImplementedError
 
     def check_decoder(self) -> None:
         """Raises NoDecoderError, saying how to add one, when this runtime cannot reconstruct."""
@@ -207,6 +247,14 @@ class LiteRTRuntime(Runtime):
             out[start : start + len(chunk)] = self._invoke(self._invoke(chunk), self._decoder_state())
         return out
 
+    def _decode(self, vectors: np.ndarray) -> np.ndarray:
+        out = np.empty((len(vectors), *self.input_shape), np.float32)
+        state = self._decoder_state()
+        for start in range(0, len(vectors), self.max_chunk):
+            chunk = vectors[start : start + self.max_chunk]
+            out[start : start + len(chunk)] = self._invoke(chunk, state)
+        return out
+
     def _invoke(self, x: np.ndarray, state: _InterpreterState | None = None) -> np.ndarray:
         if state is None:
             state = self._state()
@@ -270,14 +318,23 @@ class TensorFlowRuntime(Runtime):
             def reconstruct(x: Any) -> Any:
                 return decoder(model(x, training=False), training=False)
 
+            @tf.function(input_signature=[tf.TensorSpec([None, self.dim], tf.float32)])
+            def decode(vectors: Any) -> Any:
+                return decoder(vectors, training=False)
+
             self._reconstruct_fn = reconstruct
             self._reconstruct_fn(tf.zeros([1, *self.input_shape], tf.float32))  # trace now
+            self._decode_fn = decode
+            self._decode_fn(tf.zeros([1, self.dim], tf.float32))
 
     def _embed(self, x: np.ndarray) -> np.ndarray:
         return self._encode(x).numpy()
 
     def _reconstruct(self, x: np.ndarray) -> np.ndarray:
         return self._reconstruct_fn(x).numpy()
+
+    def _decode(self, vectors: np.ndarray) -> np.ndarray:
+        return self._decode_fn(vectors).numpy()
 
     def _no_decoder_message(self) -> str:
         return (

@@ -1,5 +1,7 @@
 """The Encoder gRPC servicer: images in, decoded by `preprocess`, embedded by a runtime, vectors out;
-`Reconstruct`: the same images out as the model sees them and as its decoder redraws them.
+`Reconstruct`: the same images out as the model sees them and as its decoder redraws them. Embed also
+gives each image's novelty (how unlike the model's training data it looks) where the model has a decoder
+and its card a novelty threshold.
 
 One servicer serves one or more named models (`--models`), the first its default: each call names its
 model (`model`, empty for the default), and each model has a runtime and, with dynamic batching, a
@@ -205,12 +207,16 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def Embed(
         self, request: encoder_pb2.EmbedRequest, context: grpc.ServicerContext
     ) -> encoder_pb2.EmbedResponse:
+        """The images' vectors and, unless the request skips it, each image's novelty: the decoder run on
+        the call's own vectors (after the micro-batch, when there is one), the reconstruction error scored
+        against the model card's threshold (encoder_service.novelty)."""
         served = self._model(request.model)
         count = len(request.images)
         self._check_batch_size(count)
         batcher = served.batcher
         if batcher is None:
-            vectors = served.runtime.embed(self._decode_all(request, context, served))
+            batch = self._decode_all(request, context, served)
+            vectors = served.runtime.embed(batch)
         else:
             batcher.start()
             try:
@@ -219,6 +225,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 batcher.cancel()
                 raise
             vectors = batcher.embed(batch)
+        novelty = [] if request.skip_novelty else self._novelty(served, batch, vectors)
         with self._counts_lock:
             self._embedded += count  # all models together
         return encoder_pb2.EmbedResponse(
@@ -226,7 +233,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             model_version=served.runtime.model_version,
             replica=self.replica_id,
             model=served.name,
+            novelty=novelty,
         )
+
+    def _novelty(self, served: ServedModel, batch: np.ndarray, vectors: np.ndarray) -> list[float]:
+        """Each image's novelty (the decoder on the call's own embeddings, after any micro-batch: see
+        encoder_service.novelty); empty when the model has no decoder or its card no threshold, or when
+        scoring failed (logged: the vectors are still good)."""
+        if not served.runtime.has_novelty:
+            return []
+        try:
+            scores = served.runtime.novelty(batch, vectors)
+        except Exception:
+            log.exception(
+                "novelty of %d images by model %r failed; replying without it", len(batch), served.name
+            )
+            return []
+        return [] if scores is None else scores.tolist()
 
     @grpc_errors({NoDecoderError: grpc.StatusCode.FAILED_PRECONDITION})
     def Reconstruct(

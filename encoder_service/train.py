@@ -22,7 +22,9 @@ The output directory gets:
 - `card.json`: what was trained on what, the losses, and `model_version`, a content hash of the encoder's
   weights ("<architecture>-" + 12 hex of sha256), identical for identical weights; and the model's
   near-duplicate distance `duplicate_distance` with its `nothing_close_factor`, measured on the dataset's
-  images through the written model (`encoder_service.duplicate_distance`, a few seconds).
+  images through the written model (`encoder_service.duplicate_distance`, a few seconds); and `novelty`,
+  the distribution of the reconstruction errors on the validation split, whose 99th percentile the
+  encoder's novelty score divides by (`encoder_service.novelty`, a second).
 
 Everything is written to a temporary sibling directory first and swapped in at the end, so a crash never
 leaves a half-written model behind. TensorFlow is imported only once training starts.
@@ -308,6 +310,7 @@ def train(
         card.update(write_decoder(autoencoder, encoder, tmp, x[:16]))  # decoder.tflite, checked
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         card.update(_duplicate_distance(tmp, encoder, dataset))  # through the model just written
+        card.update(_novelty(tmp, autoencoder, val_x[..., 0], dataset))
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         _swap_in(tmp, output)
     finally:
@@ -409,6 +412,43 @@ def _duplicate_distance(model_dir: Path, encoder: Any, dataset: Dataset) -> dict
     if len(images) > MAX_POOL:
         source += f" (a seeded sample of {MAX_POOL} of its {len(images)} images)"
     return measurement.card_entries(source, outside[1] if outside else "")
+
+
+def _novelty(model_dir: Path, autoencoder: Any, held_out: np.ndarray, dataset: Dataset) -> dict[str, Any]:
+    """The card's `novelty`, as `python -m tools.novelty` measures a shipped model: the reconstruction
+    errors of the validation split (float32 [N, 28, 28] in [0, 1], held out from training) through the
+    LiteRT runtime of `model_dir` (the Keras autoencoder where LiteRT is not installed), with the test
+    split and images of another domain (`duplicate_distance.outside_sample`) as checks. {} (logged) when
+    the validation split is under 100 images: too few for a 99th percentile."""
+    from encoder_service.duplicate_distance import outside_sample
+    from encoder_service.novelty import CARD_KEY, measure, model_input
+
+    if len(held_out) < 100:
+        log.warning("no novelty threshold: the validation split has %d images, under 100", len(held_out))
+        return {}
+    try:
+        from encoder_service.runtime import load_runtime
+
+        reconstruct = load_runtime(model_dir).reconstruct
+    except ImportError:
+
+        def reconstruct(batch: np.ndarray) -> np.ndarray:
+            return np.asarray(autoencoder.predict(batch[..., None], batch_size=512, verbose=0))[..., 0]
+
+    source = _portable(dataset.source) or dataset.name
+    first = len(dataset.x_train) - len(held_out)
+    outside = outside_sample(dataset.name)
+    measurement = measure(
+        reconstruct,
+        held_out,
+        data=f"{source} training images {first}-{len(dataset.x_train) - 1}: the model's validation split, "
+        "held out from its training",
+        test=(model_input(dataset.x_test), f"{source}: the test split (never trained on)")
+        if dataset.has_test
+        else None,
+        outside=(model_input(outside[0]), outside[1]) if outside else None,
+    )
+    return {CARD_KEY: measurement.card_entry()}
 
 
 def _portable(source: str) -> str:

@@ -26,10 +26,12 @@ from imgsearch.ingest import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT,
     DEFAULT_PATIENCE_S,
+    NOVEL_ABOVE,
     SOURCE_KEY,
     ImageFile,
     IngestReport,
     collect_images,
+    embed_all,
     embed_files,
     index_images,
     labelled,
@@ -127,6 +129,12 @@ def cmd_index(search: ImageSearch, args: argparse.Namespace) -> int:
     if len(report.by_replica) > 1:
         shares = ", ".join(f"{name} {count}" for name, count in sorted(report.by_replica.items()))
         print(f"embedded by {len(report.by_replica)} encoder replicas: {shares}")
+    if report.novel:
+        looks = "looks" if report.novel == 1 else "look"
+        print(
+            f"{report.novel} of them {looks} unlike the model's training data (novelty > {NOVEL_ABOVE:g}; "
+            "each image's novelty is in its metadata `novelty`)"
+        )
     collided = _collision_summary(report)
     if collided:
         print(collided)
@@ -255,10 +263,18 @@ def _ensure_collection(source: IndexClient, target: IndexClient, note: Callable[
     note(f"created the collection {target.collection!r} (model {model or 'default'!r}) at {target.address}")
 
 
-def _print_results(query: str, matches: Sequence[Match], as_json: bool, nothing: str = "no result") -> None:
-    """One query's results: a JSON object, or a table, where a query without results says `nothing`."""
+def _print_results(
+    query: str,
+    matches: Sequence[Match],
+    as_json: bool,
+    nothing: str = "no result",
+    novelty: float | None = None,
+) -> None:
+    """One query's results: a JSON object (with the query's `novelty`, null when unknown), or a table,
+    where a query without results says `nothing`."""
     if as_json:
-        print(json.dumps({"query": query, "results": [m.as_dict() for m in matches]}))
+        shown = None if novelty is None else round(novelty, 4)
+        print(json.dumps({"query": query, "novelty": shown, "results": [m.as_dict() for m in matches]}))
         return
     print(f"{query}")
     if not matches:
@@ -279,6 +295,41 @@ def _nothing_found(args: argparse.Namespace) -> str:
     return said
 
 
+class NoveltyWarnings:
+    """Warns on stderr of a query that looks unlike what its model was trained on (novelty above 1),
+    naming the model's training set from its card (one Info call, the first time it is needed)."""
+
+    def __init__(self, search: ImageSearch) -> None:
+        self.search = search
+        self._datasets: dict[str, str] | None = None
+
+    def check(self, query: str, novelty: float | None, model: str) -> None:
+        if novelty is None or not novelty > NOVEL_ABOVE:
+            return
+        dataset = self.dataset(model)
+        trained = f"; trained on {dataset}" if dataset else ""
+        print(
+            f"imgsearch: warning: {query} looks unlike what the model {model or 'default'!r} was trained on "
+            f"(novelty {novelty:.1f}{trained}): its results may mean little",
+            file=sys.stderr,
+        )
+
+    def dataset(self, model: str) -> str:
+        """The `dataset` of the model's card ("" the default model); "" when it cannot be read."""
+        if self._datasets is None:
+            self._datasets = {}
+            try:
+                info = self.search.encoder.info()
+            except ServiceError:
+                return ""
+            for entry in info.get("models") or ():
+                dataset = str((entry.get("card") or {}).get("dataset") or "")
+                self._datasets[entry["name"]] = dataset
+                if entry.get("default"):
+                    self._datasets[""] = dataset
+        return self._datasets.get(model, "")
+
+
 def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
     conditions = _conditions(args)
     if conditions is None:
@@ -297,15 +348,23 @@ def cmd_search(search: ImageSearch, args: argparse.Namespace) -> int:
     files, skipped = collect_images(args.images)
     for path, reason in skipped:
         print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
-    kept, vectors, version, bad = embed_files(search.encoder, files, args.batch_size)
-    for path, reason in bad:
+    embedded = embed_all(search.encoder, files, args.batch_size)
+    for path, reason in embedded.skipped:
         print(f"imgsearch: skipped {path}: {reason}", file=sys.stderr)
     results = _search_in_batches(
-        search, vectors, args.k, version, args.batch_size, conditions, args.max_distance
+        search,
+        embedded.vectors,
+        args.k,
+        embedded.model_version,
+        args.batch_size,
+        conditions,
+        args.max_distance,
     )
-    for image, matches in zip(kept, results, strict=True):
-        _print_results(str(image.path), matches, args.json, nothing)
-    return 0 if not (skipped or bad) else 1
+    warnings = NoveltyWarnings(search)
+    for image, matches, novelty in zip(embedded.files, results, embedded.novelty, strict=True):
+        warnings.check(str(image.path), novelty, embedded.model)
+        _print_results(str(image.path), matches, args.json, nothing, novelty)
+    return 0 if not (skipped or embedded.skipped) else 1
 
 
 STDIN = "-"  # `imgsearch search -`: the query image is read from stdin
@@ -339,8 +398,13 @@ def _search_stdin(search: ImageSearch, args: argparse.Namespace, conditions: Seq
             file=sys.stderr,
         )
         return 2
-    (matches,) = search.search([data], args.k, filter=conditions, max_distance=args.max_distance)
-    _print_results(STDIN, matches, args.json, _nothing_found(args))
+    embedding = search.embed([data], search.pinned or search.target())
+    (matches,) = search.index.search(
+        embedding.vectors, args.k, embedding.model_version, filter=conditions, max_distance=args.max_distance
+    )
+    novelty = embedding.novelty[0] if embedding.novelty else None
+    NoveltyWarnings(search).check("the image from stdin", novelty, embedding.model)
+    _print_results(STDIN, matches, args.json, _nothing_found(args), novelty)
     return 0
 
 
@@ -805,7 +869,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out results farther than D (Euclidean; one at exactly D is kept), so a query may get "
         'fewer than k results, or none (the table then says so; --json gives "results": [])',
     )
-    sub.add_argument("--json", action="store_true", help="one JSON object per query")
+    sub.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per query: {"query": ..., "novelty": ..., "results": [...]}; novelty is how '
+        "unlike the model's training data the query looks (above 1: unlike it, and a warning on stderr; "
+        "null when unknown, as for --id)",
+    )
     batch_flags(sub)
     sub = command(
         "list",

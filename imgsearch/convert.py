@@ -31,6 +31,9 @@ class Embedding:
     model_version: str
     replica: str = ""  # the encoder replica that made them
     model: str = ""  # the name of the encoder's model that made them
+    # One per image: how unlike the model's training data it looks (above 1: unlike it; see
+    # encoder_service/novelty.py); None when the encoder gives none (no decoder or threshold, skipped).
+    novelty: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,12 @@ class ScanPage:
     model_version: str  # the index's when the scan began
 
 
-def embed_request(images: Sequence[bytes | np.ndarray], model: str = "") -> encoder_pb2.EmbedRequest:
-    """The request, each image added in place (half the time of building Image messages to copy in)."""
-    request = encoder_pb2.EmbedRequest(model=model)
+def embed_request(
+    images: Sequence[bytes | np.ndarray], model: str = "", novelty: bool = True
+) -> encoder_pb2.EmbedRequest:
+    """The request, each image added in place (half the time of building Image messages to copy in);
+    `novelty` False asks the encoder to skip it."""
+    request = encoder_pb2.EmbedRequest(model=model, skip_novelty=not novelty)
     add_images(request, images)
     return request
 
@@ -123,8 +129,14 @@ def matches_of(reply: index_pb2.SearchResponse) -> list[list[Match]]:
 
 
 def embedding_of(reply: encoder_pb2.EmbedResponse, count: int) -> Embedding:
+    """The reply's vectors (ValueError unless `count` rows) and its novelty (None unless one per image)."""
+    novelty = [float(value) for value in reply.novelty] if len(reply.novelty) == count else None
     return Embedding(
-        wire.unpack(reply.vectors, expected_count=count), reply.model_version, reply.replica, reply.model
+        wire.unpack(reply.vectors, expected_count=count),
+        reply.model_version,
+        reply.replica,
+        reply.model,
+        novelty,
     )
 
 

@@ -19,6 +19,10 @@ from imgsearch.client import BadImage, Embedding, EncoderClient, ImageSearch, In
 
 SOURCE_KEY = "source"  # the metadata key every indexed image's absolute path is stored under
 LABEL_KEY = "label"  # the metadata key of its parent folder's name
+# The metadata key of an indexed image's novelty by the model that embedded it (rounded, as a string),
+# where the encoder gives one: above 1, it looks unlike the model's training data.
+NOVELTY_KEY = "novelty"
+NOVEL_ABOVE = 1.0  # a novelty above this: unlike the model's training data
 COLLISIONS_NAMED = 5  # replaced items of another source an ingest names (it counts them all)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -67,6 +71,21 @@ class IngestReport:
     by_replica: dict[str, int] = field(default_factory=dict)  # images indexed, by the encoder replica
     replaced_other_source: int = 0  # stored items replaced whose `source` was another file
     collisions: list[Collision] = field(default_factory=list)  # the first COLLISIONS_NAMED of them
+    scored: int = 0  # images indexed with a novelty (the encoder gave one)
+    novel: int = 0  # of them, those above NOVEL_ABOVE: unlike the model's training data
+
+
+def novelty_text(value: float) -> str:
+    """A novelty as the metadata stores it: two decimals (`0.43`, `3.10`)."""
+    return f"{value:.2f}"
+
+
+def with_novelty(metadata: Mapping[str, str], novelty: float | None) -> dict[str, str]:
+    """The metadata with the image's novelty under NOVELTY_KEY (replacing any there: it belongs to the
+    model that embedded the image); unchanged when there is none."""
+    if novelty is None:
+        return dict(metadata)
+    return {**metadata, NOVELTY_KEY: novelty_text(novelty)}
 
 
 def labelled(
@@ -187,13 +206,18 @@ def read_images(
 
 
 def embed_images(
-    encoder: EncoderClient, files: list[ImageFile], datas: list[bytes], skipped: list[tuple[str, str]]
+    encoder: EncoderClient,
+    files: list[ImageFile],
+    datas: list[bytes],
+    skipped: list[tuple[str, str]],
+    novelty: bool = True,
 ) -> tuple[list[ImageFile], Embedding | None]:
-    """Embeds a batch; an image the encoder refuses goes to `skipped` and the rest is sent again."""
+    """Embeds a batch (with each image's novelty unless `novelty` is False); an image the encoder refuses
+    goes to `skipped` and the rest is sent again."""
     files, datas = list(files), list(datas)
     while files:
         try:
-            return files, encoder.embed(datas)
+            return files, encoder.embed(datas, novelty=novelty)
         except BadImage as bad:
             skipped.append((str(files[bad.position].path), bad.details))
             del files[bad.position], datas[bad.position]
@@ -333,11 +357,12 @@ def index_images(
                 )
             report.skipped += skipped
             if embedding is not None:
+                scores: list[float | None] = [*embedding.novelty] if embedding.novelty else [None] * len(kept)
                 upsert = partial(
                     search.index.upsert,
                     [f.id for f in kept],
                     embedding.vectors,
-                    [f.metadata for f in kept],
+                    [with_novelty(f.metadata, score) for f, score in zip(kept, scores, strict=True)],
                     embedding.model_version,
                     model_name=embedding.model,
                 )
@@ -345,6 +370,9 @@ def index_images(
                 report.indexed += len(kept)
                 replica = embedding.replica or "?"
                 report.by_replica[replica] = report.by_replica.get(replica, 0) + len(kept)
+                if embedding.novelty is not None:
+                    report.scored += len(kept)
+                    report.novel += sum(score > NOVEL_ABOVE for score in embedding.novelty)
                 report.replaced_other_source += len(collisions)
                 report.collisions += collisions[: COLLISIONS_NAMED - len(report.collisions)]
             if on_batch is not None:
@@ -358,25 +386,53 @@ def index_images(
     return report
 
 
+@dataclass
+class EmbeddedFiles:
+    """What `embed_all` made of image files."""
+
+    files: list[ImageFile]  # those embedded, in order
+    vectors: np.ndarray  # float32 [len(files), dim]; [0, 0] when none
+    model_version: str
+    skipped: list[tuple[str, str]]  # (absolute path, why)
+    novelty: list[float | None]  # one per file embedded: None where the encoder gave none
+    model: str = ""  # the name of the model that embedded them
+
+
+def embed_all(
+    encoder: EncoderClient,
+    files: Sequence[ImageFile],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], None] | None = None,
+    novelty: bool = True,
+) -> EmbeddedFiles:
+    """The files embedded in batches, with each one's novelty where the encoder gives it (`novelty`
+    False: none asked for, a third less of the encoder's time)."""
+    skipped: list[tuple[str, str]] = []
+    kept_all: list[ImageFile] = []
+    parts: list[np.ndarray] = []
+    scores: list[float | None] = []
+    version = model = ""
+    for batch in batches(files, batch_size):
+        readable, datas = read_images(batch, skipped)
+        kept, embedding = embed_images(encoder, readable, datas, skipped, novelty)
+        if embedding is not None:
+            kept_all += kept
+            parts.append(embedding.vectors)
+            scores += embedding.novelty if embedding.novelty is not None else [None] * len(kept)
+            version, model = embedding.model_version, embedding.model
+        if on_batch is not None:
+            on_batch(len(batch))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return EmbeddedFiles(kept_all, vectors, version, skipped, scores, model)
+
+
 def embed_files(
     encoder: EncoderClient,
     files: Sequence[ImageFile],
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[ImageFile], np.ndarray, str, list[tuple[str, str]]]:
-    """Returns (the files embedded, their vectors, the model version, the files skipped with why)."""
-    skipped: list[tuple[str, str]] = []
-    kept_all: list[ImageFile] = []
-    parts: list[np.ndarray] = []
-    version = ""
-    for batch in batches(files, batch_size):
-        readable, datas = read_images(batch, skipped)
-        kept, embedding = embed_images(encoder, readable, datas, skipped)
-        if embedding is not None:
-            kept_all += kept
-            parts.append(embedding.vectors)
-            version = embedding.model_version
-        if on_batch is not None:
-            on_batch(len(batch))
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return kept_all, vectors, version, skipped
+    """Returns (the files embedded, their vectors, the model version, the files skipped with why); no
+    novelty asked for (embed_all gives it)."""
+    done = embed_all(encoder, files, batch_size, on_batch, novelty=False)
+    return done.files, done.vectors, done.model_version, done.skipped

@@ -6,7 +6,9 @@ gateway's --collection) and answer with the collection that answered, an alias r
 embedded, and shown as the model sees it, by the model that fills that collection.
 
 Both searches take a metadata filter (`label`, `filter`: web/labels.py) and a `max_distance`, and say when
-nothing is close to the query (web/nearness.py); /api/labels lists a collection's labels for a picker.
+nothing is close to the query, and when the query looks unlike the model's training data (its novelty,
+and each result's from its metadata: web/nearness.py); /api/labels lists a collection's labels for a
+picker.
 
 `router` is module-level and shared by every app; each route reaches its app's settings and client
 through the dependencies in web/deps.py. Every route goes through the client's Python API (`ImageSearch`,
@@ -75,6 +77,16 @@ NOTHING_CLOSE = (
     "anything stored"
 )
 NOTICE = "when nothing_close: a line saying so, for the page; else null"
+NOVELTY = (
+    "how unlike the model's training data the query looks: its reconstruction error over the 99th "
+    "percentile of held-out training images' (above 1: unlike it); null when the model gives none"
+)
+NOVEL = "whether novelty is above 1: the query looks unlike what the model was trained on"
+NOVELTY_NOTICE = "when novel: a line saying so, for the page; else null"
+RESULT_NOVELTY = (
+    "the item's novelty by the model that indexed it (its metadata `novelty`); above 1: unlike the "
+    "model's training data; null when it has none"
+)
 DUPLICATE = "the model's duplicate distance (its card's `duplicate_distance`); null when the card has none"
 NOTHING_CLOSE_DISTANCE = (
     f"duplicate_distance times the card's `nothing_close_factor` ({nearness.DEFAULT_NOTHING_CLOSE_FACTOR:g} "
@@ -102,6 +114,7 @@ class Result(BaseModel):
     distance: float = Field(description="Euclidean distance to the query, smallest first")
     metadata: dict[str, str] = Field(description=METADATA)
     thumbnail_url: str | None = Field(description="the stored image, downscaled; null when none is served")
+    novelty: float | None = Field(default=None, description=RESULT_NOVELTY)
 
 
 class ModelView(BaseModel):
@@ -130,6 +143,9 @@ class UploadSearch(BaseModel):
     notice: str | None = Field(description=NOTICE)
     duplicate_distance: float | None = Field(description=DUPLICATE)
     nothing_close_distance: float | None = Field(description=NOTHING_CLOSE_DISTANCE)
+    novelty: float | None = Field(default=None, description=NOVELTY)
+    novel: bool = Field(default=False, description=NOVEL)
+    novelty_notice: str | None = Field(default=None, description=NOVELTY_NOTICE)
 
 
 class IdQuery(BaseModel):
@@ -148,6 +164,9 @@ class IdSearch(BaseModel):
     notice: str | None = Field(description=NOTICE)
     duplicate_distance: float | None = Field(description=DUPLICATE)
     nothing_close_distance: float | None = Field(description=NOTHING_CLOSE_DISTANCE)
+    novelty: float | None = Field(default=None, description=NOVELTY)
+    novel: bool = Field(default=False, description=NOVEL)
+    novelty_notice: str | None = Field(default=None, description=NOVELTY_NOTICE)
 
 
 class Item(BaseModel):
@@ -334,9 +353,20 @@ def results(settings: Settings, matches: list[Match], collection: str) -> list[R
             distance=m.distance,
             metadata=shown(settings, m.metadata),
             thumbnail_url=thumbnail_url(settings, m.id, m.metadata, collection),
+            novelty=nearness.stored_novelty(m.metadata),
         )
         for m in matches
     ]
+
+
+def novelty_of(
+    cards: nearness.ModelCards, search: ImageSearch, model: str, novelty: float | None, what: str
+) -> dict[str, Any]:
+    """A search reply's novelty fields for a query of this novelty (the card only read when it is novel)."""
+    notice = None
+    if novelty is not None and novelty > nearness.NOVEL_ABOVE:
+        notice = nearness.unlike_training(novelty, model, cards.card(search.encoder, model), what)
+    return {"novelty": novelty, "novel": notice is not None, "novelty_notice": notice}
 
 
 def no_view(note: str) -> ModelView:
@@ -468,7 +498,7 @@ def search_upload(
     conditions = label_filter.search_filter(label, filter)
     image = read_upload(file, settings.max_upload_bytes)
 
-    def run(target: Target) -> tuple[Target, list[Match]]:
+    def run(target: Target) -> tuple[Target, list[Match], float | None]:
         embedding = search.embed([image], target)  # a bad image fails here: 400 with the encoder's reason
         [matches] = search.index.search(
             embedding.vectors,
@@ -478,9 +508,9 @@ def search_upload(
             filter=conditions,
             max_distance=max_distance,
         )
-        return target, matches
+        return target, matches, embedding.novelty[0] if embedding.novelty else None
 
-    target, matches = in_collection(search, collection_of(settings, collection), run)
+    target, matches, novelty = in_collection(search, collection_of(settings, collection), run)
     return UploadSearch(
         k=k,
         collection=target.collection,
@@ -488,6 +518,7 @@ def search_upload(
         query=model_view(search, image, target),
         results=results(settings, matches, target.collection),
         **nearness_of(cards, search, target.model, conditions, max_distance, matches),
+        **novelty_of(cards, search, target.model, novelty, "The image"),
     )
 
 
@@ -516,6 +547,8 @@ def search_by_id(
     [matches] = search.search_by_id(
         [id], k, collection=target.collection, filter=conditions, max_distance=max_distance
     )
+    found, _ = search.index.get([id], collection=target.collection)  # the query's stored novelty
+    novelty = nearness.stored_novelty(found[0].metadata) if found else None
     return IdSearch(
         k=k,
         collection=target.collection,
@@ -523,6 +556,7 @@ def search_by_id(
         query=IdQuery(id=id),
         results=results(settings, matches, target.collection),
         **nearness_of(cards, search, target.model, conditions, max_distance, matches),
+        **novelty_of(cards, search, target.model, novelty, f"The item {id!r}"),
     )
 
 

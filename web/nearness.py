@@ -7,6 +7,12 @@ Both numbers come from the model's card (its card.json, which the encoder serves
 model), and the key `nothing_close_factor`; a card without a factor gets DEFAULT_NOTHING_CLOSE_FACTOR. A
 card without a duplicate distance (or with one that is not a positive number) gets no notice, and no error.
 
+The "unlike the training data" notice: the encoder scores each embedded image's novelty (its
+reconstruction error over the 99th percentile of held-out training images': encoder_service/novelty.py),
+and `imgsearch index` stores it in each item's metadata under `novelty`; above 1, the image looks unlike
+what the model was trained on (the card's `dataset` names that), and the page says so of the query and
+marks such results.
+
 The cards change only when the encoder restarts: one Info call gives every model's, kept for CARDS_TTL_S
 (FAILED_TTL_S after a failed call, which gives no notice rather than failing the search)."""
 
@@ -70,6 +76,34 @@ def nothing_close(closeness: Closeness | None, results: Sequence[Match], filtere
         f"Nothing close: the nearest result{among} is at {results[0].distance:.3g}, past "
         f"{closeness.factor:g} x the model's duplicate distance {closeness.duplicate_distance:.3g}; "
         "the query may be unlike anything stored"
+    )
+
+
+NOVELTY_KEY = "novelty"  # the metadata key `imgsearch index` stores an item's novelty under
+NOVEL_ABOVE = 1.0
+
+
+def stored_novelty(metadata: dict[str, str]) -> float | None:
+    """An item's novelty from its metadata; None when it has none, or one that is not a number 0 or more."""
+    text = metadata.get(NOVELTY_KEY)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def unlike_training(novelty: float | None, model: str, card: dict[str, Any] | None, what: str) -> str | None:
+    """The notice for a query of this novelty (`what`: "The image"): None unless above NOVEL_ABOVE."""
+    if novelty is None or not novelty > NOVEL_ABOVE:
+        return None
+    dataset = (card or {}).get("dataset")
+    trained = f"; trained on {dataset}" if isinstance(dataset, str) and dataset else ""
+    return (
+        f"{what} looks unlike what the model {model or 'default'!r} was trained on (novelty {novelty:.1f}"
+        f"{trained}): its results may mean little"
     )
 
 

@@ -184,7 +184,9 @@ def test_max_distance_keeps_a_result_at_exactly_d(cli: Cli, albums: dict[str, Pa
     code, out, _ = cli("search", query, "--max-distance", "0.001")
     assert code == 0 and out.splitlines() == [query, "  no result within 0.001"], out
     code, out, _ = cli("search", query, "--max-distance", "0.001", "--filter", "label=3", "--json")
-    assert code == 0 and jsonl(out) == [{"query": query, "results": []}]
+    [row] = jsonl(out)
+    assert code == 0 and row == {"query": query, "novelty": row["novelty"], "results": []}
+    assert 0 <= row["novelty"] < 1, "a digit, as the model knows them"
     code, out, _ = cli("search", query, "--filter", "album=C")
     assert code == 0 and out.splitlines() == [query, "  no result matching --filter album=C"], out
 
@@ -227,7 +229,10 @@ def test_list_streams_every_item_with_its_metadata(cli: Cli, albums: dict[str, P
     lines = out.splitlines()
     assert code == 0 and lines[-1] == "60 items in the index", (lines[-3:], err)
     first = next(line for line in lines if line.startswith("A/3/00007.png "))
-    assert first == f"A/3/00007.png  album=A  label=3  shelf=1  source={albums['A'] / '3' / '00007.png'}"
+    novelty = first.split("novelty=")[1].split()[0]  # the model's, stored by `index`
+    source = albums["A"] / "3" / "00007.png"
+    assert first == f"A/3/00007.png  album=A  label=3  novelty={novelty}  shelf=1  source={source}"
+    assert 0 <= float(novelty) < 1.5 and novelty == f"{float(novelty):.2f}"
     assert sorted(line.split()[0] for line in lines[:-1]) == sorted(
         [f"A/{p.relative_to(albums['A']).as_posix()}" for p in albums["A"].rglob("*.png")]
         + [f"B/{p.relative_to(albums['B']).as_posix()}" for p in albums["B"].rglob("*.png")]
@@ -237,12 +242,16 @@ def test_list_streams_every_item_with_its_metadata(cli: Cli, albums: dict[str, P
     expected = sorted(f"B/7/{p.name}" for p in (albums["B"] / "7").glob("*.png"))
     assert code == 0 and sorted(item["id"] for item in listed) == expected
     assert all(set(item) == {"id", "metadata"} for item in listed)
-    assert listed[0]["metadata"] == {
-        "album": "B",
-        "label": "7",
-        "shelf": "1",
-        "source": str(albums["B"] / str(listed[0]["id"])[2:]),
-    }
+    assert (
+        listed[0]["metadata"]
+        == {
+            "album": "B",
+            "label": "7",
+            "novelty": listed[0]["metadata"]["novelty"],  # the model's, stored by `index`
+            "shelf": "1",
+            "source": str(albums["B"] / str(listed[0]["id"])[2:]),
+        }
+    )
     code, out, _ = cli("list", "--filter", "album=B", "--filter", "label=7")
     assert (
         out.splitlines()[-1]

@@ -127,9 +127,11 @@ def test_reindex_embeds_every_item_again_into_a_fresh_index(
             before, after = everything(old), everything(new)
             stats = new.stats()
         assert (stats.count, stats.dim, stats.model_version) == (COUNT, 128, version)
-        assert {i: m for i, (m, _) in after.items()} == {
+        # the metadata kept as it was, and each item's novelty by the new model added (imgsearch.ingest)
+        assert {i: {k: v for k, v in m.items() if k != "novelty"} for i, (m, _) in after.items()} == {
             i: m for i, (m, _) in before.items() if i not in ("no-source", "gone.png", "broken.png")
         }
+        assert all(float(m["novelty"]) >= 0 for m, _ in after.values())
         assert any(m.get("note") == "kept as it was" for m, _ in after.values())
         files = sorted(after)
         with closing(EncoderClient(encoder_address)) as direct:

@@ -89,7 +89,13 @@ def test_the_cli_end_to_end(services: LocalServices, folders: tuple[Path, Path],
     assert answer["query"] == str(own.absolute())
     top = answer["results"][0]
     assert top["id"] == f"3/{own.name}" and top["distance"] < 1e-5
-    assert top["metadata"] == {"label": "3", "source": str(own.absolute())}
+    assert top["metadata"] == {
+        "label": "3",
+        "novelty": top["metadata"]["novelty"],
+        "source": str(own.absolute()),
+    }
+    assert 0 <= answer["novelty"] < 1.5  # a digit, as the model knows them; stored with the item too
+    assert float(top["metadata"]["novelty"]) == pytest.approx(answer["novelty"], abs=0.006)
     distances = [m["distance"] for m in answer["results"]]
     assert len(distances) == 5 and distances == sorted(distances)
 

@@ -305,6 +305,7 @@
     $("results-filter").hidden = true;
     $("results-notice").hidden = true;
     $("query-panel").hidden = true;
+    showNovelty(null);
   }
 
   function setUpCollections() {
@@ -415,7 +416,21 @@
     notice.hidden = !notice.textContent;
   }
 
-  // Results: a grid of thumbnails with id, label and distance.
+  // The query's novelty (the encoder's: how unlike the model's training data it looks): a notice on the
+  // query when above 1. reply null: none.
+  function showNovelty(reply) {
+    const notice = $("query-novelty");
+    notice.textContent = reply && reply.novel && reply.novelty_notice ? reply.novelty_notice : "";
+    notice.hidden = !notice.textContent;
+  }
+
+  const NOVEL_ABOVE = 1;
+
+  function isNovel(result) {
+    return typeof result.novelty === "number" && result.novelty > NOVEL_ABOVE;
+  }
+
+  // Results: a grid of thumbnails with id, label and distance; a badge on those unlike the training data.
   function card(result, rank) {
     const item = el("li", "card");
     const open = el("button", "open");
@@ -432,6 +447,12 @@
       open.append(img);
     } else {
       open.append(el("span", "thumb placeholder", "no image"));
+    }
+    if (isNovel(result)) {
+      const badge = el("span", "novel-badge", "unlike training data");
+      badge.title =
+        `novelty ${result.novelty.toFixed(1)}: this image looks unlike what the model was trained on`;
+      open.append(badge);
     }
     open.addEventListener("click", () => searchById(result.id, state.answered));
 
@@ -482,7 +503,9 @@
     panel.hidden = false;
     $("detail-id").textContent = result.id;
     const label = result.metadata && result.metadata.label !== undefined ? result.metadata.label : "–";
-    $("detail-meta").textContent = `label ${label} · distance ${result.distance.toFixed(4)} to the query`;
+    const novelty = typeof result.novelty === "number" ? ` · novelty ${result.novelty.toFixed(2)}` : "";
+    $("detail-meta").textContent =
+      `label ${label} · distance ${result.distance.toFixed(4)} to the query${novelty}`;
     setImage($("detail-input"), null);
     setImage($("detail-reconstruction"), null);
     $("detail-note").textContent = "loading…";
@@ -530,6 +553,7 @@
       if (picked() !== collection || filterKey() !== filtered) return;
       if ($("status").classList.contains("error")) showStatus("");
       showQuery(name === "drawing.png" ? "Your drawing" : "Your image", preview, reply.query);
+      showNovelty(reply);
       showAnswered(reply);
       showFilterAndNotice(reply);
       const empty = state.labels.length
@@ -562,6 +586,7 @@
         : "No other images in the collection.";
       renderResults(reply.results, `More like ${id}`, empty);
       showQuery(`More like ${id}`, null, null);
+      showNovelty(reply);
       const item = await itemView(id);
       if (!wanted()) return;
       showQuery(`More like ${id}`, item.thumbnail_url, item.view);
