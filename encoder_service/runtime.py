@@ -74,6 +74,9 @@ class Runtime(ABC):
         self.dim = int(self.card.get("embedding_dim", 128))
         height, width, channels = (int(v) for v in self.card.get("input_shape", (28, 28, 1)))
         self.input_shape = (height, width, channels)
+        # How an image becomes this model's input: "digits" (the MNIST fit, preprocess.py) or "photo"
+        # (colour kept, padded and resized: photo.py). Cards from before say nothing: digits.
+        self.preprocess = str(self.card.get("preprocess", "digits"))
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """Embeds float32 [N, H, W] (or [N, H, W, 1]) images in [0, 1]: returns C-contiguous float32 [N, dim].

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from encoder_service.photo import decode_photo, from_raw_photo
 from encoder_service.preprocess import MODEL_SIZE, ImageError, ImageHeader, decode_image, from_raw_pixels
 from encoder_service.runtime import NoDecoderError, Runtime
 from imgsearch import wire
@@ -41,8 +42,10 @@ UNCOUNTED_DECODE_BYTES = 4 * MIB
 # system (malloc_trim, a few milliseconds), so a burst leaves no resident slack; smaller calls skip it.
 RELEASE_AFTER_BYTES = 64 * MIB
 DEFAULT_MODEL_NAME = "default"  # the name of a model given alone, as a Runtime
-# What `preprocess` makes of every image: a model must take this, or its calls would fail one by one.
+# What the `digits` preprocessing makes of every image: a digits model must take this, or its calls would fail
+# one by one. A `photo` model takes any shape (photo.py makes it).
 PREPROCESSED_SHAPE = (MODEL_SIZE, MODEL_SIZE, 1)
+PREPROCESSINGS = ("digits", "photo")
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +93,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         if not runtimes:
             raise ValueError("no model to serve")
         for name, runtime in runtimes.items():
-            if runtime.input_shape != PREPROCESSED_SHAPE:
+            preprocess = getattr(runtime, "preprocess", "digits")
+            if preprocess not in PREPROCESSINGS:
+                raise ValueError(f"model {name!r}: unknown preprocessing {preprocess!r} in its card")
+            if preprocess == "digits" and runtime.input_shape != PREPROCESSED_SHAPE:
                 raise ValueError(
                     f"model {name!r} takes {' x '.join(map(str, runtime.input_shape))} inputs, but the "
-                    f"preprocessing makes every image {' x '.join(map(str, PREPROCESSED_SHAPE))}"
+                    f"digits preprocessing makes every image {' x '.join(map(str, PREPROCESSED_SHAPE))}"
                 )
         self.models = {
             name: ServedModel(
@@ -138,14 +144,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     ) -> np.ndarray:
         try:
             kind = image.WhichOneof("content")
+            photo = getattr(served.runtime, "preprocess", "digits") == "photo"
             if kind == "raw":
-                height, width, _ = served.runtime.input_shape
-                if (image.raw.height, image.raw.width) != (height, width):
+                raw = image.raw
+                height, width, channels = served.runtime.input_shape
+                given = (raw.height, raw.width, raw.channels or 1)
+                if given != (height, width, channels):
                     raise ImageError(
-                        f"raw pixels must be {height} x {width} (the input of model {served.name!r}), "
-                        f"got {image.raw.height} x {image.raw.width}"
+                        f"raw pixels must be {height} x {width} x {channels} (the input of model "
+                        f"{served.name!r}), got {' x '.join(map(str, given))}"
                     )
-                return from_raw_pixels(image.raw.height, image.raw.width, image.raw.pixels)
+                if photo:
+                    return from_raw_photo(*given, raw.pixels, served.runtime.input_shape)
+                return from_raw_pixels(raw.height, raw.width, raw.pixels)
             if kind is None:
                 raise ImageError("empty image: neither encoded bytes nor raw pixels")
             data = image.encoded  # each read of the field makes a new bytes object: read it once
@@ -158,6 +169,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 call.decoded_bytes += header.decode_bytes
                 return self._admit(position, header, context)
 
+            if photo:
+                return decode_photo(
+                    data, served.runtime.input_shape, max_pixels=self.max_image_pixels, admit=admit
+                )
             return decode_image(data, max_pixels=self.max_image_pixels, admit=admit)
         except ImageError as error:
             if error.oversize is not None:
@@ -264,15 +279,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self._check_batch_size(len(request.images))
         batch = self._decode_all(request, context, served)
         pictures = served.runtime.reconstruct(batch)
-        height, width = batch.shape[1:3]
+        height, width, channels = served.runtime.input_shape
         reply = encoder_pb2.ReconstructResponse(
             model_version=served.runtime.model_version, replica=self.replica_id, model=served.name
         )
         for seen, redrawn in zip(_to_uint8(batch), _to_uint8(pictures), strict=True):
             item = reply.items.add()
-            item.input.height, item.input.width, item.input.pixels = height, width, seen.tobytes()
-            item.reconstruction.height, item.reconstruction.width = height, width
-            item.reconstruction.pixels = redrawn.tobytes()
+            for raw, pixels in ((item.input, seen), (item.reconstruction, redrawn)):
+                raw.height, raw.width, raw.channels, raw.pixels = height, width, channels, pixels.tobytes()
         return reply
 
     def _check_batch_size(self, count: int) -> None:
@@ -292,12 +306,14 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         context: grpc.ServicerContext,
         served: ServedModel,
     ) -> np.ndarray:
-        """The request's images as `served`'s input batch, float32 [N, H, W]. One image at a time, so
+        """The request's images as `served`'s input batch, float32 [N, H, W] (or [N, H, W, C] for colour).
+        One image at a time, so
         a call holds at most one image's decoding memory; a call that decoded much hands the freed
         memory back to the system at its end (RELEASE_AFTER_BYTES)."""
         count = len(request.images)
-        height, width, _ = served.runtime.input_shape
-        batch = np.empty((count, height, width), dtype=np.float32)
+        height, width, channels = served.runtime.input_shape
+        shape = (height, width) if channels == 1 else (height, width, channels)
+        batch = np.empty((count, *shape), dtype=np.float32)
         call = _CallMemory()
         checked = -CHECK_EVERY_S
         try:
@@ -306,7 +322,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
                 if now - checked >= CHECK_EVERY_S:  # before each image of a slow batch, not of a fast one
                     self._give_up_if_gone(context, f"after decoding {position} of {count} images")
                     checked = now
-                batch[position] = self._decode(position, image, context, call, served)
+                batch[position] = self._decode(position, image, context, call, served).reshape(shape)
         finally:
             if call.decoded_bytes >= RELEASE_AFTER_BYTES:
                 release_free_memory()

@@ -109,19 +109,28 @@ def add_images(
             add(encoded=bytes(image))
         else:
             pixels = np.ascontiguousarray(image, dtype=np.uint8)
-            if pixels.ndim != 2:
-                raise ValueError(f"raw pixels must be a 2-D uint8 array, got shape {pixels.shape}")
+            if pixels.ndim not in (2, 3):
+                raise ValueError(
+                    f"raw pixels must be a uint8 array [height, width] or [height, width, channels], got "
+                    f"shape {pixels.shape}"
+                )
             raw = encoder_pb2.RawPixels(
-                height=pixels.shape[0], width=pixels.shape[1], pixels=pixels.tobytes()
+                height=pixels.shape[0],
+                width=pixels.shape[1],
+                channels=pixels.shape[2] if pixels.ndim == 3 else 1,
+                pixels=pixels.tobytes(),
             )
             add(raw=raw)
 
 
 def pixels_of(raw: encoder_pb2.RawPixels) -> np.ndarray:
-    """RawPixels as a uint8 [height, width] array (a copy the caller may write to)."""
-    if len(raw.pixels) != raw.height * raw.width:
-        raise ValueError(f"{len(raw.pixels)} bytes of pixels for {raw.height}x{raw.width}")
-    return np.frombuffer(raw.pixels, dtype=np.uint8).reshape(raw.height, raw.width).copy()
+    """RawPixels as a uint8 [height, width] array, or [height, width, channels] for colour (a copy the
+    caller may write to)."""
+    channels = raw.channels or 1
+    if len(raw.pixels) != raw.height * raw.width * channels:
+        raise ValueError(f"{len(raw.pixels)} bytes of pixels for {raw.height}x{raw.width}x{channels}")
+    shape = (raw.height, raw.width) if channels == 1 else (raw.height, raw.width, channels)
+    return np.frombuffer(raw.pixels, dtype=np.uint8).reshape(shape).copy()
 
 
 def matches_of(reply: index_pb2.SearchResponse) -> list[list[Match]]:

@@ -125,7 +125,7 @@ def test_reconstruct_uses_the_named_models_decoder_and_input_shape(
             timeout=30,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "raw pixels must be 28 x 28 (the input of model 'fashion'), got 27 x 28" in (
+    assert "raw pixels must be 28 x 28 x 1 (the input of model 'fashion'), got 27 x 28 x 1" in (
         caught.value.details() or ""
     )
 
@@ -280,5 +280,5 @@ def test_a_model_of_another_input_shape_is_refused_at_start(tmp_path: Path) -> N
         EncoderService(parse_config(["--port", "0", "--models", f"default,{odd}"]))
     assert str(exited.value) == (
         "encoder_service: cannot serve the model: model 'odd' takes 32 x 32 x 1 inputs, but the "
-        "preprocessing makes every image 28 x 28 x 1"
+        "digits preprocessing makes every image 28 x 28 x 1"
     )
