@@ -131,11 +131,12 @@ class FilterCondition(BaseModel):
     values: list[str]
 
 
-class UploadSearch(BaseModel):
+class SearchReply(BaseModel):
+    """What both searches answer besides their query: the results and how they were chosen."""
+
     k: int
     collection: str = Field(description=ANSWERED)
     model: str = Field(description=MODEL)
-    query: ModelView
     results: list[Result]
     filter: list[FilterCondition] = Field(description=FILTERED)
     max_distance: float | None = Field(description="as sent; null: none")
@@ -146,27 +147,18 @@ class UploadSearch(BaseModel):
     novelty: float | None = Field(default=None, description=NOVELTY)
     novel: bool = Field(default=False, description=NOVEL)
     novelty_notice: str | None = Field(default=None, description=NOVELTY_NOTICE)
+
+
+class UploadSearch(SearchReply):
+    query: ModelView
 
 
 class IdQuery(BaseModel):
     id: str
 
 
-class IdSearch(BaseModel):
-    k: int
-    collection: str = Field(description=ANSWERED)
-    model: str = Field(description=MODEL)
+class IdSearch(SearchReply):
     query: IdQuery
-    results: list[Result]
-    filter: list[FilterCondition] = Field(description=FILTERED)
-    max_distance: float | None = Field(description="as sent; null: none")
-    nothing_close: bool = Field(description=NOTHING_CLOSE)
-    notice: str | None = Field(description=NOTICE)
-    duplicate_distance: float | None = Field(description=DUPLICATE)
-    nothing_close_distance: float | None = Field(description=NOTHING_CLOSE_DISTANCE)
-    novelty: float | None = Field(default=None, description=NOVELTY)
-    novel: bool = Field(default=False, description=NOVEL)
-    novelty_notice: str | None = Field(default=None, description=NOVELTY_NOTICE)
 
 
 class Item(BaseModel):
