@@ -1,4 +1,4 @@
-"""Training-time augmentation: batches of [N, 28, 28, 1] float32 in [0, 1], changed at random on the fly.
+"""Training-time augmentation: batches of [N, H, W, C] float32 in [0, 1], changed at random on the fly.
 
 The served model sees images from other sources than its training set (a drawing canvas, scans, other
 pens), so training shows it small versions of those differences. Presets, by what the images are:
@@ -7,6 +7,9 @@ pens), so training shows it small versions of those differences. Presets, by wha
 - `clothes`: left-right mirroring and shifts by whole pixels, up to 2 (garments are photographed
   upright and centred, and a mirrored shirt is still a shirt; whole pixels, because a bilinear
   fractional shift blurs a texture that test images show sharp);
+- `photo`: for photo models (colour, any size): left-right mirroring, shifts up to an eighth of the side,
+  rotations up to 10 degrees, scaling up to 20 % (the border filled with the image's border colour, as
+  the photo preprocessing pads), and jittered brightness, contrast and saturation;
 - `none`.
 
 TensorFlow ops only, so they run inside a `tf.data` pipeline beside training.
@@ -17,11 +20,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-PRESETS = ("digits", "clothes", "none")
+PRESETS = ("digits", "clothes", "photo", "none")
 
 
 def augment(x: Any, preset: str) -> Any:
-    """Returns a changed copy of the batch `x` (a tf.Tensor [N, 28, 28, 1]) for the preset."""
+    """Returns a changed copy of the batch `x` (a tf.Tensor [N, H, W, C]) for the preset."""
     import tensorflow as tf
 
     if preset == "none":
@@ -33,12 +36,21 @@ def augment(x: Any, preset: str) -> Any:
     if preset == "digits":
         x = _affine(x, shift=3.0, degrees=12.0, zoom=0.12)
         return _strokes(x)
+    if preset == "photo":
+        flip = tf.random.uniform([tf.shape(x)[0], 1, 1, 1]) < 0.5
+        x = tf.where(flip, tf.image.flip_left_right(x), x)
+        side = tf.cast(tf.shape(x)[1], tf.float32)
+        x = _affine(x, shift=side / 8.0, degrees=10.0, zoom=0.2, fill="border")
+        return _colour_jitter(x)
     raise ValueError(f"unknown augmentation {preset!r}; known: {', '.join(PRESETS)}")
 
 
-def _affine(x: Any, shift: float, degrees: float, zoom: float, whole_pixels: bool = False) -> Any:
-    """A random rotation, scale and shift about the image centre per image (bilinear, black fill);
-    `whole_pixels` rounds the shift, which then moves pixels without interpolating them."""
+def _affine(
+    x: Any, shift: Any, degrees: float, zoom: float, whole_pixels: bool = False, fill: str = "black"
+) -> Any:
+    """A random rotation, scale and shift about the image centre per image (bilinear); what falls outside
+    is black (`fill="black"`, the digits' background) or the nearest edge pixel's colour ("border", as a
+    photo is padded); `whole_pixels` rounds the shift, which then moves pixels without interpolating them."""
     import tensorflow as tf
 
     n = tf.shape(x)[0]
@@ -48,10 +60,11 @@ def _affine(x: Any, shift: float, degrees: float, zoom: float, whole_pixels: boo
     if whole_pixels:
         dx, dy = tf.round(dx), tf.round(dy)
     cos, sin = tf.cos(angle) * inverse_scale, tf.sin(angle) * inverse_scale
-    centre = 13.5
+    centre_x = (tf.cast(tf.shape(x)[2], tf.float32) - 1.0) / 2.0
+    centre_y = (tf.cast(tf.shape(x)[1], tf.float32) - 1.0) / 2.0
     # ImageProjectiveTransformV3 maps each output pixel (x, y) to the input pixel it samples.
-    a2 = centre - cos * centre + sin * centre - dx
-    b2 = centre - sin * centre - cos * centre - dy
+    a2 = centre_x - cos * centre_x + sin * centre_y - dx
+    b2 = centre_y - sin * centre_x - cos * centre_y - dy
     zeros = tf.zeros([n])
     transforms = tf.stack([cos, -sin, a2, sin, cos, b2, zeros, zeros], axis=1)
     return tf.raw_ops.ImageProjectiveTransformV3(
@@ -60,8 +73,22 @@ def _affine(x: Any, shift: float, degrees: float, zoom: float, whole_pixels: boo
         output_shape=tf.shape(x)[1:3],
         fill_value=0.0,
         interpolation="BILINEAR",
-        fill_mode="CONSTANT",
+        fill_mode="CONSTANT" if fill == "black" else "NEAREST",
     )
+
+
+def _colour_jitter(x: Any) -> Any:
+    """Brightness shifted by up to 0.15, contrast and saturation scaled by 0.7-1.3 and 0.5-1.5, per image
+    (saturation about each pixel's gray; a gray image stays gray)."""
+    import tensorflow as tf
+
+    n = tf.shape(x)[0]
+    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+    x = (x - mean) * tf.random.uniform([n, 1, 1, 1], 0.7, 1.3) + mean
+    x = x + tf.random.uniform([n, 1, 1, 1], -0.15, 0.15)
+    gray = tf.reduce_mean(x, axis=3, keepdims=True)
+    x = (x - gray) * tf.random.uniform([n, 1, 1, 1], 0.5, 1.5) + gray
+    return tf.clip_by_value(x, 0.0, 1.0)
 
 
 def _strokes(x: Any) -> Any:

@@ -1,6 +1,7 @@
-"""Training and evaluation datasets: 28x28 grayscale uint8 images (0 = background, 255 = ink) with labels.
+"""Training and evaluation datasets: uint8 images with labels, grayscale [N, 28, 28] (0 = background,
+255 = ink) or of a model's own input shape.
 
-`load_dataset(name_or_path)` understands:
+`load_dataset(name_or_path, input_shape=..., preprocess=..., labels=...)` understands:
 - `mnist`: Keras's MNIST download (60,000 / 10,000); on any failure (offline, say) it logs a warning
   and falls back to the shipped sample, and the dataset's name says so (`mnist-sample`).
 - `mnist-sample`: the shipped `encoder_service/data/mnist-10k.npz`, 10,000 real MNIST digits, split
@@ -12,8 +13,15 @@
 - `fashion_mnist`: Debian's IDX files in /usr/share/datasets/fashion-mnist when present (package
   `dataset-fashion-mnist`), else Keras's download.
 - a path to an `.npz` with `x` and `y` (optional `x_test`, `y_test`; without them no test split).
-- a path to a folder of images whose subfolder names are the labels (no test split); each file is
-  decoded with `encoder_service.preprocess.decode_image`, undecodable files are skipped with a warning.
+- a path to a folder of images (no test split), each file decoded as the model will decode it: with
+  `preprocess="digits"` by `encoder_service.preprocess.decode_image` (28x28 gray), with `"photo"` by
+  `encoder_service.photo.decode_photo` at `input_shape` (colour kept). Undecodable files are skipped with
+  a warning. Labels (`labels`): `"auto"` takes the subfolder names as the labels when there are
+  subfolders, and a flat folder (images and no subfolders) as unlabelled; `"folders"` insists on
+  subfolders; `"none"` takes every image under the folder, at any depth, as unlabelled.
+
+An unlabelled dataset (`Dataset.labelled` False) has one placeholder label 0 for every image: training
+learns from the images alone (the self-supervised recipe of `encoder_service.train`).
 
 No TensorFlow at import time: Keras is imported only on the download paths.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,14 +58,19 @@ FASHION_CLASSES = (
 ICONS_PATH = Path(__file__).parent / "data" / "oxygen-icons-32.npz"
 ICONS_SHAPE = (32, 32, 3)
 NAMED_DATASETS = ("mnist", "mnist-sample", "fashion_mnist", "icons")
+LABEL_MODES = ("auto", "folders", "none")
+PREPROCESSINGS = ("digits", "photo")  # as the encoder service's: how a file becomes a model input
+DIGITS_SHAPE = (28, 28, 1)  # what the digits preprocessing makes of every image
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as uint8 [N, 28, 28] (0 = background, 255 = ink) and integer labels [N].
+    """Images as uint8 [N, H, W] (grayscale; 0 = background, 255 = ink for digits) or [N, H, W, 3] (RGB),
+    and integer labels [N].
 
     `class_names[y]` is a label's name where known. A dataset without a test split holds empty
-    [0, 28, 28] / [0] test arrays."""
+    [0, H, W(, 3)] / [0] test arrays. `labelled` False: the labels are placeholders (all 0), not
+    classes; nothing may learn from them or be scored by them."""
 
     name: str
     x_train: np.ndarray
@@ -65,16 +79,33 @@ class Dataset:
     y_test: np.ndarray
     class_names: tuple[str, ...] = ()
     source: str = field(default="", compare=False)
+    labelled: bool = True
 
     @property
     def has_test(self) -> bool:
         return len(self.x_test) > 0
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of its images: a model trained on it takes this."""
+        height, width = (int(v) for v in self.x_train.shape[1:3])
+        return (height, width, int(self.x_train.shape[3]) if self.x_train.ndim == 4 else 1)
 
-def load_dataset(name_or_path: str) -> Dataset:
+
+def load_dataset(
+    name_or_path: str,
+    *,
+    input_shape: tuple[int, int, int] = DIGITS_SHAPE,
+    preprocess: str = "digits",
+    labels: str = "auto",
+) -> Dataset:
     """Loads a dataset by name (`mnist`, `mnist-sample`, `fashion_mnist`, `icons`) or path (`.npz`, folder).
 
-    Raises ValueError for an unknown name or a file of the wrong format."""
+    `input_shape`, `preprocess` and `labels` say how a folder's files are read (see the module's
+    docstring); named and .npz datasets hold arrays of their own shape. Raises ValueError for an unknown
+    name, a file of the wrong format or a folder with no images to learn from."""
+    if labels not in LABEL_MODES:
+        raise ValueError(f"unknown labels mode {labels!r}; known: {', '.join(LABEL_MODES)}")
     if name_or_path == "mnist":
         return _load_mnist()
     if name_or_path == "mnist-sample":
@@ -85,7 +116,7 @@ def load_dataset(name_or_path: str) -> Dataset:
         return load_icons()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return _load_folder(path, name_or_path)
+        return _load_folder(path, name_or_path, input_shape, preprocess, labels)
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise ValueError(f"dataset file {str(path)!r} is not an .npz file (with arrays 'x' and 'y')")
@@ -216,37 +247,78 @@ def _load_npz(path: Path, name: str) -> Dataset:
     return Dataset(name=name, x_train=x, y_train=y, x_test=x_test, y_test=y_test, source=str(path))
 
 
-def _load_folder(root: Path, name: str) -> Dataset:
-    from encoder_service.preprocess import ImageError, decode_image
+def _load_folder(
+    root: Path, name: str, input_shape: tuple[int, int, int], preprocess: str, labels: str
+) -> Dataset:
+    from encoder_service.preprocess import ImageError
 
-    class_names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    for stray in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        log.warning("%s: not in a label subfolder, skipped", stray)
+    decode = _decoder(preprocess, input_shape)
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    flat = labels == "none" or (labels == "auto" and not subfolders)
+    if labels == "folders" and not subfolders:
+        raise ValueError(f"{root}: no label subfolders (with --labels folders, each label is a subfolder)")
+    if flat:
+        files = [(file, 0) for file in _image_files(root)]
+        class_names: tuple[str, ...] = ()
+    else:
+        class_names = tuple(subfolders)
+        for stray in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+            log.warning("%s: not in a label subfolder, skipped (--labels none takes every image)", stray)
+        files = [
+            (file, label) for label, folder in enumerate(class_names) for file in _image_files(root / folder)
+        ]
     images: list[np.ndarray] = []
-    labels: list[int] = []
-    for label, class_name in enumerate(class_names):
-        for file in sorted(p for p in (root / class_name).rglob("*") if p.is_file()):
-            if file.name.startswith("."):
-                continue
-            try:
-                pixels = decode_image(file.read_bytes())
-            except (ImageError, OSError) as exc:
-                log.warning("%s: skipped, could not decode (%s)", file, exc)
-                continue
-            images.append(np.round(np.asarray(pixels, np.float32) * 255.0).clip(0, 255).astype(np.uint8))
-            labels.append(label)
+    found: list[int] = []
+    for file, label in files:
+        try:
+            pixels = decode(file.read_bytes())
+        except (ImageError, OSError) as exc:
+            log.warning("%s: skipped, could not decode (%s)", file, exc)
+            continue
+        images.append(np.round(np.asarray(pixels, np.float32) * 255.0).clip(0, 255).astype(np.uint8))
+        found.append(label)
     if not images:
-        raise ValueError(f"{root}: no decodable images in label subfolders (classes: {list(class_names)})")
-    x_test, y_test = _empty_split(np.int64)
+        where = "in it" if flat else f"in label subfolders (classes: {list(class_names)})"
+        raise ValueError(f"{root}: no decodable images {where}")
+    x = np.stack(images)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
     return Dataset(
         name=name,
-        x_train=np.stack(images),
-        y_train=np.asarray(labels, np.int64),
-        x_test=x_test,
-        y_test=y_test,
+        x_train=x,
+        y_train=np.asarray(found, np.int64),
+        x_test=np.zeros((0, *x.shape[1:]), np.uint8),
+        y_test=np.zeros((0,), np.int64),
         class_names=class_names,
         source=str(root),
+        labelled=not flat,
     )
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, at any depth, in a stable order; hidden files and folders left out."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _decoder(preprocess: str, input_shape: tuple[int, int, int]) -> Callable[[bytes], np.ndarray]:
+    """How the encoder service will decode a file for a model of this preprocessing and input shape."""
+    from encoder_service.photo import decode_photo
+    from encoder_service.preprocess import decode_image
+
+    if preprocess not in PREPROCESSINGS:
+        raise ValueError(f"unknown preprocessing {preprocess!r}; known: {', '.join(PREPROCESSINGS)}")
+    if preprocess == "digits":
+        if tuple(input_shape) != DIGITS_SHAPE:
+            raise ValueError(
+                "the digits preprocessing makes 28x28x1 inputs only; "
+                f"use --preprocess photo for {'x'.join(map(str, input_shape))}"
+            )
+        return decode_image
+    return lambda data: decode_photo(data, input_shape)
 
 
 def _empty_split(label_dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:

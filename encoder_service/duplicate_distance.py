@@ -1,16 +1,20 @@
 """The near-duplicate distance D of a model, measured: how far a re-encoded copy of an image lands from the
 image itself, against how far the nearest different image lies; and the "nothing close" factor.
 
-    measurement = measure(runtime.embed, images, labels, outside=other_images)
+    decode = decoder_for(runtime.preprocess, runtime.input_shape)  # decode_image for a digits model
+    measurement = measure(runtime.embed, images, labels, outside=other_images, decode=decode)
     card.update(measurement.card_entries("encoder_service/data/mnist-10k.npz"))
 
-Every image, original or copy, is an encoded file given to `encoder_service.preprocess.decode_image` and
-then embedded, as the encoder service does; distances are L2 between embeddings, as the index service's
-`Duplicates` and `Search` report them.
+Every image, original or copy, is an encoded file decoded as the encoder service decodes it for the model
+(`decoder_for` its card's `preprocess`: `encoder_service.preprocess.decode_image` for "digits", the
+default; `encoder_service.photo.decode_photo` at the model's input shape for "photo") and then embedded;
+distances are L2 between embeddings, as the index service's `Duplicates` and `Search` report them. The
+images are uint8 [N, H, W] (gray) or [N, H, W, 3] (RGB), of any size; the files are gray or RGB to match.
 
 - Copies: a seeded sample of COPY_SAMPLE images of the pool, each made again every way in COPIES (JPEG at
   quality 95, 85 and 75, WebP lossy and lossless, a PNG re-saved as RGB, pixel-doubling upscales, smooth
-  up- and downscales given to the encoder at their size); each copy's distance to its original.
+  up- and downscales given to the encoder at their size, each a multiple of the image's own width and
+  height); each copy's distance to its original.
 - Nearest distinct: for every image of the pool, the distance to its nearest other image of the pool,
   and (with labels) to its nearest other image of the same class.
 - D sits in the gap between the copies and the nearest distinct images: a kind of copy is *caught* when
@@ -42,9 +46,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from encoder_service.photo import decode_photo
 from encoder_service.preprocess import decode_image
+from encoder_service.shapes import check_input_shape
 
-Embed = Callable[[np.ndarray], np.ndarray]  # float32 [N, 28, 28] in [0, 1] -> float32 [N, dim]
+# The decoded images, stacked, to their embeddings: float32 [N, 28, 28] in [0, 1] (what decode_image makes,
+# the "digits" preprocessing) or [N, H, W, C] (decode_photo at the model's input shape, "photo") ->
+# float32 [N, dim]. A runtime's `embed` takes both.
+Embed = Callable[[np.ndarray], np.ndarray]
+# An encoded image file to the model's input: float32 [28, 28] (decode_image) or [H, W, C] (decode_photo).
+Decode = Callable[[bytes], np.ndarray]
+PREPROCESSINGS = ("digits", "photo")  # the card's `preprocess` values decoder_for knows
 
 DATA = Path(__file__).parent / "data"
 MNIST_SAMPLE = DATA / "mnist-10k.npz"
@@ -69,18 +81,29 @@ def _encoded(image: Image.Image, format_name: str, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
+def scaled_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """A (width, height) times factor, each side rounded half up (at least 1 pixel): (28, 28) x 0.75 is
+    (21, 21), (30, 30) x 0.75 is (23, 23)."""
+    width, height = size
+    return max(1, math.floor(width * factor + 0.5)), max(1, math.floor(height * factor + 0.5))
+
+
 def _resized(
-    image: Image.Image, side: int, resample: Image.Resampling, format_name: str = "PNG", **options: Any
+    image: Image.Image, factor: float, resample: Image.Resampling, format_name: str = "PNG", **options: Any
 ) -> bytes:
-    return _encoded(image.resize((side, side), resample), format_name, **options)
+    return _encoded(image.resize(scaled_size(image.size, factor), resample), format_name, **options)
 
 
 _NEAREST, _LANCZOS, _BICUBIC = Image.Resampling.NEAREST, Image.Resampling.LANCZOS, Image.Resampling.BICUBIC
 
-# How a copy is made from the original (a 28x28 8-bit gray image): what a re-upload, a format conversion
-# or a resizer does to a file. The resized ones reach the encoder at their size, and decode_image fits them
-# to 28x28 again (the ink's box to 20 px, centred): pixel-doubling upscales by an integer factor, and
-# smooth resamplings, which blur the glyph and widen its box by about a pixel.
+# How a copy is made from the original (an 8-bit gray or RGB image of any size: 28x28 gray for a digits
+# model): what a re-upload, a format conversion or a resizer does to a file. The resized ones are a multiple
+# of the original's own width and height (for 28x28: 56, 280, 56, 112 and 21 pixels; for 32x32: 64, 320,
+# 64, 128 and 24) and reach the encoder at their size, which fits them to the model's input again
+# (decode_image: the ink's box to 20 px of 28x28, centred; decode_photo: padded and resized to H x W):
+# pixel-doubling upscales by an integer factor, and smooth resamplings, which blur the image (and widen a
+# glyph's box by about a pixel). For an RGB original "PNG re-saved as RGB" is the PNG itself. The kinds'
+# names are recorded in model cards: keep them.
 COPIES: dict[str, Callable[[Image.Image], bytes]] = {
     "JPEG q95": lambda image: _encoded(image, "JPEG", quality=95),
     "JPEG q85": lambda image: _encoded(image, "JPEG", quality=85),
@@ -88,29 +111,61 @@ COPIES: dict[str, Callable[[Image.Image], bytes]] = {
     "WebP lossy q80": lambda image: _encoded(image, "WEBP", quality=80),
     "WebP lossless": lambda image: _encoded(image, "WEBP", lossless=True),
     "PNG re-saved as RGB": lambda image: _encoded(image.convert("RGB"), "PNG"),
-    "2x nearest, PNG": lambda image: _resized(image, 56, _NEAREST),
-    "10x nearest, PNG": lambda image: _resized(image, 280, _NEAREST),
-    "2x Lanczos, PNG": lambda image: _resized(image, 56, _LANCZOS),
-    "4x bicubic, JPEG q85": lambda image: _resized(image, 112, _BICUBIC, "JPEG", quality=85),
-    "0.75x Lanczos, PNG": lambda image: _resized(image, 21, _LANCZOS),
+    "2x nearest, PNG": lambda image: _resized(image, 2, _NEAREST),
+    "10x nearest, PNG": lambda image: _resized(image, 10, _NEAREST),
+    "2x Lanczos, PNG": lambda image: _resized(image, 2, _LANCZOS),
+    "4x bicubic, JPEG q85": lambda image: _resized(image, 4, _BICUBIC, "JPEG", quality=85),
+    "0.75x Lanczos, PNG": lambda image: _resized(image, 0.75, _LANCZOS),
 }
 
 
+def decoder_for(preprocess: str, input_shape: tuple[int, int, int]) -> Decode:
+    """How the encoder service decodes an image for a model whose card's `preprocess` is this and whose
+    input is input_shape: decode_image for "digits" (always 28x28 gray: the shape is not used), decode_photo
+    at the shape for "photo". ValueError for another preprocessing or a shape the models cannot take."""
+    if preprocess == "digits":
+        return decode_image
+    if preprocess == "photo":
+        height, width, channels = (int(side) for side in input_shape)
+        shape = check_input_shape((height, width, channels))
+
+        def decode(data: bytes) -> np.ndarray:
+            return decode_photo(data, shape)
+
+        decode.__name__ = decode.__qualname__ = "decode_photo"  # as the card's measurement names it
+        return decode
+    known = ", ".join(repr(name) for name in PREPROCESSINGS)
+    raise ValueError(f"unknown preprocessing {preprocess!r}: known are {known}")
+
+
+def _image_of(pixels: np.ndarray) -> Image.Image:
+    """A uint8 [H, W] or [H, W, 1] image as a gray ("L") Pillow image, [H, W, 3] as an RGB one."""
+    pixels = np.asarray(pixels, np.uint8)
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim == 2:
+        return Image.fromarray(pixels, "L")
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    raise ValueError(f"an image is uint8 [H, W] (gray) or [H, W, 3] (RGB), got shape {pixels.shape}")
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """A uint8 [H, W] image as a PNG file."""
-    return _encoded(Image.fromarray(np.asarray(pixels, np.uint8), "L"), "PNG")
+    """A uint8 [H, W] (gray) or [H, W, 3] (RGB) image as a PNG file of that mode."""
+    return _encoded(_image_of(pixels), "PNG")
 
 
 def copy_bytes(pixels: np.ndarray, kind: str) -> bytes:
-    """A uint8 [28, 28] image made again as COPIES[kind] makes it."""
-    return COPIES[kind](Image.fromarray(np.asarray(pixels, np.uint8), "L"))
+    """A uint8 [H, W] (gray) or [H, W, 3] (RGB) image made again as COPIES[kind] makes it."""
+    return COPIES[kind](_image_of(pixels))
 
 
-def embed_files(embed: Embed, files: list[bytes]) -> np.ndarray:
-    """Encoded images decoded as the encoder service decodes them, then embedded: float32 [N, dim]."""
+def embed_files(embed: Embed, files: list[bytes], decode: Decode = decode_image) -> np.ndarray:
+    """Encoded images decoded by `decode` (as the encoder service decodes them for the model: see
+    decoder_for), stacked and embedded: float32 [N, dim]."""
     if not files:
         raise ValueError("no images to embed")
-    return np.asarray(embed(np.stack([decode_image(data) for data in files])), np.float32)
+    return np.asarray(embed(np.stack([decode(data) for data in files])), np.float32)
 
 
 def outside_sample(dataset: str) -> tuple[np.ndarray, str] | None:
@@ -142,6 +197,7 @@ class Measurement:
     duplicate_distance: float
     nothing_close_factor: float
     notes: list[str] = field(default_factory=list)
+    decoded_by: str = "decode_image"  # the decode's name, for the card's measurement
 
     @property
     def nothing_close_distance(self) -> float:
@@ -178,7 +234,9 @@ class Measurement:
         `duplicate_distance_measurement` (what they were measured on, the percentiles, the shares)."""
         measured: dict[str, Any] = {
             "images": images or "the training dataset",
-            "path": "each image an encoded file through decode_image and the model; L2 between embeddings",
+            "path": (
+                f"each image an encoded file through {self.decoded_by} and the model; L2 between embeddings"
+            ),
             "pool": self.pool,
             "copied": self.copied,
             "rule": (
@@ -222,14 +280,19 @@ def measure(
     copies: int = COPY_SAMPLE,
     max_pool: int = MAX_POOL,
     seed: int = 0,
+    decode: Decode = decode_image,
 ) -> Measurement:
-    """Measures D and the nothing-close factor of the encoder `embed` on uint8 [N, 28, 28] images (light
-    on dark) in their order (a seeded sample of max_pool of them, in order, when there are more), with
-    their class labels when there are any (None: the nearest distinct image only), and `outside` images
-    of another domain when there are any."""
+    """Measures D and the nothing-close factor of the encoder `embed` on uint8 images, [N, H, W] (gray:
+    [N, 28, 28] light on dark for a digits model) or [N, H, W, 3] (RGB), in their order (a seeded sample
+    of max_pool of them, in order, when there are more), with their class labels when there are any
+    (None: the nearest distinct image only), and `outside` images of another domain when there are any
+    (gray or RGB, of any size). Each file is decoded by `decode` (default decode_image, the digits
+    preprocessing; `decoder_for(card["preprocess"], input_shape)` for any model) and `embed` gets the
+    decoded arrays stacked."""
     images = np.asarray(images)
-    if images.ndim != 3 or len(images) < 2:
-        raise ValueError(f"need at least 2 images [N, H, W], got shape {images.shape}")
+    shaped = images.ndim == 3 or (images.ndim == 4 and images.shape[3] in (1, 3))
+    if not shaped or len(images) < 2:
+        raise ValueError(f"need at least 2 images [N, H, W] or [N, H, W, 3], got shape {images.shape}")
     if labels is not None:
         labels = np.asarray(labels)
         if len(labels) != len(images):
@@ -241,11 +304,13 @@ def measure(
         labels = labels[chosen] if labels is not None else None
     if labels is not None and len(np.unique(labels)) < 2:
         labels = None  # one class: its nearest same-class image is the nearest distinct one
-    vectors = embed_files(embed, [png_bytes(image) for image in images])
+    vectors = embed_files(embed, [png_bytes(image) for image in images], decode)
 
     sample = np.sort(rng.choice(len(images), min(copies, len(images)), replace=False))
     copy_distances = {
-        kind: _norms(embed_files(embed, [copy_bytes(images[i], kind) for i in sample]) - vectors[sample])
+        kind: _norms(
+            embed_files(embed, [copy_bytes(images[i], kind) for i in sample], decode) - vectors[sample]
+        )
         for kind in COPIES
     }
     nearest_distinct = _nearest(vectors, vectors, exclude_self=True)[1]
@@ -263,7 +328,7 @@ def measure(
     query_same_class = None if labels is None else labels[split:] == labels[:split][found]
     outside_nearest = None
     if outside is not None and len(outside):
-        outside_vectors = embed_files(embed, [png_bytes(image) for image in outside])
+        outside_vectors = embed_files(embed, [png_bytes(image) for image in outside], decode)
         outside_nearest = _nearest(outside_vectors, vectors[:split], exclude_self=False)[1]
 
     caught, distance = choose_distance(copy_distances, nearest_distinct)
@@ -287,6 +352,7 @@ def measure(
         duplicate_distance=distance,
         nothing_close_factor=factor,
         notes=notes,
+        decoded_by=_name_of(decode),
     )
 
 
@@ -331,6 +397,11 @@ def _nearest(queries: np.ndarray, base: np.ndarray, exclude_self: bool) -> tuple
             squared[own, start + own] = np.inf
         found[start : start + len(part)] = np.argmin(squared, axis=1)
     return found, _norms(np.asarray(queries, np.float64) - base[found])
+
+
+def _name_of(decode: Decode) -> str:
+    name = getattr(decode, "__name__", "")
+    return name if name and name != "<lambda>" else "the model's decode"
 
 
 def _norms(differences: np.ndarray) -> np.ndarray:

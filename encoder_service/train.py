@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from encoder_service.augment import PRESETS as AUGMENTATIONS
-from encoder_service.datasets import Dataset, load_dataset
+from encoder_service.datasets import DIGITS_SHAPE, LABEL_MODES, PREPROCESSINGS, Dataset, load_dataset
 from encoder_service.model_dir import (
     AUTOENCODER_KERAS,
     CARD_JSON,
@@ -59,6 +59,7 @@ from encoder_service.model_dir import (
     check_tflite,
     to_tflite,
 )
+from encoder_service.shapes import parse_input_shape
 
 log = logging.getLogger(__name__)
 DEFAULT_ARCHITECTURE = "wide"
@@ -74,8 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset",
         default="mnist-sample",
-        help="mnist, mnist-sample (default: the shipped 8,000 training digits), fashion_mnist, "
-        "a path to an .npz with x and y, or a folder of images in label subfolders",
+        help="mnist, mnist-sample (default: the shipped 8,000 training digits), fashion_mnist, icons (the "
+        "shipped colour set), a path to an .npz with x and y, or a folder of images: in label subfolders, "
+        "or flat (no labels: the self-supervised recipe)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        help="the model's input, HEIGHTxWIDTHxCHANNELS (for example 32x32x3, 64x64x3; sides 8-256 in "
+        "multiples of 4, 1 or 3 channels). Default: the dataset's own shape; 28x28x1 for a folder",
+    )
+    parser.add_argument(
+        "--preprocess",
+        choices=PREPROCESSINGS,
+        help="how an image becomes the model's input, in training and in the service: digits (the MNIST "
+        "fit: gray, ink centred by its box; 28x28x1 only) or photo (colour kept, padded to a square with "
+        "the border colour and resized). Default: digits at 28x28x1, photo otherwise",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_MODES,
+        default="auto",
+        help="auto (default): a folder's label subfolders when it has them, a dataset's labels; folders: "
+        "insist on label subfolders; none: ignore any labels and train the self-supervised recipe",
     )
     parser.add_argument("--model", default="wide", help="architecture and recipe: wide (default) or tutorial")
     parser.add_argument(
@@ -84,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: 40 with --patience 3 (wide on MNIST), 7 (wide on Fashion-MNIST), 15 (wide), "
         "10 (tutorial)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=128, help="default: 128")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, help="default: 128; 256 for the self-supervised recipe"
+    )
     parser.add_argument(
         "--learning-rate",
         type=float,
@@ -128,7 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (also `imgsearch train`). Returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        dataset = load_dataset(args.dataset)
+        shape = args.input_shape or DIGITS_SHAPE
+        preprocess = args.preprocess or ("digits" if shape == DIGITS_SHAPE else "photo")
+        dataset = load_dataset(args.dataset, input_shape=shape, preprocess=preprocess, labels=args.labels)
+        if args.input_shape is None and dataset.input_shape != shape:  # a named or .npz set of its own shape
+            shape = dataset.input_shape
+            preprocess = args.preprocess or ("digits" if shape == DIGITS_SHAPE else "photo")
+        if dataset.input_shape != shape:
+            raise ValueError(
+                f"dataset {args.dataset!r} holds {_shape_text(dataset.input_shape)} images, not the "
+                f"--input-shape {_shape_text(shape)}; a folder of image files is decoded to any shape"
+            )
+        if preprocess == "digits" and shape != DIGITS_SHAPE:
+            raise ValueError(
+                f"the digits preprocessing makes 28x28x1 inputs only; use --preprocess photo for "
+                f"{_shape_text(shape)}"
+            )
         output = _check_output(Path(args.output))
         from encoder_service.model import ARCHITECTURES
 
@@ -141,17 +180,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: dataset {dataset.name!r} has {len(dataset.x_train)} training images", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    recipe = recipe_for(args.model, dataset.name)
+    use_labels = args.labels != "none" and _has_classes(dataset)
+    if args.labels != "none" and dataset.labelled and not use_labels:
+        log.warning("dataset %r has one class: training the self-supervised recipe", dataset.name)
+    recipe = recipe_for(args.model, dataset.name, labelled=use_labels, preprocess=preprocess)
     overrides = {
         "epochs": args.epochs,
         "learning_rate": args.learning_rate,
         "class_weight": args.class_weight,
         "augment": None if args.augment == "auto" else args.augment,
         "patience": args.patience,
+        "batch_size": args.batch_size,
     }
     recipe = replace(
         recipe,
-        batch_size=args.batch_size,
         margin=args.margin,
         scale=args.scale,
         **{key: value for key, value in overrides.items() if value is not None},
@@ -162,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe=recipe,
         validation_split=args.validation_split,
         seed=args.seed,
+        preprocess=preprocess,
+        use_labels=use_labels,
         command=["python", "-m", "encoder_service.train", *(sys.argv[1:] if argv is None else argv)],
     )
     seconds = time.perf_counter() - started
@@ -189,12 +233,22 @@ class Recipe:
     margin: float = 0.2
     scale: float = 24.0
     patience: int = 0  # early stopping on the validation loss; 0 = off
+    # The self-supervised objective (encoder_service.contrastive), for data without labels: 0 = off.
+    contrastive_weight: float = 0.0
+    temperature: float = 0.1
 
 
-def recipe_for(architecture: str, dataset: str) -> Recipe:
-    """The default recipe of an architecture on a dataset (see the module's docstring)."""
+def recipe_for(
+    architecture: str, dataset: str, *, labelled: bool = True, preprocess: str = "digits"
+) -> Recipe:
+    """The default recipe of an architecture on a dataset (see the module's docstring): `labelled` False
+    (no labels, or --labels none) picks the self-supervised one."""
     if architecture == "tutorial":
         return Recipe(architecture, epochs=10, learning_rate=1e-3, cosine_decay=False, class_weight=0.0)
+    if not labelled:
+        return self_supervised_recipe(architecture, dataset, preprocess)
+    if preprocess == "photo":
+        return Recipe(architecture, epochs=30, augment="photo")
     if "fashion" in dataset:
         # Measured (docs/eval/EVAL.md): in a schedule this short, mirroring and shifting clothes cost
         # more than they teach; 7 epochs keep training under 10 minutes on 2 cores.
@@ -206,6 +260,27 @@ def recipe_for(architecture: str, dataset: str) -> Recipe:
     return Recipe(architecture)
 
 
+def self_supervised_recipe(architecture: str, dataset: str, preprocess: str) -> Recipe:
+    """Two augmented views pulled together beside the reconstruction (encoder_service.contrastive), by
+    what the images are: measured in the module's docstring."""
+    if preprocess == "photo":
+        return Recipe(
+            architecture, epochs=60, batch_size=256, augment="photo", class_weight=0.0, contrastive_weight=1.0
+        )
+    if "fashion" in dataset:
+        return Recipe(
+            architecture,
+            epochs=12,
+            batch_size=256,
+            augment="clothes",
+            class_weight=0.0,
+            contrastive_weight=1.0,
+        )
+    return Recipe(
+        architecture, epochs=20, batch_size=256, augment="digits", class_weight=0.0, contrastive_weight=1.0
+    )
+
+
 def train(
     dataset: Dataset,
     output: Path,
@@ -215,16 +290,29 @@ def train(
     seed: int = 0,
     verbose: int | None = None,
     command: list[str] | None = None,
+    preprocess: str | None = None,
+    use_labels: bool | None = None,
 ) -> dict[str, Any]:
-    """Trains on `dataset.x_train` only, writes the model directory, and returns its card."""
+    """Trains on `dataset.x_train` only, writes the model directory, and returns its card.
+
+    The model takes the dataset's input shape; `preprocess` (default: digits at 28x28x1, photo otherwise)
+    is how the service will decode images for it, recorded in the card. `use_labels` False (default: the
+    dataset's `labelled`) trains without the labels: the recipe must then have no class head."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
 
     from encoder_service.export import write_decoder
-    from encoder_service.model import EMBEDDING_DIM, INPUT_SHAPE, build_autoencoder, model_version
+    from encoder_service.model import EMBEDDING_DIM, build_autoencoder, model_version
 
-    recipe = recipe or recipe_for(DEFAULT_ARCHITECTURE, dataset.name)
+    shape = dataset.input_shape
+    preprocess = preprocess or ("digits" if shape == DIGITS_SHAPE else "photo")
+    use_labels = _has_classes(dataset) if use_labels is None else use_labels
+    recipe = recipe or recipe_for(
+        DEFAULT_ARCHITECTURE, dataset.name, labelled=use_labels, preprocess=preprocess
+    )
+    if not use_labels and recipe.class_weight > 0:
+        raise ValueError("training without labels takes a recipe without the class head (class_weight 0)")
     keras.utils.set_random_seed(seed)
     with contextlib.suppress(Exception):  # already enabled, or unsupported: seeding still applies
         tf.config.experimental.enable_op_determinism()
@@ -238,10 +326,13 @@ def train(
     if recipe.class_weight > 0 and classes < 2:
         log.warning("dataset %r has one class: training without the class head", dataset.name)
         recipe = replace(recipe, class_weight=0.0)
-    autoencoder, encoder = build_autoencoder(recipe.architecture)
+    autoencoder, encoder = build_autoencoder(recipe.architecture, shape)
     train_x, train_y = x[: len(x) - n_val], y[: len(y) - n_val]
     val_x, val_y = x[len(x) - n_val :], y[len(y) - n_val :]
-    model = _training_model(autoencoder, encoder, recipe, classes, -(-len(train_x) // recipe.batch_size))
+    steps_per_epoch = -(-len(train_x) // recipe.batch_size)
+    if recipe.contrastive_weight > 0:
+        steps_per_epoch = max(1, len(train_x) // recipe.batch_size)  # whole batches: see _batches
+    model = _training_model(autoencoder, encoder, recipe, classes, steps_per_epoch)
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2  # the progress bar on a terminal, a line per epoch in logs
     callbacks = []
@@ -287,12 +378,16 @@ def train(
         "final_val_loss": float(val_losses[-1]) if val_losses else None,
         "test_loss": test_loss,
         "history": {key: [round(float(v), 5) for v in values] for key, values in history.history.items()},
-        "loss": "binary_crossentropy" + (" + cosine-margin softmax" if recipe.class_weight > 0 else ""),
-        "input_shape": list(INPUT_SHAPE),
+        "loss": "binary_crossentropy"
+        + (" + cosine-margin softmax" if recipe.class_weight > 0 else "")
+        + (" + NT-Xent between two augmented views" if recipe.contrastive_weight > 0 else ""),
+        "input_shape": list(shape),
+        "preprocess": preprocess,
+        "labels": f"{classes} classes from the dataset" if use_labels else "none: the self-supervised recipe",
         "input_range": [0.0, 1.0],
         "embedding_dim": EMBEDDING_DIM,
         "training_seconds": round(training_seconds, 2),
-        "retrieval": _retrieval(encoder, dataset) if dataset.has_test else None,
+        "retrieval": _retrieval(encoder, dataset) if dataset.has_test and dataset.labelled else None,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
@@ -309,8 +404,9 @@ def train(
         card["tflite_max_abs_diff"] = check_tflite(tflite, encoder, x[:16])
         card.update(write_decoder(autoencoder, encoder, tmp, x[:16]))  # decoder.tflite, checked
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
-        card.update(_duplicate_distance(tmp, encoder, dataset))  # through the model just written
-        card.update(_novelty(tmp, autoencoder, val_x[..., 0], dataset))
+        card.update(_duplicate_distance(tmp, encoder, dataset, preprocess))  # through the model just written
+        held_out = val_x[..., 0] if preprocess == "digits" else val_x  # as the runtime takes each
+        card.update(_novelty(tmp, autoencoder, held_out, dataset, preprocess))
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         _swap_in(tmp, output)
     finally:
@@ -321,10 +417,29 @@ def train(
 def _training_model(
     autoencoder: Any, encoder: Any, recipe: Recipe, classes: int, steps_per_epoch: int
 ) -> Any:
-    """The autoencoder, with the class head beside it when the recipe has one, compiled."""
+    """The autoencoder, with the class head beside it when the recipe has one, compiled; the contrastive
+    trainer around it for the self-supervised recipe."""
     import keras
 
     from encoder_service.model import CosineHead, cosine_margin_loss
+
+    rate: Any = recipe.learning_rate
+    if recipe.cosine_decay:
+        rate = keras.optimizers.schedules.CosineDecay(
+            recipe.learning_rate, recipe.epochs * steps_per_epoch, alpha=0.01
+        )
+    if recipe.contrastive_weight > 0:
+        from encoder_service.contrastive import ContrastiveTrainer
+
+        trainer = ContrastiveTrainer(
+            autoencoder,
+            encoder,
+            augment_preset=recipe.augment,
+            temperature=recipe.temperature,
+            contrastive_weight=recipe.contrastive_weight,
+        )
+        trainer.compile(optimizer=keras.optimizers.Adam(rate))
+        return trainer
 
     outputs = {"reconstruction": autoencoder.output}
     losses: dict[str, Any] = {"reconstruction": "binary_crossentropy"}
@@ -334,11 +449,6 @@ def _training_model(
         losses["classes"] = cosine_margin_loss(classes, recipe.scale, recipe.margin)
         weights["classes"] = recipe.class_weight
     model = keras.Model(autoencoder.input, outputs, name="training")
-    rate: Any = recipe.learning_rate
-    if recipe.cosine_decay:
-        rate = keras.optimizers.schedules.CosineDecay(
-            recipe.learning_rate, recipe.epochs * steps_per_epoch, alpha=0.01
-        )
     model.compile(optimizer=keras.optimizers.Adam(rate), loss=losses, loss_weights=weights)
     return model
 
@@ -346,11 +456,18 @@ def _training_model(
 def _batches(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int, *, augmented: bool) -> Any:
     """A tf.data pipeline of (image, targets) batches: the training split shuffled and augmented anew
     each epoch (the reconstruction target is the augmented image: the model learns to see it as it is),
-    the validation split as it is."""
+    the validation split as it is. For the self-supervised recipe, batches of images alone, whole ones in
+    training (a batch's other images are each image's negatives), augmented by the trainer itself."""
     import tensorflow as tf
 
     from encoder_service.augment import augment
 
+    if recipe.contrastive_weight > 0:
+        images = tf.data.Dataset.from_tensor_slices(x)
+        if augmented:
+            images = images.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        whole = augmented and len(x) >= recipe.batch_size
+        return images.batch(recipe.batch_size, drop_remainder=whole).prefetch(2)
     data = tf.data.Dataset.from_tensor_slices((x, y))
     if augmented:
         data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
@@ -387,13 +504,14 @@ def _retrieval(encoder: Any, dataset: Dataset, k: int = 10) -> dict[str, Any]:
     }
 
 
-def _duplicate_distance(model_dir: Path, encoder: Any, dataset: Dataset) -> dict[str, Any]:
+def _duplicate_distance(model_dir: Path, encoder: Any, dataset: Dataset, preprocess: str) -> dict[str, Any]:
     """The card's `duplicate_distance`, `nothing_close_factor` and their measurement, as
     `python -m tools.duplicate_distance` measures a shipped model: on the dataset's images (training
-    split then test split; a seeded sample of 10,000 of a larger one), each a PNG through decode_image and
-    the LiteRT runtime of `model_dir` (the Keras encoder where LiteRT is not installed), class labels as
-    the dataset gives them (the nearest distinct image decides D either way)."""
-    from encoder_service.duplicate_distance import MAX_POOL, measure, outside_sample
+    split then test split; a seeded sample of 10,000 of a larger one), each a PNG through the model's
+    preprocessing (decode_image or decode_photo) and the LiteRT runtime of `model_dir` (the Keras encoder
+    where LiteRT is not installed), class labels as the dataset gives them (the nearest distinct image
+    decides D either way; an unlabelled dataset has none)."""
+    from encoder_service.duplicate_distance import MAX_POOL, decoder_for, measure, outside_sample
 
     try:
         from encoder_service.runtime import load_runtime
@@ -402,21 +520,30 @@ def _duplicate_distance(model_dir: Path, encoder: Any, dataset: Dataset) -> dict
     except ImportError:
 
         def embed(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(encoder.predict(batch[..., None], batch_size=512, verbose=0))
+            return np.asarray(encoder.predict(_with_channels(batch), batch_size=512, verbose=0))
 
     images = np.concatenate([dataset.x_train, dataset.x_test])
-    labels = np.concatenate([dataset.y_train, dataset.y_test]).astype(np.int64)
-    outside = outside_sample(dataset.name)
-    measurement = measure(embed, images, labels, outside=outside[0] if outside else None)
+    labels = np.concatenate([dataset.y_train, dataset.y_test]).astype(np.int64) if dataset.labelled else None
+    outside = outside_sample(dataset.name) if preprocess == "digits" else None  # gray 28x28 images
+    measurement = measure(
+        embed,
+        images,
+        labels,
+        outside=outside[0] if outside else None,
+        decode=decoder_for(preprocess, dataset.input_shape),
+    )
     source = _portable(dataset.source) or dataset.name
     if len(images) > MAX_POOL:
         source += f" (a seeded sample of {MAX_POOL} of its {len(images)} images)"
     return measurement.card_entries(source, outside[1] if outside else "")
 
 
-def _novelty(model_dir: Path, autoencoder: Any, held_out: np.ndarray, dataset: Dataset) -> dict[str, Any]:
+def _novelty(
+    model_dir: Path, autoencoder: Any, held_out: np.ndarray, dataset: Dataset, preprocess: str
+) -> dict[str, Any]:
     """The card's `novelty`, as `python -m tools.novelty` measures a shipped model: the reconstruction
-    errors of the validation split (float32 [N, 28, 28] in [0, 1], held out from training) through the
+    errors of the validation split (float32 [N, 28, 28] in [0, 1] for digits, [N, H, W, C] for photo
+    models; held out from training) through the
     LiteRT runtime of `model_dir` (the Keras autoencoder where LiteRT is not installed), with the test
     split and images of another domain (`duplicate_distance.outside_sample`) as checks. {} (logged) when
     the validation split is under 100 images: too few for a 99th percentile."""
@@ -433,11 +560,12 @@ def _novelty(model_dir: Path, autoencoder: Any, held_out: np.ndarray, dataset: D
     except ImportError:
 
         def reconstruct(batch: np.ndarray) -> np.ndarray:
-            return np.asarray(autoencoder.predict(batch[..., None], batch_size=512, verbose=0))[..., 0]
+            pictures = np.asarray(autoencoder.predict(_with_channels(batch), batch_size=512, verbose=0))
+            return pictures[..., 0] if batch.ndim == 3 else pictures
 
     source = _portable(dataset.source) or dataset.name
     first = len(dataset.x_train) - len(held_out)
-    outside = outside_sample(dataset.name)
+    outside = outside_sample(dataset.name) if preprocess == "digits" else None  # gray 28x28 images
     measurement = measure(
         reconstruct,
         held_out,
@@ -460,9 +588,20 @@ def _portable(source: str) -> str:
         return source
 
 
+def _has_classes(dataset: Dataset) -> bool:
+    """Whether the dataset's labels are classes to learn from: real labels, at least two of them."""
+    return dataset.labelled and len(np.unique(dataset.y_train)) >= 2
+
+
 def _to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] -> float32 [N, 28, 28, 1] in [0, 1]."""
-    return (np.asarray(images, np.float32) / np.float32(255.0))[..., None]
+    """uint8 [N, H, W] (gray) or [N, H, W, C] -> float32 [N, H, W, C] in [0, 1]."""
+    x = np.asarray(images, np.float32) / np.float32(255.0)
+    return x[..., None] if x.ndim == 3 else x
+
+
+def _with_channels(batch: np.ndarray) -> np.ndarray:
+    """A float batch [N, H, W] (the digits path's model inputs) or [N, H, W, C] as [N, H, W, C]."""
+    return batch[..., None] if batch.ndim == 3 else batch
 
 
 def _check_output(output: Path) -> Path:
@@ -495,6 +634,17 @@ def _swap_in(tmp: Path, output: Path) -> None:
         os.replace(old, output)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _input_shape(text: str) -> tuple[int, int, int]:
+    try:
+        return parse_input_shape(text)
+    except ValueError as error:  # argparse prints it after the flag's name: drop the message's own
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--input-shape {text!r}: ")) from None
+
+
+def _shape_text(shape: tuple[int, int, int]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _positive_int(text: str) -> int:

@@ -393,3 +393,48 @@ def dockerfile_stage(target: str, dockerfile: Path = DOCKERFILE) -> list[tuple[s
     stages = dockerfile_stages(dockerfile)
     assert target in stages, f"{dockerfile}: no stage {target!r}, only {sorted(stages)}"
     return stages[target]
+
+
+def write_photo_model(folder: Path, shape: tuple[int, int, int] = (32, 32, 3)) -> Path:
+    """Writes into `folder` an untrained `wide` autoencoder for `shape` (a colour input by default) with its
+    card (preprocess `photo`) and decoder: a photo model to serve, built in seconds."""
+    import keras
+
+    from encoder_service.export import write_decoder
+    from encoder_service.model import build_autoencoder, model_version
+    from encoder_service.model_dir import (
+        AUTOENCODER_KERAS,
+        CARD_JSON,
+        ENCODER_KERAS,
+        ENCODER_TFLITE,
+        check_tflite,
+        to_tflite,
+    )
+
+    keras.utils.set_random_seed(0)
+    autoencoder, encoder = build_autoencoder("wide", shape)
+    x = np.random.default_rng(0).random((8, *shape)).astype(np.float32)
+    autoencoder.save(folder / AUTOENCODER_KERAS)
+    encoder.save(folder / ENCODER_KERAS)
+    tflite = to_tflite(encoder)
+    (folder / ENCODER_TFLITE).write_bytes(tflite)
+    card = {
+        "model_version": model_version("wide", encoder),
+        "architecture": "wide",
+        "dataset": "untrained",
+        "input_shape": list(shape),
+        "preprocess": "photo",
+        "embedding_dim": 128,
+        "tflite_max_abs_diff": check_tflite(tflite, encoder, x),
+    }
+    card.update(write_decoder(autoencoder, encoder, folder, x))
+    (folder / CARD_JSON).write_text(json.dumps(card))
+    return folder
+
+
+def upload_search(url: str, data: bytes, collection: str | None = None, k: int = 3) -> Reply:
+    """A search by image on the gateway at `url` (POST /api/search), in `collection` when given."""
+    fields = {"k": str(k)}
+    if collection is not None:
+        fields["collection"] = collection
+    return request(f"{url}/api/search", fields=fields, files={"file": ("q.png", data, "image/png")})

@@ -7,8 +7,9 @@ records them in the model's card.json (`duplicate_distance`, `nothing_close_fact
 
 A digit model is measured on the MNIST sample (encoder_service/data/mnist-10k.npz, 10,000 images), a
 Fashion-MNIST model on the Fashion-MNIST sample (fashion-3k.npz, 3,000), through the LiteRT runtime and
-the service's decode_image; the other sample is the out-of-domain set of the nothing-close measurement.
-The method and the rule are in encoder_service/duplicate_distance.py. Deterministic (seeded).
+the service's decoding for the model's card (decode_image for a digits model); the other sample is the
+out-of-domain set of the nothing-close measurement. The method and the rule are in
+encoder_service/duplicate_distance.py. Deterministic (seeded).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from encoder_service.duplicate_distance import (
     FASHION_SAMPLE,
     MNIST_SAMPLE,
     Measurement,
+    decoder_for,
     measure,
     outside_sample,
 )
@@ -51,7 +53,13 @@ def measure_model(model_dir: Path, copies: int = COPY_SAMPLE, seed: int = 0) -> 
     outside = outside_sample(str(card.get("dataset", "")))
     runtime = load_runtime(model_dir)
     measurement = measure(
-        runtime.embed, images, labels, outside=outside[0] if outside else None, copies=copies, seed=seed
+        runtime.embed,
+        images,
+        labels,
+        outside=outside[0] if outside else None,
+        copies=copies,
+        seed=seed,
+        decode=decoder_for(runtime.preprocess, runtime.input_shape),  # decode_image for a digits model
     )
     return measurement, str(sample.relative_to(ROOT)), outside[1] if outside else ""
 

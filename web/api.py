@@ -118,10 +118,17 @@ class Result(BaseModel):
 
 
 class ModelView(BaseModel):
-    """An image as the model sees it: PNG data URLs of 28x28 grayscale images."""
+    """An image as the model sees it: PNG data URLs at the model's input size (grayscale for a digits
+    model, 28x28; RGB for a colour `photo` model, its input shape's height and width)."""
 
-    input: str | None = Field(description="the preprocessed image, the model's input")
-    reconstruction: str | None = Field(description="the autoencoder's reconstruction from the embedding")
+    input: str | None = Field(
+        description="the preprocessed image, the model's input: a PNG data URL at the model's input size, "
+        "grayscale or RGB as the model takes it"
+    )
+    reconstruction: str | None = Field(
+        description="the autoencoder's reconstruction from the embedding: a PNG data URL of the input's size "
+        "and colour"
+    )
     note: str | None = Field(default=None, description="why there is no view, when there is none")
 
 
@@ -368,7 +375,8 @@ def no_view(note: str) -> ModelView:
 def model_view(search: ImageSearch, image: bytes, target: Target) -> ModelView:
     """The image's preprocessed input and reconstruction by the model that fills the target collection
     (Reconstruct); a note instead when the encoder cannot give them (a model it does not serve or without
-    a decoder, an older encoder, a bad stored file)."""
+    a decoder, an older encoder, a bad stored file, pixels of a shape no PNG here shows). Grayscale for a
+    digits model, RGB for a colour one, at the model's input size."""
     try:
         [view] = search.encoder.reconstruct([image], model=target.model)
     except BadImage as error:
@@ -377,9 +385,12 @@ def model_view(search: ImageSearch, image: bytes, target: Target) -> ModelView:
         return no_view(model_not_served(target, error))
     except ServiceError as error:
         return no_view(str(error))
-    return ModelView(
-        input=media.png_data_url(view.input), reconstruction=media.png_data_url(view.output), note=None
-    )
+    try:
+        return ModelView(
+            input=media.png_data_url(view.input), reconstruction=media.png_data_url(view.output), note=None
+        )
+    except ValueError as error:  # an encoder's pixels neither grayscale nor RGB
+        return no_view(f"the encoder's view of the image cannot be shown: {error}")
 
 
 def model_not_served(target: Target, error: ModelNotServed) -> str:

@@ -1,6 +1,7 @@
 """The stored images: finding an item's `source` file inside the media root only, and thumbnails of it.
 
-Also turns the encoder's 28x28 pixel arrays into the PNG data URLs the page shows."""
+Also turns the encoder's pixel arrays (a model's input and its reconstruction: grayscale for a digits model,
+RGB for a colour one, at the model's input size) into the PNG data URLs the page shows."""
 
 from __future__ import annotations
 
@@ -96,7 +97,17 @@ def _thumbnail(path: str, mtime_ns: int, file_size: int, size: int) -> tuple[byt
 
 
 def png_data_url(pixels: np.ndarray) -> str:
-    """A uint8 [h, w] grayscale array as a data: URL of a PNG, for an <img> on the page."""
+    """A uint8 array as a data: URL of a PNG, for an <img> on the page: [h, w] or [h, w, 1] gives a
+    grayscale (L) PNG, [h, w, 3] an RGB one. Any other shape or dtype, or an empty image, is a ValueError."""
+    array = np.asarray(pixels)
+    if array.dtype != np.uint8:
+        raise ValueError(f"the pixels must be uint8, not {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"the pixels must be [h, w], [h, w, 1] or [h, w, 3], not {list(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"the pixels hold no image ({array.shape[0]} x {array.shape[1]})")
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")  # L for 2-D, RGB for 3 channels
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -16,46 +16,14 @@ from PIL import Image
 
 from encoder_service.service import EncoderService
 from imgsearch.client import BadImage, EncoderClient
-from tests.support import address, serve, start_encoder
+from tests.support import address, serve, start_encoder, write_photo_model
 
 SHAPE = (32, 32, 3)
 
 
 @pytest.fixture(scope="module")
 def photo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import keras
-
-    from encoder_service.export import write_decoder
-    from encoder_service.model import build_autoencoder, model_version
-    from encoder_service.model_dir import (
-        AUTOENCODER_KERAS,
-        CARD_JSON,
-        ENCODER_KERAS,
-        ENCODER_TFLITE,
-        check_tflite,
-        to_tflite,
-    )
-
-    keras.utils.set_random_seed(0)
-    folder = tmp_path_factory.mktemp("photo-model")
-    autoencoder, encoder = build_autoencoder("wide", SHAPE)
-    x = np.random.default_rng(0).random((8, *SHAPE)).astype(np.float32)
-    autoencoder.save(folder / AUTOENCODER_KERAS)
-    encoder.save(folder / ENCODER_KERAS)
-    tflite = to_tflite(encoder)
-    (folder / ENCODER_TFLITE).write_bytes(tflite)
-    card = {
-        "model_version": model_version("wide", encoder),
-        "architecture": "wide",
-        "dataset": "untrained",
-        "input_shape": list(SHAPE),
-        "preprocess": "photo",
-        "embedding_dim": 128,
-        "tflite_max_abs_diff": check_tflite(tflite, encoder, x),
-    }
-    card.update(write_decoder(autoencoder, encoder, folder, x))
-    (folder / CARD_JSON).write_text(json.dumps(card))
-    return folder
+    return write_photo_model(tmp_path_factory.mktemp("photo-model"), SHAPE)
 
 
 @pytest.fixture(scope="module", params=["litert", "tensorflow"])

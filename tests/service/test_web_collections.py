@@ -21,7 +21,6 @@ from imgsearch import security
 from imgsearch.client import ImageSearch
 from tests.support import (
     Gateway,
-    Reply,
     address,
     index_folder,
     mnist_sample,
@@ -29,6 +28,7 @@ from tests.support import (
     request,
     start_encoder,
     start_index,
+    upload_search,
     write_digits,
 )
 from web.settings import Settings, parse_settings
@@ -95,11 +95,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         encoder.stop(0)
 
 
-def upload(url: str, data: bytes, collection: str | None = None, k: int = 3) -> Reply:
-    fields = {"k": str(k)}
-    if collection is not None:
-        fields["collection"] = collection
-    return request(f"{url}/api/search", fields=fields, files={"file": ("q.png", data, "image/png")})
+upload = upload_search
 
 
 def decoded_view(data_url: str) -> np.ndarray:

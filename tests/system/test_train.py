@@ -62,7 +62,10 @@ def test_card_fields(trained: Path, tiny_npz: Path) -> None:
         "margin": 0.2,
         "scale": 24.0,
         "patience": 0,
+        "contrastive_weight": 0.0,
+        "temperature": 0.1,
     }
+    assert (card["preprocess"], card["labels"]) == ("digits", "10 classes from the dataset")
     assert card["command"][:3] == ["python", "-m", "encoder_service.train"]
     assert set(card["history"]) >= {"loss", "val_loss", "reconstruction_loss", "classes_loss"}
     retrieval = card["retrieval"]
