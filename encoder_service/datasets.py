@@ -13,7 +13,8 @@
 - `fashion_mnist`: Debian's IDX files in /usr/share/datasets/fashion-mnist when present (package
   `dataset-fashion-mnist`), else Keras's download.
 - a path to an `.npz` with `x` and `y` (optional `x_test`, `y_test`; without them no test split).
-- a path to a folder of images (no test split), each file decoded as the model will decode it: with
+- a path to a folder of images (no test split; in a seeded shuffled order, so the validation split that
+  training holds out mixes the classes), each file decoded as the model will decode it: with
   `preprocess="digits"` by `encoder_service.preprocess.decode_image` (28x28 gray), with `"photo"` by
   `encoder_service.photo.decode_photo` at `input_shape` (colour kept). Undecodable files are skipped with
   a warning. Labels (`labels`): `"auto"` takes the subfolder names as the labels when there are
@@ -280,13 +281,15 @@ def _load_folder(
     if not images:
         where = "in it" if flat else f"in label subfolders (classes: {list(class_names)})"
         raise ValueError(f"{root}: no decodable images {where}")
-    x = np.stack(images)
+    # A seeded shuffle: files come class by class, and training holds out the last images for validation.
+    order = np.random.default_rng(0).permutation(len(images))
+    x = np.stack(images)[order]
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     return Dataset(
         name=name,
         x_train=x,
-        y_train=np.asarray(found, np.int64),
+        y_train=np.asarray(found, np.int64)[order],
         x_test=np.zeros((0, *x.shape[1:]), np.uint8),
         y_test=np.zeros((0,), np.int64),
         class_names=class_names,

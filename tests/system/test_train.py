@@ -244,7 +244,8 @@ def test_npz_without_test_split(tmp_path: Path) -> None:
 def test_folder_of_images_labels_from_subfolders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with np.load(SAMPLE_PATH) as data:
         x = data["x"][:6]
-    for i, label in enumerate(["cat", "cat", "dog", "dog", "dog", "emu"]):
+    labels = ["cat", "cat", "dog", "dog", "dog", "emu"]
+    for i, label in enumerate(labels):
         folder = tmp_path / label
         folder.mkdir(exist_ok=True)
         Image.fromarray(x[i]).save(folder / f"{i}.png")
@@ -253,7 +254,11 @@ def test_folder_of_images_labels_from_subfolders(tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.WARNING, logger="encoder_service.datasets"):
         dataset = load_dataset(str(tmp_path))
     assert dataset.class_names == ("cat", "dog", "emu")
-    assert dataset.y_train.tolist() == [0, 0, 1, 1, 1, 2]
+    assert sorted(dataset.y_train.tolist()) == [0, 0, 1, 1, 1, 2], "in a seeded shuffled order"
+    for image, label in zip(dataset.x_train, dataset.y_train, strict=True):  # each image kept with its label
+        assert any(
+            np.array_equal(image, x[i]) for i, name in enumerate(labels) if name == dataset.class_names[label]
+        )
     assert dataset.x_train.shape == (6, 28, 28) and dataset.x_train.dtype == np.uint8
     assert dataset.x_train.max() > 200, "ink stays ink"
     assert not dataset.has_test
