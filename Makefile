@@ -68,11 +68,13 @@ up: setup ## run both services in the foreground (Ctrl-C stops them)
 train: setup ## retrain the shipped default model on the MNIST sample's index split
 	$(PY) -m encoder_service.train --dataset mnist-sample --output encoder_service/models/default
 
-models: setup ## retrain every shipped model: the default and the tutorial's, on the MNIST sample and Fashion-MNIST
+models: setup ## retrain every shipped model: the default and the tutorial's, on the MNIST sample and Fashion-MNIST; the colour icons models, with labels and without
 	$(PY) -m encoder_service.train --dataset mnist-sample --output encoder_service/models/default
 	$(PY) -m encoder_service.train --dataset mnist-sample --model tutorial --output encoder_service/models/tutorial
 	$(PY) -m encoder_service.train --dataset fashion_mnist --output encoder_service/models/fashion
 	$(PY) -m encoder_service.train --dataset fashion_mnist --model tutorial --output encoder_service/models/fashion-tutorial
+	$(PY) -m encoder_service.train --dataset icons --output encoder_service/models/icons
+	$(PY) -m encoder_service.train --dataset icons --labels none --output encoder_service/models/icons-ssl
 
 eval: setup ## retrieval quality of every shipped model and the baselines, through the services: docs/eval/
 	$(PY) -m imgsearch eval --suite

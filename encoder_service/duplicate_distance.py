@@ -168,17 +168,30 @@ def embed_files(embed: Embed, files: list[bytes], decode: Decode = decode_image)
     return np.asarray(embed(np.stack([decode(data) for data in files])), np.float32)
 
 
-def outside_sample(dataset: str) -> tuple[np.ndarray, str] | None:
+def outside_sample(dataset: str, preprocess: str = "digits") -> tuple[np.ndarray, str] | None:
     """Images of another domain than the dataset's (by its name), and what they are: the shipped
-    Fashion-MNIST sample for digits, the MNIST sample for clothes; None for any other dataset."""
+    Fashion-MNIST sample for digits, the MNIST sample for clothes and for a photo model (gray digits, which
+    its preprocessing turns into its colour input); None for any other dataset. uint8 [N, 28, 28]."""
     name = dataset.lower().replace("-", "_")
-    path = (
-        FASHION_SAMPLE if name.startswith("mnist") else MNIST_SAMPLE if name.startswith("fashion") else None
-    )
+    if preprocess == "photo":
+        path: Path | None = MNIST_SAMPLE
+    else:
+        path = (
+            FASHION_SAMPLE
+            if name.startswith("mnist")
+            else MNIST_SAMPLE
+            if name.startswith("fashion")
+            else None
+        )
     if path is None or not path.is_file():
         return None
     with np.load(path) as data:
         return np.asarray(data["x"][:MAX_OUTSIDE]), f"encoder_service/data/{path.name}"
+
+
+def decoded(images: np.ndarray, decode: Decode) -> np.ndarray:
+    """uint8 images as PNG files through `decode`: what a model of that preprocessing takes of them."""
+    return np.stack([decode(png_bytes(image)) for image in images]).astype(np.float32)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from encoder_service.datasets import ICONS_PATH
 from encoder_service.duplicate_distance import (
     COPY_SAMPLE,
     FASHION_SAMPLE,
@@ -40,18 +41,29 @@ CARD_KEYS = ("duplicate_distance", "nothing_close_factor", "duplicate_distance_m
 
 
 def sample_for(card: dict[str, Any]) -> Path:
-    """The shipped sample a model is measured on: Fashion-MNIST's for a model trained on it, else MNIST's."""
-    return FASHION_SAMPLE if str(card.get("dataset", "")).startswith("fashion") else MNIST_SAMPLE
+    """The shipped sample a model is measured on: the colour icons for a model trained on them,
+    Fashion-MNIST's for a model trained on it, else MNIST's."""
+    dataset = str(card.get("dataset", ""))
+    if dataset == "icons":
+        return ICONS_PATH
+    return FASHION_SAMPLE if dataset.startswith("fashion") else MNIST_SAMPLE
+
+
+def load_sample(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a shipped sample: all of them (the icons' index split, then its query split)."""
+    with np.load(path) as data:
+        if "x_test" in data.files:
+            return np.concatenate([data["x"], data["x_test"]]), np.concatenate([data["y"], data["y_test"]])
+        return np.asarray(data["x"]), np.asarray(data["y"])
 
 
 def measure_model(model_dir: Path, copies: int = COPY_SAMPLE, seed: int = 0) -> tuple[Measurement, str, str]:
     """(the measurement, the sample's path, the outside sample's path) of a model directory."""
     card = read_card(model_dir)
     sample = sample_for(card)
-    with np.load(sample) as data:
-        images, labels = np.asarray(data["x"]), np.asarray(data["y"])
-    outside = outside_sample(str(card.get("dataset", "")))
+    images, labels = load_sample(sample)
     runtime = load_runtime(model_dir)
+    outside = outside_sample(str(card.get("dataset", "")), runtime.preprocess)
     measurement = measure(
         runtime.embed,
         images,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from encoder_service.datasets import SAMPLE_PATH, load_dataset, load_mnist_sample
-from encoder_service.duplicate_distance import FASHION_SAMPLE, outside_sample
+from encoder_service.duplicate_distance import FASHION_SAMPLE, decoded, decoder_for, outside_sample
 from encoder_service.model_dir import CARD_JSON, read_card, shipped_model, shipped_models
 from encoder_service.novelty import CARD_KEY, MEASURES, PERCENTILES, Measurement, measure, model_input
 from encoder_service.runtime import load_runtime
@@ -99,14 +99,19 @@ def held_out_for(card: dict[str, Any]) -> tuple[Images, Images | None]:
 def measure_model(model_dir: Path) -> Measurement:
     card = read_card(model_dir)
     (held, what), check = held_out_for(card)
-    outside = outside_sample(str(card.get("dataset", "")))
     runtime = load_runtime(model_dir)
+    outside = outside_sample(str(card.get("dataset", "")), runtime.preprocess)
+    outside_inputs = None
+    if outside is not None:  # gray 28x28 images, as the model's preprocessing makes them its input
+        decode = decoder_for(runtime.preprocess, runtime.input_shape)
+        images = model_input(outside[0]) if runtime.preprocess == "digits" else decoded(outside[0], decode)
+        outside_inputs = (images, outside[1])
     return measure(
         runtime.reconstruct,
         model_input(held),
         data=what,
         test=(model_input(check[0]), check[1]) if check else None,
-        outside=(model_input(outside[0]), outside[1]) if outside else None,
+        outside=outside_inputs,
     )
 
 

@@ -212,6 +212,31 @@ def test_augmentation_keeps_shape_and_range() -> None:
         augment(x, "sideways")
 
 
+def test_photo_augmentation_keeps_colour_shape_and_range() -> None:
+    """The photo presets on real colour icons of a non-square size: shape and range kept, the border
+    filled with the edge colour (no black corners on a white icon), colours changed only by `photo`."""
+    import tensorflow as tf
+
+    from encoder_service.augment import PRESETS, augment
+    from encoder_service.datasets import load_icons
+
+    icons = load_icons().x_train[:16].astype(np.float32) / 255.0
+    x = tf.constant(np.concatenate([icons, icons[:, :8]], axis=1))  # 40x32: not square
+    for preset in PRESETS:
+        changed = augment(x, preset).numpy()
+        assert changed.shape == (16, 40, 32, 3) and 0.0 <= changed.min() <= changed.max() <= 1.0, preset
+    geometry = augment(x, "photo-geometry").numpy()
+    assert not np.allclose(geometry, x.numpy()), "moved"
+    corners = geometry[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    original = x.numpy()
+    border = np.concatenate([original[:, [0, -1]].reshape(-1, 3), original[:, :, [0, -1]].reshape(-1, 3)])
+    black = np.mean(np.all(border < 0.05, axis=-1))  # how often the icons' own edges are black
+    assert np.mean(np.all(corners < 0.05, axis=-1)) <= black + 0.05, "the edge extended, not filled black"
+    gray = np.repeat(x.numpy().mean(axis=3, keepdims=True), 3, axis=3)
+    jittered = augment(tf.constant(gray), "photo").numpy()
+    assert np.allclose(jittered, jittered[..., :1], atol=1e-6), "a gray image stays gray"
+
+
 def test_early_stopping_keeps_the_best_weights(tiny_npz: Path, tmp_path: Path) -> None:
     output = tmp_path / "early"
     argv = ["--dataset", str(tiny_npz), "--epochs", "40", "--patience", "1", "--learning-rate", "0.05"]

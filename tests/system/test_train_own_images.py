@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from encoder_service import train
-from encoder_service.datasets import load_dataset, load_icons
+from encoder_service.datasets import SAMPLE_PATH, load_dataset, load_icons
 from encoder_service.runtime import load_runtime
 from imgsearch.cli import main as imgsearch_main
 from imgsearch.client import EncoderClient
@@ -62,12 +62,26 @@ def colour_model(
 
 @pytest.fixture(scope="module")
 def unlabelled_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A flat folder of colour icons (no labels), trained at 32x32x3: the photo self-supervised recipe."""
     root = tmp_path_factory.mktemp("flat")
     write_icons(root, labelled=False)
     output = tmp_path_factory.mktemp("models") / "unlabelled"
     argv = ["--dataset", str(root), "--input-shape", "32x32x3", "--epochs", "3", "--batch-size", "32"]
     assert train.main([*argv, "--output", str(output)]) == 0
     return root, output
+
+
+@pytest.fixture(scope="module")
+def unlabelled_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flat folder of 300 real digits (no labels), trained at 28x28x1: the contrastive recipe."""
+    root = tmp_path_factory.mktemp("flat-digits")
+    with np.load(SAMPLE_PATH) as data:
+        for n, pixels in enumerate(data["x"][:300]):
+            Image.fromarray(pixels).save(root / f"{n:03d}.png")
+    output = tmp_path_factory.mktemp("models") / "digits"
+    argv = ["--dataset", str(root), "--epochs", "3", "--batch-size", "64"]
+    assert train.main([*argv, "--output", str(output)]) == 0
+    return output
 
 
 def test_a_colour_folder_trains_a_photo_model(
@@ -106,19 +120,33 @@ def test_the_colour_model_is_served_in_colour_by_both_runtimes(
     assert loaded.preprocess == "photo" and loaded.input_shape == (32, 32, 3)
 
 
-def test_a_flat_folder_trains_without_labels(unlabelled_model: tuple[Path, Path]) -> None:
+def test_a_flat_folder_of_photos_trains_without_labels(unlabelled_model: tuple[Path, Path]) -> None:
     root, output = unlabelled_model
     card = json.loads((output / "card.json").read_text())
     assert card["labels"] == "none: the self-supervised recipe"
     assert card["class_names"] == [] and card["retrieval"] is None
     recipe = card["recipe"]
-    assert (recipe["class_weight"], recipe["contrastive_weight"], recipe["batch_size"]) == (0.0, 1.0, 32)
+    assert (recipe["class_weight"], recipe["contrastive_weight"]) == (0.0, 0.0), "the autoencoder alone"
+    assert (recipe["augment"], recipe["batch_size"], card["epochs"]) == ("photo-geometry", 32, 3)
+    assert card["history"]["loss"][-1] < card["history"]["loss"][0], "the reconstruction improves"
+    dataset = load_dataset(str(root), input_shape=(32, 32, 3), preprocess="photo")
+    assert not dataset.labelled and dataset.x_train.shape == (len(list(root.iterdir())), 32, 32, 3)
+
+
+def test_a_flat_folder_of_digits_trains_the_contrastive_recipe(unlabelled_digits: Path) -> None:
+    card = json.loads((unlabelled_digits / "card.json").read_text())
+    assert (card["input_shape"], card["preprocess"]) == ([28, 28, 1], "digits")
+    recipe = card["recipe"]
+    assert (recipe["class_weight"], recipe["contrastive_weight"], recipe["temperature"]) == (0.0, 1.0, 0.2)
+    assert (recipe["augment"], recipe["batch_size"]) == ("digits", 64)
     assert "NT-Xent" in card["loss"]
     contrastive = card["history"]["contrastive"]
     assert len(contrastive) == 3 and contrastive[-1] < contrastive[0], "the two views are pulled together"
     assert set(card["history"]) >= {"reconstruction", "val_contrastive", "val_reconstruction"}
-    dataset = load_dataset(str(root), input_shape=(32, 32, 3), preprocess="photo")
-    assert not dataset.labelled and dataset.x_train.shape == (len(list(root.iterdir())), 32, 32, 3)
+    assert card["validation_size"] == 30 and "novelty" not in card, "no 99th percentile of 30 images"
+    runtime = load_runtime(unlabelled_digits)
+    batch = np.random.default_rng(0).random((4, 28, 28)).astype(np.float32)
+    assert np.allclose(np.linalg.norm(runtime.embed(batch), axis=1), 1.0, atol=1e-5), "unit embeddings"
 
 
 def test_labels_none_takes_every_image_of_a_labelled_folder(
@@ -130,8 +158,13 @@ def test_labels_none_takes_every_image_of_a_labelled_folder(
     assert not dataset.labelled and dataset.class_names == ()
     assert len(dataset.x_train) == sum(map(len, labelled_folder[1].values()))
     assert set(dataset.y_train.tolist()) == {0}
-    assert train.recipe_for("wide", "folder", labelled=False, preprocess="photo").contrastive_weight == 1.0
-    assert train.recipe_for("wide", "mnist-sample", labelled=False).augment == "digits"
+    photos = train.recipe_for("wide", "folder", labelled=False, preprocess="photo", images=924)
+    assert (photos.contrastive_weight, photos.augment, photos.epochs) == (0.0, "photo-geometry", 150)
+    assert train.recipe_for("wide", "folder", labelled=False, preprocess="photo", images=100_000).epochs == 15
+    digits = train.recipe_for("wide", "mnist-sample", labelled=False)
+    assert (digits.contrastive_weight, digits.augment, digits.epochs) == (1.0, "digits", 30)
+    clothes = train.recipe_for("wide", "fashion_mnist", labelled=False)
+    assert (clothes.contrastive_weight, clothes.augment, clothes.class_weight) == (0.0, "garments", 0.0)
 
 
 def test_labels_folders_refuses_a_flat_folder(

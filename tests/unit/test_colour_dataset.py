@@ -91,3 +91,20 @@ def test_the_builder_takes_one_size_per_icon_and_composites_on_white(tmp_path: P
     assert list(built.names) == ["devices/clear", "places/folder"]
     train, test = stratified_split(np.asarray([0] * 10 + [1] * 5, np.uint8))
     assert sorted(np.concatenate([train, test])) == list(range(15)) and len(test) == 3
+
+
+def test_export_images_writes_both_splits_as_label_folders(tmp_path: Path) -> None:
+    """tools.export_images: what the README's walk-through starts from."""
+    from tools.export_images import SIDE, main
+
+    assert main(["icons", str(tmp_path)]) == 0
+    icons = load_dataset("icons")
+    for split, labels in (("index", icons.y_train), ("queries", icons.y_test)):
+        counts = {folder.name: len(list(folder.iterdir())) for folder in (tmp_path / split).iterdir()}
+        expected = {
+            icons.class_names[c]: int(n) for c, n in zip(*np.unique(labels, return_counts=True), strict=True)
+        }
+        assert counts == expected
+    with Image.open(next((tmp_path / "queries" / "places").iterdir())) as image:
+        assert (image.mode, image.size) == ("RGB", (SIDE, SIDE))
+    assert main(["no-such-set", str(tmp_path / "x")]) == 2 and not (tmp_path / "x").exists()
