@@ -247,7 +247,11 @@ def test_a_model_dir_and_a_name_equals_path_serve(tmp_path: Path) -> None:
     [
         ("default,fashion,default", "the model name 'default' is given twice (default, default)"),
         ("fashion,{tmp}/x/fashion", "the model name 'fashion' is given twice (fashion, {tmp}/x/fashion)"),
-        ("default,cats", "no shipped model 'cats'; shipped: default, fashion, fashion-tutorial, icons, icons-ssl, tutorial"),
+        (
+            "default,cats",
+            "no shipped model 'cats'; shipped: "
+            "default, fashion, fashion-tutorial, icons, icons-ssl, tutorial",
+        ),
         ("default,{tmp}/missing", "model 'missing': model directory {tmp}/missing does not exist"),
         ("empty={tmp}", "model 'empty': no card.json in model directory {tmp}"),
         ("bad name={tmp}/x/fashion", "'bad name' (bad name={tmp}/x/fashion) is not a model name"),
