@@ -1,7 +1,17 @@
-"""The floor for any Python gRPC call: a bare echo of the same payload over the same kind of channel."""
+"""The floor for any Python gRPC call: a bare echo of the same payload over the same kind of channel.
+
+The echo server runs in its own process (`python -m bench.echo`), as every service measured does: in the
+benchmark's process it would share the client's GIL, which slows the floor and flatters every ratio
+against it (issue 18 measured 0.54 ms for one call across processes).
+"""
 
 from __future__ import annotations
 
+import argparse
+import signal
+import subprocess
+import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -10,33 +20,30 @@ from bench.report import p50_p99_ms, samples_s
 
 _METHOD = "/bench.Echo/Echo"
 _LIMITS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+_READY_S = 30.0
 
 
 class EchoServer:
-    """A sync gRPC server (like the services) whose one method returns the request's bytes."""
+    """A sync gRPC echo server (like the services: a thread pool) in a child process, and a channel to it.
+
+    `echo(payload)` returns the payload's bytes; `close()` stops the child (and waits for it)."""
 
     def __init__(self, workers: int = 8) -> None:
-        handler = grpc.method_handlers_generic_handler(
-            "bench.Echo",
-            {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)},
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo", "--workers", str(workers)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers),
-            options=[
-                ("grpc.max_receive_message_length", 256 << 20),
-                ("grpc.max_send_message_length", 256 << 20),
-            ],
-        )
-        self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-        self.channel = grpc.insecure_channel(
-            f"127.0.0.1:{self.port}",
-            options=[
-                ("grpc.max_receive_message_length", 256 << 20),
-                ("grpc.max_send_message_length", 256 << 20),
-            ],
-        )
+        try:
+            line = self.process.stdout.readline() if self.process.stdout else ""
+            if not line.startswith("port "):
+                raise RuntimeError(f"the echo server did not start (exit {self.process.poll()}): {line!r}")
+            self.port = int(line.split()[1])
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=_LIMITS)
+            grpc.channel_ready_future(self.channel).result(timeout=_READY_S)
+        except BaseException:
+            self._stop()
+            raise
         self.echo = self.channel.unary_unary(_METHOD, request_serializer=None, response_deserializer=None)
 
     def latency_ms(self, payload_bytes: int, repeat: int = 500) -> tuple[float, float]:
@@ -46,4 +53,44 @@ class EchoServer:
 
     def close(self) -> None:
         self.channel.close()
-        self.server.stop(0)
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+def serve(workers: int) -> None:
+    """Serves the echo on a free port, prints `port N`, and stops on SIGTERM or SIGINT."""
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo",
+        {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)},
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_LIMITS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    print(f"port {port}", flush=True)
+    stopped.wait()
+    server.stop(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__)
+    parser.add_argument("--workers", type=int, default=8)
+    serve(parser.parse_args(argv).workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
