@@ -149,6 +149,37 @@ class CosineHead(layers.Layer):
         return {**super().get_config(), "classes": self.classes}
 
 
+@keras.saving.register_keras_serializable(package="imgsearch")
+class Unwhiten(layers.Layer):
+    """The inverse of a whitened unit embedding (`encoder_service.whitening`): from the served unit vector
+    s = normalise((e - mean) @ W) back to the unit embedding e the decoder was trained on. With z = s @ W^-1,
+    e = mean + t z for the one t > 0 that makes |e| = 1 (|mean| < 1: the mean of unit vectors), the
+    positive root of t^2 |z|^2 + 2 t (mean . z) + |mean|^2 - 1 = 0. Exact: Reconstruct and novelty are what
+    they were before the whitening."""
+
+    def __init__(self, dim: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.dim = dim
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        self.mean = self.add_weight(name="mean", shape=(self.dim,), initializer="zeros", trainable=False)
+        self.inverse = self.add_weight(
+            name="inverse", shape=(self.dim, self.dim), initializer="identity", trainable=False
+        )
+
+    def call(self, served: object) -> object:
+        ops = keras.ops
+        z = ops.matmul(served, self.inverse)
+        a = ops.sum(z * z, axis=-1, keepdims=True)
+        b = ops.sum(z * self.mean, axis=-1, keepdims=True)
+        c = ops.sum(self.mean * self.mean) - 1.0
+        t = (-b + ops.sqrt(ops.maximum(b * b - a * c, 0.0))) / ops.maximum(a, 1e-12)
+        return self.mean + t * z
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "dim": self.dim}
+
+
 def cosine_margin_loss(classes: int, scale: float, margin: float) -> Callable[[object, object], object]:
     """Softmax cross-entropy on `scale * (cosine - margin * one_hot(label))`: CosFace's loss for
     `CosineHead`."""

@@ -312,6 +312,7 @@ class TensorFlowRuntime(Runtime):
         autoencoder_path = self.model_dir / AUTOENCODER_KERAS
         self.has_decoder = autoencoder_path.is_file()
         if self.has_decoder:
+            from encoder_service import model as _layers  # noqa: F401  (registers Unwhiten, CosineHead)
             from encoder_service.export import split_decoder
 
             autoencoder = keras.saving.load_model(autoencoder_path, compile=False)

@@ -220,3 +220,37 @@ def test_nt_xent_by_hand() -> None:
     expected = -np.log(np.exp(1 / t) / (np.exp(1 / t) + 2))
     assert float(nt_xent(pair, pair, t)) == pytest.approx(expected, rel=1e-5)
     assert float(nt_xent(pair, pair[::-1], t)) > expected + 4
+
+
+def test_whitening_keeps_the_reconstruction_and_spreads_the_embedding() -> None:
+    """encoder_service.whitening on a `wide` model: the whitened encoder serves unit vectors whose
+    covariance over the fitted images is near isotropic, and the autoencoder behind it (Unwhiten, then the
+    decoder) reconstructs exactly what it did before."""
+    import keras
+
+    from encoder_service.model import build_autoencoder
+    from encoder_service.whitening import whiten
+
+    keras.utils.set_random_seed(0)
+    autoencoder, encoder = build_autoencoder("wide", (28, 28, 1))
+    with np.load(SAMPLE_PATH) as data:
+        x = (data["x"][:600, :, :, None] / 255.0).astype(np.float32)
+    before_e = encoder.predict(x, verbose=0)
+    before_r = autoencoder.predict(x, verbose=0)
+    whitened_autoencoder, whitened_encoder, entry = whiten(autoencoder, encoder, x)
+    served = whitened_encoder.predict(x, verbose=0)
+    assert np.allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(served, before_e, atol=1e-2), "the served vectors change"
+    spread = np.linalg.eigvalsh(np.cov(before_e.T)), np.linalg.eigvalsh(np.cov(served.T))
+    assert spread[1].max() / spread[1].mean() < spread[0].max() / spread[0].mean() / 2, "variance spread out"
+    np.testing.assert_allclose(whitened_autoencoder.predict(x, verbose=0), before_r, atol=2e-4)
+    assert entry["shrink"] == 0.5 and "600" in entry["fitted_on"]
+
+
+def test_a_whitened_model_loads_in_the_tensorflow_runtime(unlabelled_digits: Path) -> None:
+    card = json.loads((unlabelled_digits / "card.json").read_text())
+    assert card["whitening"]["shrink"] == 0.5
+    batch = np.random.default_rng(1).random((3, 28, 28)).astype(np.float32)
+    litert, tensorflow = (load_runtime(unlabelled_digits, name) for name in ("litert", "tensorflow"))
+    np.testing.assert_allclose(litert.embed(batch), tensorflow.embed(batch), atol=1e-4)
+    np.testing.assert_allclose(litert.reconstruct(batch), tensorflow.reconstruct(batch), atol=1e-4)
