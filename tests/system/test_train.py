@@ -64,7 +64,9 @@ def test_card_fields(trained: Path, tiny_npz: Path) -> None:
         "patience": 0,
         "contrastive_weight": 0.0,
         "temperature": 0.1,
+        "whiten": False,
     }
+    assert card["whitening"] is None, "a recipe with labels serves its embedding as trained"
     assert (card["preprocess"], card["labels"]) == ("digits", "10 classes from the dataset")
     assert card["command"][:3] == ["python", "-m", "encoder_service.train"]
     assert set(card["history"]) >= {"loss", "val_loss", "reconstruction_loss", "classes_loss"}
