@@ -308,20 +308,18 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _decoder(preprocess: str, input_shape: tuple[int, int, int]) -> Callable[[bytes], np.ndarray]:
-    """How the encoder service will decode a file for a model of this preprocessing and input shape."""
-    from encoder_service.photo import decode_photo
-    from encoder_service.preprocess import decode_image
+    """How the encoder service will decode a file for a model of this preprocessing and input shape
+    (`duplicate_distance.decoder_for`), refusing the digits preprocessing at any shape but its own."""
+    from encoder_service.duplicate_distance import decoder_for
 
     if preprocess not in PREPROCESSINGS:
         raise ValueError(f"unknown preprocessing {preprocess!r}; known: {', '.join(PREPROCESSINGS)}")
-    if preprocess == "digits":
-        if tuple(input_shape) != DIGITS_SHAPE:
-            raise ValueError(
-                "the digits preprocessing makes 28x28x1 inputs only; "
-                f"use --preprocess photo for {'x'.join(map(str, input_shape))}"
-            )
-        return decode_image
-    return lambda data: decode_photo(data, input_shape)
+    if preprocess == "digits" and tuple(input_shape) != DIGITS_SHAPE:
+        raise ValueError(
+            "the digits preprocessing makes 28x28x1 inputs only; "
+            f"use --preprocess photo for {'x'.join(map(str, input_shape))}"
+        )
+    return decoder_for(preprocess, input_shape)
 
 
 def _empty_split(label_dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
