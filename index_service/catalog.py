@@ -2,7 +2,9 @@
 
 Every change to the catalog (a collection made or dropped, an alias set or dropped) and every item write
 in any collection goes through one journal, the write-ahead log, before it is applied, and so shares one
-lsn sequence; a snapshot copies every collection at one lsn (see `state`).
+lsn sequence; a snapshot copies every collection at one lsn (see `state`). A catalog change waits for its
+fsync before it is applied; an item write waits for it after its store's lock is released (`sync`), so
+concurrent writers share fsyncs (group commit, index_service/wal.py).
 
 Locks, always taken in this order: the catalog's `_lock` (catalog changes, snapshot copies), then a
 store's own lock (its writes; a snapshot holds every store's read lock), then `_journal_lock` (one log
@@ -49,9 +51,11 @@ class Catalog:
         *,
         max_k: int = 1000,
         journal: Callable[[Operation], int] | None = None,
+        sync: Callable[[int], None] | None = None,
     ) -> None:
         self.max_k = max_k
-        self.journal = journal  # makes an operation durable before it is applied; returns its lsn
+        self.journal = journal  # writes an operation to the log before it is applied; returns its lsn
+        self.sync = sync  # returns once the log is durable through an lsn (None: nothing to wait for)
         self.lsn = 0
         self._lock = threading.Lock()
         self._journal_lock = threading.Lock()
@@ -63,16 +67,35 @@ class Catalog:
         self.lsn = state.lsn
 
     def _new_store(self, name: str, state: StoreState | None, model_name: str = "") -> VectorStore:
-        return VectorStore(state, max_k=self.max_k, journal=self._log, model_name=model_name, name=name)
+        return VectorStore(
+            state,
+            max_k=self.max_k,
+            journal=self._write,
+            sync=self._sync,
+            model_name=model_name,
+            name=name,
+        )
 
-    def _log(self, operation: Operation) -> int:
-        """The one way into the journal: one append at a time, the lsn kept in order."""
+    def _write(self, operation: Operation) -> int:
+        """The one way into the journal: one record at a time, the lsn kept in order. Not yet durable:
+        a store calls `_sync` once its lock is released, so writers to any collection share fsyncs."""
         with self._journal_lock:
             if self.journal is None:
                 self.lsn += 1
             else:
                 self.lsn = self.journal(operation)
             return self.lsn
+
+    def _sync(self, lsn: int) -> None:
+        if self.sync is not None:
+            self.sync(lsn)
+
+    def _log(self, operation: CatalogOperation) -> int:
+        """A catalog change, written and made durable before it is applied (under the catalog's lock:
+        they are rare)."""
+        lsn = self._write(operation)
+        self._sync(lsn)
+        return lsn
 
     # ---- lookups (no lock) ------------------------------------------------------------------
 

@@ -7,9 +7,12 @@ Layout of a data dir:
     wal-<first lsn>.log       log segments since the older snapshot
 
 Start: take the lock, load the newest readable snapshot, replay the log after it, begin a new
-segment. Write: the collection's store (or the catalog) checks the operation, `journal` appends and
-fsyncs it, then it is applied, all under the store's write lock (the catalog's lock), so nothing is
-acknowledged before it is durable.
+segment. Write: the collection's store (or the catalog) checks the operation, `journal` writes it to the
+log, then it is applied, under the store's write lock (the catalog's lock); then, with the lock released,
+`sync` waits for the fsync that covers it (group commit: one fsync for every writer waiting then), and
+only then is the write acknowledged. So nothing is acknowledged before it is durable; a concurrent reader
+may see a write a moment before its writer is told it is durable (and if that fsync fails, the write is
+refused to its writer, the log is marked unusable and every later write is refused until a restart).
 Snapshot (every N operations or T seconds, and on close): copy the state and rotate the log at the
 same lsn, write the snapshot atomically, then drop what two snapshots make unneeded.
 """
@@ -50,6 +53,12 @@ SCALE_HINT = (
     "index replicas, use the Milvus backend (--backend milvus; with Docker Compose, "
     "IMGSEARCH_INDEX_BACKEND=milvus and the milvus profile: README, Scaling out)"
 )
+
+
+def _storage_error(error: LogWriteError, data_dir: Path) -> StorageFull | StorageUnavailable:
+    if error.disk_full:
+        return StorageFull(f"the disk holding {data_dir} is full: {error}")
+    return StorageUnavailable(f"writes are refused: {error}")
 
 
 class DirectoryLock:
@@ -115,6 +124,7 @@ class DurableStore:
                 self.read_only_reason = f"the data dir {data_dir} is not writable ({error.strerror or error})"
                 log.error("%s: serving reads only", self.read_only_reason)
             self.catalog.journal = self._journal
+            self.catalog.sync = self._sync
         except BaseException:
             self._lock_file.close()
             raise
@@ -158,17 +168,26 @@ class DurableStore:
         return catalog, replayed
 
     def _journal(self, operation: Operation) -> int:
-        """Appends and fsyncs one operation (called by the catalog, one at a time)."""
+        """Writes one operation to the log (called by the catalog, one at a time); `_sync` makes it
+        durable."""
         if self.wal is None:
             raise StorageUnavailable(f"writes are refused: {self.read_only_reason}")
         try:
-            lsn = self.wal.append(operation)
+            lsn = self.wal.write(operation)
         except LogWriteError as error:
-            if error.disk_full:
-                raise StorageFull(f"the disk holding {self.data_dir} is full: {error}") from error
-            raise StorageUnavailable(f"writes are refused: {error}") from error
+            raise _storage_error(error, self.data_dir) from error
         self._ops_since_snapshot += 1
         return lsn
+
+    def _sync(self, lsn: int) -> None:
+        """Returns once the log holds everything through lsn on disk (one fsync for every writer waiting
+        at the time: group commit)."""
+        if self.wal is None:
+            raise StorageUnavailable(f"writes are refused: {self.read_only_reason}")
+        try:
+            self.wal.sync(lsn)
+        except LogWriteError as error:
+            raise _storage_error(error, self.data_dir) from error
 
     # ---- snapshots ----------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Every change goes through `VectorStore._commit`, the one write path: it checks an operation
 against the current state and applies it under the write lock. A write-ahead log hooks in
-there (append and fsync the operation before applying it); recovery replays operations
+there (write the operation's record before applying it), and `upsert`/`delete` wait for the fsync
+that covers it (`sync`) once the lock is released, before they return; recovery replays operations
 through `_apply`.
 """
 
@@ -71,11 +72,13 @@ class VectorStore:
         *,
         max_k: int = 1000,
         journal: Callable[[ItemOperation], int] | None = None,
+        sync: Callable[[int], None] | None = None,
         model_name: str = "",
         name: str = DEFAULT_COLLECTION,
     ) -> None:
         self.max_k = max_k
-        self.journal = journal  # makes an operation durable before it is applied; returns its lsn
+        self.journal = journal  # writes an operation to the log before it is applied; returns its lsn
+        self.sync = sync  # returns once the log is durable through an lsn: called before acknowledging
         self.lsn = 0
         self.name = name  # the collection's, for messages
         self.dropped = False  # set (under the write lock) when its collection is dropped: writes refused
@@ -108,8 +111,9 @@ class VectorStore:
         checked_ids, array, checked_metadata = check_upsert(ids, vectors, metadata)
         operation = Upsert(checked_ids, array, checked_metadata, model_version, model_name, self.name)
         with self._lock.write():
-            self._commit(operation)
+            lsn = self._commit(operation)
             count = len(self._ids)
+        self._durable(lsn)
         if len(checked_ids) >= BULK_ITEMS:
             del operation, array  # the batch's own copies go first, then their pages too
             release_free_memory()
@@ -121,9 +125,15 @@ class VectorStore:
         with self._lock.write():
             self._check_not_dropped()
             present = tuple(i for i in checked_ids if i in self._row_of)
-            if present:
-                self._commit(Delete(present, self.name))
-            return len(present), len(checked_ids) - len(present)
+            lsn = self._commit(Delete(present, self.name)) if present else None
+        self._durable(lsn)
+        return len(present), len(checked_ids) - len(present)
+
+    def _durable(self, lsn: int | None) -> None:
+        """Waits, with the write lock released (so other writers' records join the same fsync), until
+        the log is durable through lsn: only then may the write be acknowledged."""
+        if lsn is not None and self.sync is not None:
+            self.sync(lsn)
 
     def drop(self, log: Callable[[], object]) -> int:
         """Marks the store dropped once `log` (the catalog's journal of the drop) returns, after the writes
@@ -137,11 +147,12 @@ class VectorStore:
         if self.dropped:
             raise NotFound(f"collection {self.name!r} was dropped")
 
-    def _commit(self, operation: ItemOperation) -> None:
-        """The one write path: check the operation against the state, log it, then apply it.
+    def _commit(self, operation: ItemOperation) -> int | None:
+        """The one write path: check the operation against the state, log it, then apply it; returns its
+        lsn (None without a journal), for `_durable`.
 
         Runs under the write lock. The journal (the write-ahead log) raises StorageFull or
-        StorageUnavailable when it cannot make the operation durable: then nothing is applied."""
+        StorageUnavailable when it cannot write the operation: then nothing is applied."""
         self._check_not_dropped()
         if isinstance(operation, Upsert) and operation.ids:
             check_model(self.name, self._model_name, operation.model_name)
@@ -155,9 +166,11 @@ class VectorStore:
                     f"vectors are from model version {operation.model_version!r}, the collection "
                     f"{self.name!r} holds {self._model_version!r}; {REINDEX_HINT}"
                 )
+        lsn = None
         if self.journal is not None:
-            self.lsn = self.journal(operation)
+            lsn = self.lsn = self.journal(operation)
         self._apply(operation)
+        return lsn
 
     def replay(self, operation: ItemOperation, lsn: int) -> None:
         """Applies an operation read back from the log at recovery (it was checked before it was logged)."""
