@@ -42,7 +42,7 @@ SEED = 16
 PLANTED_KINDS = ("JPEG q85", "WebP lossy q80", "2x nearest, PNG")
 NOISE_NORM = (0.15, 0.35)
 LOAD_BATCH = 20_000
-TARGET_S = 60.0
+TARGET_S = 30.0  # issue 18: `duplicates` over 60k items under 30 s
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,11 @@ def run(out: Path, quick: bool) -> list[Section]:
             f"in-process FAISS range search (1/{SAMPLED} timed, x {SAMPLED})",
             in_process_s,
             service_s / in_process_s,
-            f"<= {TARGET_S:g} s",
-            service_s <= TARGET_S,
-            f"{len(service_groups):,} groups, {answer.pairs:,} linked pairs",
+            f"< {TARGET_S:g} s",
+            service_s < TARGET_S,
+            f"{len(service_groups):,} groups, {answer.pairs:,} linked pairs; the call through gRPC, "
+            "timed from the request to the last page of groups",
+            headline="duplicates",
         )
     )
     section.notes.append(load.note())

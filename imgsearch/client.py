@@ -607,10 +607,13 @@ class ImageSearch:
         self.pinned = found
         return found
 
-    def embed(self, images: Sequence[bytes | np.ndarray], target: Target) -> Embedding:
-        """The images embedded by the target's model; a model the encoder does not serve is named."""
+    def embed(
+        self, images: Sequence[bytes | np.ndarray], target: Target, *, novelty: bool = True
+    ) -> Embedding:
+        """The images embedded by the target's model; a model the encoder does not serve is named.
+        `novelty` False skips the decoder (a call that only stores or searches the vectors)."""
         try:
-            return self.encoder.embed(images, target.model)
+            return self.encoder.embed(images, target.model, novelty=novelty)
         except ModelNotServed as error:
             raise self.not_served(error, target) from None
 
@@ -667,7 +670,7 @@ class ImageSearch:
         """Embeds and stores the images under the ids; returns the count stored after it."""
 
         def add(target: Target) -> int:
-            embedding = self.embed(images, target)
+            embedding = self.embed(images, target, novelty=False)
             return self.index.upsert(
                 ids,
                 embedding.vectors,
@@ -692,7 +695,7 @@ class ImageSearch:
         match `filter`, none farther than `max_distance`."""
 
         def search(target: Target) -> list[list[Match]]:
-            embedding = self.embed(images, target)
+            embedding = self.embed(images, target, novelty=False)
             return self.index.search(
                 embedding.vectors,
                 k,

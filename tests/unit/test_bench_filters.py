@@ -42,8 +42,20 @@ def test_the_filters_report() -> None:
     assert len(section.figures) == 1 + len(filters.SELECTIVITIES)
     assert section.figures[0].name == "index service search, no filter"
     assert all(f.ratio is not None and f.ratio > 0 for f in section.figures)
+    assert not any(f.headline for f in section.figures), "no target without the unfiltered calls among them"
     table = section.tables[0][1]
     assert "| no filter | 100 |" in table and "| 0.1% | 100 |" in table
+    # The target: the 1% row also times the service without a filter, among its filtered calls.
+    one = next(row for row in rows if row.percent == filters.TARGET_PERCENT)
+    one.times["service"] = np.full(10, 1e-3)
+    one.times["service_unfiltered"] = np.full(10, 4e-3)
+    target = filters.report(filters.QUICK, rows, 1.0).figures[0]
+    assert target.headline == "filtered-1pct" and target.target == "ratio <= 0.2"
+    assert (target.value, target.reference_value, target.ratio, target.met) == (1.0, 4.0, 0.25, False)
+
+
+def test_duplicates_target_is_issue_18s() -> None:
+    assert duplicates.TARGET_S == 30.0
 
 
 def test_planted_vectors_and_their_share_found() -> None:

@@ -56,27 +56,56 @@ def test_agreement_allows_exact_ties_only() -> None:
     assert (wrong.same_sets, wrong.same_with_ties, wrong.recall) == (0, 0, 0.5)
 
 
-def test_the_report_and_its_plot(tmp_path: Path) -> None:
+def measured_sizes(copies_up_to: int = 100_000) -> list[index.Measured]:
+    """Made-up measurements at 10k, 100k and 1M, shaped as measure_n's (no copies past copies_up_to)."""
     rng = np.random.default_rng(0)
     per_n = []
     for n in (10_000, 100_000, 1_000_000):
         scale = n / 10_000
         m = index.Measured(n, load_s=n / 60_000, rss_empty_mib=65, rss_loaded_mib=65 + n * 700 / 2**20)
-        names = ["echo_request", "echo_reply"] + [key for key, _ in index.SINGLE_SYSTEMS]
-        m.single = {name: rng.uniform(0.5, 1.0, 20) * 1e-3 * scale for name in names}
-        m.batch_s = {
-            key: rng.uniform(0.5, 1.0, 3) * 0.05 * scale for key, _ in index.SINGLE_SYSTEMS if key != "store"
+        keys = [key for key, _ in index.SINGLE_SYSTEMS + index.FILTERED_SYSTEMS]
+        if n > copies_up_to:
+            keys = [key for key in keys if key not in ("service1", "service2")]
+        m.single = {
+            name: rng.uniform(0.5, 1.0, 20) * 1e-3 * scale for name in ["echo_request", "echo_reply", *keys]
         }
+        batch_keys = [key for key in keys if key in dict(index.SINGLE_SYSTEMS) and key != "store"]
+        m.batch_s = {key: rng.uniform(0.5, 1.0, 3) * 0.05 * scale for key in batch_keys}
+        m.batch_s |= {key: np.full(3, 2e-3) for key in ("echo_batch_request", "echo_batch_reply")}
         m.bytes_used = 523 * n
+        m.faiss_bytes, m.store_bytes = 512.0, 600.0
+        m.batch_request_bytes, m.batch_reply_bytes = 512_000, 250_000
         per_n.append(m)
+    return per_n
+
+
+def test_the_report_and_its_plot(tmp_path: Path) -> None:
+    per_n = measured_sizes()
     results = index.Results(index.NORMAL, per_n, 2e5, 1e4, 1.7e5, 2e3, 5e2, 523, 203)
     section = index.report(results, tmp_path)
     names = [f.name for f in section.figures]
-    assert sum("one query" in name for name in names) == 3
+    assert sum("one query" in name for name in names) == 4  # 10k, 100k, 1M, 1M filtered
     assert sum("queries, N =" in name for name in names) == 3
-    assert any("memory per stored vector" in name for name in names)
     memory = next(f for f in section.figures if "memory" in f.name)
     assert abs(memory.value - 700) < 1 and memory.met is False  # 700 / 523 > 1.3
+    assert memory.headline == "memory-1M"
     assert next(f.met for f in section.figures if "one query" in f.name) is None  # no target at 10k
+    headlines = {f.headline: f for f in section.figures if f.headline}
+    assert set(headlines) == {"one-1M", "one-1M-filtered", "batch-10k", "batch-100k", "batch-1M", "memory-1M"}
+    one = headlines["one-1M"]
+    assert one.reference_value == per_n[-1].p50_ms("faiss1") and one.target == "ratio <= 0.6"
+    assert one.ratio == one.value / per_n[-1].p50_ms("faiss1")
+    filtered = headlines["one-1M-filtered"]
+    assert filtered.value == per_n[-1].p50_ms("service_filtered")
+    assert filtered.reference_value == per_n[-1].p50_ms("faiss1_filtered")
+    batch = headlines["batch-1M"]  # echo of the batch (2 ms) + the better FAISS setting
+    best_s = min(float(np.median(per_n[-1].batch_s[key])) for key in ("faiss1", "faiss2"))
+    assert batch.reference_value is not None and abs(batch.reference_value - 1000 / (2e-3 + best_s)) < 1e-6
     assert section.plots == [tmp_path / "index_latency_vs_n.png"] and section.plots[0].stat().st_size > 0
     assert len(section.tables) == 4 and "| 1M (20 calls each) |" in section.tables[0][1]
+    assert " |  |  | " in section.tables[0][1].splitlines()[-1], "no copies at 1M: empty cells"
+
+
+def test_the_filter_mask_keeps_half_and_is_seeded() -> None:
+    mask = index.filter_mask(1_000)
+    assert mask.sum() == 500 and (index.filter_mask(1_000) == mask).all()
