@@ -1,0 +1,343 @@
+"""Exact k-NN of one or a few queries on every core: the rows split into one contiguous shard per core.
+
+FAISS searches a single query on one core (its OpenMP over two threads is 2-3x slower here), so at 1M rows
+one query takes 20-40 ms while the other cores idle. `ParallelKnn` searches each shard in its own thread with
+single-threaded FAISS (its SWIG calls release the GIL) and merges the per-shard top-k exactly.
+
+Exact means bitwise what one single-threaded FAISS search over the same rows gives (`IndexFlatL2.search`
+after `faiss.omp_set_num_threads(1)`, for fewer than 1000 queries of d=128): the same rows, the same
+float32 squared distances, ties to the lower row, padded with (FLT_MAX, -1) when fewer than k rows are
+selected. Checked against FAISS 1.15.1 (tests/unit/test_parallel_knn.py):
+
+- FAISS has two L2 kernels. The sequential one (`fvec_L2sqr` per row) runs for a single thread with
+  nq * d < `faiss.cvar.distance_compute_blas_threshold` (128000), always under an IDSelector (except
+  IDSelectorRange, which FAISS turns into a plain slice), and in `knn_L2sqr_by_idx`. The BLAS one
+  (|x|^2 + |y|^2 - 2 x.y, clamped at 0) runs for nq * d >= 128000 and, with OpenMP threads > nq and
+  ny >= max(10000, threads * 1024), in FAISS's database-parallel search: there distances differ from the
+  sequential kernel in the last bits (ids the same in what we tried). Every search here that splits runs
+  the sequential kernel: its threads, and the calling thread while it searches a shard, run with
+  OpenMP at 1 thread, and only nq * d below the BLAS threshold is split. A row's distance then does not
+  depend on which shard or which path (slice, bitmap, row list) reads it.
+- FAISS breaks ties by the lower row (its heaps compare ids on equal distances, at every k, including
+  the k = 1 and k >= 100 result handlers), so the merge sorts on (distance, row).
+
+Paths, all of them exact (a filtered search returns the k nearest *selected* rows, nothing cut after):
+
+- unfiltered: shard i is `rows[a:b]` (a view) through `faiss.knn_L2sqr`, offsets added after.
+- bitmap (a mask selecting more than `subset_fraction` of the rows): the mask packed once into a bitmap;
+  shard i gets an `IDSelectorBitmap` over its own rows only, pointing into the whole bitmap at byte a/8
+  (so shard starts are multiples of `BLOCK` rows). Its membership test costs one bit read per row,
+  nothing measurable at 1M next to the distance (an all-ones bitmap: 0.91x `index.search`, as fast as
+  `faiss.knn` unfiltered), where IDSelectorAnd(IDSelectorRange, bitmap over the whole index) per shard
+  took 1.87x (two virtual calls a row, and every shard tests every row of the index); a 50 % random
+  bitmap costs 1.2-1.5x unfiltered (the branch on each bit mispredicts). Shards are cut at equal
+  counts of selected rows (popcounts per block), not of rows, so a mask whose selected rows bunch
+  together still splits the work evenly.
+- subset (a mask selecting at most `subset_fraction` of the rows): `faiss.knn_L2sqr_by_idx` over the
+  selected row numbers, reading the rows in place: no copy of the selected rows (faiss_store copies them
+  and then searches the copy, 2x slower for one query). The row numbers are split evenly across shards.
+
+Measured on this machine: 2 vCPUs (AMD EPYC), shared with other work, so the second core is often not
+free. One query, k=10, d=128, standard-normal float32 rows (seed 0), random masks; median of 41 calls at 1M
+(61 at 100k) of each, interleaved with the baseline: `faiss.omp_set_num_threads(1)` then faiss_store's path
+(`index.search`; with a bitmap selector at 50 %; copying the selected rows, then `faiss.knn`, at 5 %). ms,
+default thresholds, two workers, a quiet spell (load average ~1):
+
+    rows  case          baseline  ParallelKnn  ratio   (earlier runs)
+    1M    unfiltered      21.56      16.36     0.76    0.72, 0.75
+    1M    bitmap 50 %     33.82      20.95     0.62    0.57, 0.58
+    1M    subset 5 %      11.07       4.36     0.39    0.41, 0.43 (one thread in place: 0.57-0.60)
+    100k  unfiltered       2.82       2.11     0.75    0.95, 0.97
+    100k  bitmap 50 %      3.89       2.66     0.68    0.93, 1.30 (both just after an OpenMP search)
+    100k  subset 5 %       1.19       0.57     0.48    5k selected rows: not split; in place, one thread
+
+FAISS's own OpenMP at 2 threads on one query: 1.9-3.5x the one-thread time at 1M, 2-5.6x at 100k. With
+both cores busy with other work (load average 4-6) splitting gains nothing: 1M unfiltered 0.95-1.11, bitmap
+0.78-0.87, subset 0.48-0.65; 100k unfiltered 1.14-1.16. The unfiltered scan tops out near 0.72x here even
+with the second core free, likely memory bandwidth: 512 MB a query at 1M, ~24 GB/s for one thread, ~32 for
+two (at 100k each of two concurrent half-shards took 75 % of the whole one's time).
+
+When not to split: handing a shard to a thread costs 40-200 us here (more when the cores are busy), so a
+shard gets at least `min_rows` rows (`min_subset_rows` selected rows for the subset), and fewer run in one
+call in the calling thread; so does a batch of `split_below_queries` queries or more (faiss_store gives
+those every core through FAISS's own OpenMP and BLAS: BATCH_THREADS_FROM = 8), and any batch with nq * d
+at or over FAISS's BLAS threshold. A search started while others are in flight in the same instance takes
+only its share of the workers (workers // searches in flight), so concurrent searches do not queue behind
+each other's shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from types import TracebackType
+
+import faiss
+import numpy as np
+
+PAD_DISTANCE = float(np.finfo(np.float32).max)  # what FAISS writes where fewer than k rows are selected
+PAD_ROW = -1
+Result = tuple[np.ndarray, np.ndarray]  # (squared distances float32 [nq, k], row numbers int64 [nq, k])
+Task = tuple[Callable[..., Result], tuple[object, ...]]
+BLOCK = 512  # shard starts are multiples of this many rows: whole bytes (64 of them) of the bitmap
+SPLIT_BELOW_QUERIES = 8  # faiss_store.BATCH_THREADS_FROM: from this many queries FAISS's OpenMP takes over
+# A shard gets at least this many rows (unfiltered, bitmap) or selected row numbers (subset); fewer run
+# in one call in the calling thread. One query, d=128, 2 shards vs 1 call, median of 31, under nice -10 (to
+# get the second core from the other work on this machine): unfiltered 16k rows 1.38x, 32k 0.94x, 64k
+# 0.90x, 128k 0.80x, 256k 0.82x; bitmap at 50 %: 16k 1.01x, 32k 1.06x, 64k 0.81x, 128k 0.78x (100k: 0.76,
+# 200k: 0.66); selected rows scattered over a 1M index: 16k 0.92x, 32k 0.86x, 64k 0.78x.
+MIN_ROWS = 32768
+MIN_SUBSET_ROWS = 8192
+# A mask selecting at most this share of the rows is searched as a list of row numbers, in place
+# (knn_L2sqr_by_idx); more, through a bitmap. One query, one thread, median of 31 (15 at 1M), ms:
+#   100k: 5 % 0.48 vs bitmap 1.53 (faiss_store's copy 0.70); 10 % 0.72 vs 1.92; 20 % 1.10 vs 3.05;
+#         30 % 1.76 vs 2.70; 40 % 2.08 vs 4.35; 50 % 4.12 vs 3.79
+#   1M:   5 % 8.1 vs 23.3 (copy 13.2); 10 % 13.2 vs 30.8; 20 % 23.4 vs 39.6; 30 % 29.6 vs 54.6;
+#         40 % 36.0 vs 47.0; 50 % 42.8 vs 51.6 (copy 266)
+SUBSET_FRACTION = 0.4
+BATCH_SUBSET_FRACTION = 0.1  # faiss_store.SUBSET_FRACTION: a batch copies at most this share of the rows
+
+
+def _set_one_omp_thread() -> None:
+    faiss.omp_set_num_threads(1)  # OpenMP's thread count is per thread: this pool's threads run 1 each
+
+
+class ParallelKnn:
+    """Exact L2 k-NN of a few queries over a FAISS IndexFlatL2's rows, one contiguous shard per core.
+
+    One instance serves concurrent searches (its pool is shared; a search waits for its own shards
+    only). The calling thread searches the last shard itself, so the pool has `workers - 1` threads."""
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        min_rows: int = MIN_ROWS,
+        min_subset_rows: int = MIN_SUBSET_ROWS,
+        subset_fraction: float = SUBSET_FRACTION,
+        split_below_queries: int = SPLIT_BELOW_QUERIES,
+    ) -> None:
+        self.workers = max(1, workers if workers is not None else len(os.sched_getaffinity(0)))
+        self.min_rows = max(1, min_rows)
+        self.min_subset_rows = max(1, min_subset_rows)
+        self.subset_fraction = subset_fraction
+        self.split_below_queries = split_below_queries
+        self._closed = False
+        self._in_flight = 0  # searches in this instance now: they share the cores
+        self._in_flight_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(
+                self.workers - 1, thread_name_prefix="parallel-knn", initializer=_set_one_omp_thread
+            )
+
+    def close(self) -> None:
+        """Stops the threads (after the searches in flight); later searches raise RuntimeError."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ParallelKnn:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def search(self, rows: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> Result:
+        """(squared distances float32 [nq, k], row numbers int64 [nq, k]) of each query's k nearest rows
+        among those `mask` selects (every row when None), nearest first, ties to the lower row, padded
+        with (PAD_DISTANCE, -1). `rows` is the index's [n, d] float32 C-contiguous storage (a view of it
+        is fine: nothing is copied), and must not change until this returns."""
+        if self._closed:
+            raise RuntimeError("ParallelKnn is closed")
+        if rows.ndim != 2 or rows.dtype != np.float32 or not rows.flags.c_contiguous:
+            raise ValueError("rows must be a C-contiguous float32 [n, d] array")
+        count, dim = rows.shape
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != dim:
+            raise ValueError(f"queries must be [nq, {dim}], got {list(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if mask is not None and (mask.dtype != np.bool_ or mask.shape != (count,)):
+            raise ValueError(f"mask must be a bool array of shape ({count},)")
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._search(rows, queries, k, mask)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _search(self, rows: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None) -> Result:
+        count, dim = rows.shape
+        nq = queries.shape[0]
+        selected = count if mask is None else int(np.count_nonzero(mask))
+        if nq == 0 or selected == 0:
+            return _padding(nq, k)
+        if nq >= self.split_below_queries or nq * dim >= faiss.cvar.distance_compute_blas_threshold:
+            return _batch(rows, queries, k, mask, selected)
+        if mask is None or selected == count:
+            bounds = _even_bounds(count, self._shards(count, self.min_rows))
+            return self._run([(_knn_shard, (queries, rows, a, b, k)) for a, b in _pairs(bounds)], k)
+        if selected <= self.subset_fraction * count:
+            subset = np.flatnonzero(mask).astype(np.int64, copy=False)
+            shards = self._shards(selected, self.min_subset_rows)
+            cuts = [selected * s // shards for s in range(shards + 1)]
+            return self._run([(_subset_shard, (queries, rows, subset[a:b], k)) for a, b in _pairs(cuts)], k)
+        bits = _bitmap(mask)
+        bounds = _balanced_bounds(bits, count, self._shards(count, self.min_rows))
+        return self._run([(_bitmap_shard, (queries, rows, bits, a, b, k)) for a, b in _pairs(bounds)], k)
+
+    def _shards(self, work: int, min_rows: int) -> int:
+        """As many shards as the cores this search may take (the others' searches keep theirs busy), each
+        of at least min_rows."""
+        return max(1, min(self.workers // max(1, self._in_flight), work // min_rows))
+
+    def _run(self, tasks: list[Task], k: int) -> Result:
+        """Runs the shards' searches (the last in this thread, at one OpenMP thread) and merges them."""
+        futures: list[Future[Result]] = []
+        try:
+            if len(tasks) > 1:
+                assert self._pool is not None
+                futures = [self._pool.submit(f, *args) for f, args in tasks[:-1]]
+            function, args = tasks[-1]
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                last = function(*args)
+            finally:
+                faiss.omp_set_num_threads(threads)
+            parts = [f.result() for f in futures]
+        finally:
+            wait(futures)  # never leave a shard reading rows the caller may change once this returns
+        if not parts:
+            return last
+        parts.append(last)
+        return _merge(parts, k)
+
+
+def _batch(rows: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None, selected: int) -> Result:
+    """A batch, in one call in the calling thread under its OpenMP setting, as faiss_store searches one
+    (FAISS's threads and BLAS do better there): a few selected rows copied, many through a bitmap."""
+    count = rows.shape[0]
+    if mask is None or selected == count:
+        return _knn(queries, rows, k)
+    if selected <= BATCH_SUBSET_FRACTION * count:
+        subset = np.flatnonzero(mask)
+        squared, found = _knn(queries, rows[subset], k)
+        return squared, np.where(found >= 0, subset[np.maximum(found, 0)], PAD_ROW)
+    return _bitmap_shard(queries, rows, _bitmap(mask), 0, count, k)
+
+
+def _bitmap(mask: np.ndarray) -> np.ndarray:
+    """The mask as FAISS's bitmap (bit i of byte i // 8 for row i), zero-padded to whole blocks."""
+    blocks = -(-mask.shape[0] // BLOCK)
+    bits = np.zeros(blocks * BLOCK // 8, np.uint8)
+    bits[: (mask.shape[0] + 7) // 8] = np.packbits(mask, bitorder="little")
+    return bits
+
+
+def _padding(nq: int, k: int) -> Result:
+    return np.full((nq, k), PAD_DISTANCE, np.float32), np.full((nq, k), PAD_ROW, np.int64)
+
+
+def _pairs(bounds: list[int]) -> list[tuple[int, int]]:
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _even_bounds(count: int, shards: int) -> list[int]:
+    """Shard starts at multiples of BLOCK rows, the rows shared as evenly as that allows."""
+    blocks = -(-count // BLOCK)
+    return [min(count, blocks * s // shards * BLOCK) for s in range(shards)] + [count]
+
+
+def _balanced_bounds(bits: np.ndarray, count: int, shards: int) -> list[int]:
+    """Shard starts at multiples of BLOCK rows with about as many selected rows in each shard: a row
+    the bitmap skips costs a bit test, a selected one a distance."""
+    per_block = np.bitwise_count(bits.view(np.uint64)).reshape(-1, BLOCK // 64).sum(axis=1, dtype=np.int64)
+    total = np.cumsum(per_block)
+    targets = total[-1] * np.arange(1, shards) // shards
+    cuts = (np.searchsorted(total, targets, side="left") + 1) * BLOCK
+    return [0, *np.minimum(cuts, count).tolist(), count]
+
+
+def _knn(queries: np.ndarray, base: np.ndarray, k: int) -> Result:
+    """One FAISS flat search of `base` (what IndexFlatL2.search runs on its storage)."""
+    squared = np.empty((queries.shape[0], k), np.float32)
+    found = np.empty((queries.shape[0], k), np.int64)
+    faiss.knn_L2sqr(
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(base),
+        base.shape[1],
+        queries.shape[0],
+        base.shape[0],
+        k,
+        faiss.swig_ptr(squared),
+        faiss.swig_ptr(found),
+    )
+    return squared, found
+
+
+def _knn_shard(queries: np.ndarray, rows: np.ndarray, a: int, b: int, k: int) -> Result:
+    squared, found = _knn(queries, rows[a:b], k)
+    if a:
+        np.add(found, a, out=found, where=found >= 0)
+    return squared, found
+
+
+def _bitmap_shard(queries: np.ndarray, rows: np.ndarray, bits: np.ndarray, a: int, b: int, k: int) -> Result:
+    """Rows a:b (a a multiple of 8) through a bitmap selector over those rows only."""
+    own_bits = bits[a // 8 :]  # kept referenced until FAISS returns: the selector holds a raw pointer
+    selector = faiss.IDSelectorBitmap(b - a, faiss.swig_ptr(own_bits))
+    squared = np.empty((queries.shape[0], k), np.float32)
+    found = np.empty((queries.shape[0], k), np.int64)
+    faiss.knn_L2sqr(
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(rows[a:b]),
+        rows.shape[1],
+        queries.shape[0],
+        b - a,
+        k,
+        faiss.swig_ptr(squared),
+        faiss.swig_ptr(found),
+        None,
+        selector,
+    )
+    del selector, own_bits
+    if a:
+        np.add(found, a, out=found, where=found >= 0)
+    return squared, found
+
+
+def _subset_shard(queries: np.ndarray, rows: np.ndarray, subset: np.ndarray, k: int) -> Result:
+    """The listed rows (ascending row numbers, int64), read in place."""
+    squared = np.empty((queries.shape[0], k), np.float32)
+    found = np.empty((queries.shape[0], k), np.int64)
+    faiss.knn_L2sqr_by_idx(  # type: ignore[attr-defined]
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(rows),
+        faiss.swig_ptr(subset),
+        rows.shape[1],
+        queries.shape[0],
+        rows.shape[0],
+        subset.shape[0],
+        k,
+        faiss.swig_ptr(squared),
+        faiss.swig_ptr(found),
+        0,  # every query searches the same row numbers
+    )
+    return squared, found
+
+
+def _merge(parts: list[Result], k: int) -> Result:
+    """Each query's k smallest (distance, row) over the shards' sorted top-k blocks; padding (FLT_MAX,
+    -1, read as the largest row) sorts last: FAISS keeps no row at FLT_MAX or more."""
+    squared = np.concatenate([p[0] for p in parts], axis=1)
+    found = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((found.view(np.uint64), squared), axis=1)[:, :k]
+    return np.take_along_axis(squared, order, axis=1), np.take_along_axis(found, order, axis=1)
