@@ -26,6 +26,7 @@ from imgsearch.convert import (
     Match,
     Reconstruction,
     ScanPage,
+    SearchArrays,
     StoredItem,
 )
 from imgsearch.filters import Condition, filter_message
@@ -347,18 +348,23 @@ class IndexClient(_Client):
     ) -> list[list[Match]]:
         """The k nearest stored items of each query among those that match `filter` (exactly, at every
         selectivity), none farther than `max_distance`."""
-        request = index_pb2.SearchRequest(
-            queries=wire.pack(queries),
-            k=k,
-            model_version=model_version,
-            collection=self._in(collection),
-            filter=filter_message(filter),
-            max_distance=max_distance,
-        )
-        with self._call():
-            return convert.matches_of(
-                self.stub.Search(request, timeout=self.timeout_s, metadata=self._metadata)
-            )
+        reply = self._search(queries, k, model_version, collection, filter, max_distance)
+        return self._read(convert.matches_of, reply)
+
+    def search_arrays(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        model_version: str = "",
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        max_distance: float | None = None,
+    ) -> SearchArrays:
+        """`search`'s answer as arrays (flat ids, float32 distances, each match's metadata decoded when
+        read), for callers of many queries at once: no object is made per match but its id."""
+        reply = self._search(queries, k, model_version, collection, filter, max_distance)
+        return self._read(convert.search_arrays_of, reply)
 
     def search_by_id(
         self,
@@ -369,21 +375,73 @@ class IndexClient(_Client):
         filter: Sequence[Condition] = (),
         max_distance: float | None = None,
     ) -> list[list[Match]]:
+        reply = self._search_by_id(ids, k, collection, filter, max_distance)
+        return self._read(convert.matches_of, reply)
+
+    def search_by_id_arrays(
+        self,
+        ids: Sequence[str],
+        k: int = 10,
+        *,
+        collection: str | None = None,
+        filter: Sequence[Condition] = (),
+        max_distance: float | None = None,
+    ) -> SearchArrays:
+        """`search_by_id`'s answer as arrays, as `search_arrays` gives them."""
+        reply = self._search_by_id(ids, k, collection, filter, max_distance)
+        return self._read(convert.search_arrays_of, reply)
+
+    # Searches ask for the columnar reply (index.proto, SearchResponse): a few bytes a match, read without
+    # a protobuf message per match. A server that predates it sends Match messages, which are read too.
+
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        model_version: str,
+        collection: str | None,
+        filter: Sequence[Condition],
+        max_distance: float | None,
+    ) -> index_pb2.SearchResponse:
+        request = index_pb2.SearchRequest(
+            queries=wire.pack(queries),
+            k=k,
+            model_version=model_version,
+            collection=self._in(collection),
+            filter=filter_message(filter),
+            max_distance=max_distance,
+            columnar=True,
+        )
+        with self._call():
+            return self.stub.Search(request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def _search_by_id(
+        self,
+        ids: Sequence[str],
+        k: int,
+        collection: str | None,
+        filter: Sequence[Condition],
+        max_distance: float | None,
+    ) -> index_pb2.SearchResponse:
         request = index_pb2.SearchByIdRequest(
             ids=list(ids),
             k=k,
             collection=self._in(collection),
             filter=filter_message(filter),
             max_distance=max_distance,
+            columnar=True,
         )
         with self._call():
-            return convert.matches_of(
-                self.stub.SearchById(
-                    request,
-                    timeout=self.timeout_s,
-                    metadata=self._metadata,
-                )
-            )
+            return self.stub.SearchById(request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def _read(self, read: Callable[[index_pb2.SearchResponse], T], reply: index_pb2.SearchResponse) -> T:
+        """The reply read by `read`; a malformed one is a ServiceError naming this service."""
+        try:
+            return read(reply)
+        except ValueError as error:
+            raise ServiceError(
+                self.service, self.address, None, f"a malformed search reply: {error}"
+            ) from None
 
     def stats(self, *, collection: str | None = None) -> IndexStats:
         with self._call():

@@ -9,11 +9,14 @@ through `_apply`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -23,6 +26,8 @@ from imgsearch_server.memory import release_free_memory
 from index_service.columns import MAX_COLUMNS, Column
 from index_service.duplicates import DEFAULT_MAX_PAIRS, Group, duplicate_groups
 from index_service.filters import Filter
+from index_service.idmap import PackedIds, RowMap
+from index_service.parallel_knn import ParallelKnn
 from index_service.rwlock import ReadWriteLock
 from index_service.store import (
     DEFAULT_COLLECTION,
@@ -46,11 +51,40 @@ from index_service.store import (
     encode_metadata,
 )
 
+BULK_LOOKUP_FROM = 512  # ids in an upsert from which RowMap.rows_array beats a lookup each (idmap.py)
 BULK_ITEMS = 4096  # an upsert this large may have grown FAISS's storage: give the slack back
 BATCH_THREADS_FROM = 8  # queries in one call from which FAISS gets every core instead of one
 # A search runs in chunks of queries of about this many distances (a few tens of ms), checking between
 # chunks whether anyone still wants the answer.
 CHUNK_DISTANCES = 1 << 24
+# FAISS 1.15 computes a call's L2 distances with BLAS (|x|^2 + |y|^2 - 2 x.y, one matrix product per block
+# of queries and rows) when nq * d >= faiss.cvar.distance_compute_blas_threshold (default 128,000: 1,000
+# queries at d = 128) and no IDSelector is given; below it, it scans the rows one query at a time, several
+# times slower per query in a batch. Measured in process (k = 10, d = 128, 2 cores, BLAS vs the scan, per
+# query, median of 7-9 interleaved runs): 10k rows, 2 threads: 16 queries 0.92x, 32: 1.15x, 64: 1.30x,
+# 128: 1.36x, 256: 1.49x (1 thread: 1.36x, 1.63x, 1.87x, 1.92x, 2.04x); 100k rows: 8 queries 1.2x (2.1x on
+# 1 thread), 16: 2.6x, 32: 3.4x, 64: 5.0x, 128: 5.9x, 256: 6.1x. So importing this module lowers it to
+# BLAS_THRESHOLD (BLAS from 64 queries at d = 128, from 16 at d = 512), process-wide: FAISS reads the one
+# global at each call, and a search of fewer than 8 queries stays on the scan either way.
+BLAS_THRESHOLD = 8192
+faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, BLAS_THRESHOLD)
+# A search FAISS runs with BLAS goes in chunks of about BLAS_CHUNK_DISTANCES distances instead (~0.1 s), of
+# at least BLAS_CHUNK_QUERIES queries: each chunk reads every row again and BLAS does worse on few queries.
+# Each chunk's queries are split between the cores, each part searched by single-threaded FAISS in its own
+# thread (`_blas_knn`): FAISS's own threads meet at a barrier twice per 1,024 rows, and on a busy machine
+# each barrier waits for a descheduled thread. At 100k rows, 1,000 queries in chunks (median of 5, queries/s,
+# quiet / two other processes spinning on the 2 cores): FAISS's 2 threads, the whole batch at once 4,523 /
+# 517, chunks of 256 5,029 / 136, of 671 4,981 / 273; split in two, chunks of 256 5,020 / 2,632, of 512
+# 5,375 / 2,789, of 1,000 5,781 / 2,885. At 1M (quiet, median of 3): FAISS's whole batch 454, split chunks
+# of 256 563, of 512 602.
+# Measured in process (VectorStore.search_columns, 1,000 queries, k = 10, d = 128, 2 threads, median of 4;
+# FAISS's whole batch in one call 577 queries/s): at 1M rows in chunks of 134 queries 372 queries/s, of
+# 268 487, of 536 496, in one 568 (the chunks of CHUNK_DISTANCES, 16 queries, on the scan: 59-86); at 100k
+# rows (whole batch 4,543, median of 9) in chunks of 167 3,932, of 335 4,369, of 671 4,380, in one 4,462.
+# So 256 queries a chunk at 1M rows (~0.5 s here), 671 at 100k (~0.15 s), one chunk of up to 6,710 at 10k.
+# The rows' norms are computed once per search and given to every chunk (FAISS would compute them in each).
+BLAS_CHUNK_DISTANCES = 1 << 26
+BLAS_CHUNK_QUERIES = 256
 _CORES = len(os.sched_getaffinity(0))
 # A filtered search over at most this share of the rows copies those rows and searches the copy; over more,
 # it searches the whole index through a bitmap of the rows (IDSelectorBitmap). Both are exact. Measured for
@@ -59,12 +93,27 @@ _CORES = len(os.sched_getaffinity(0))
 SUBSET_FRACTION = 0.1
 
 
+_PARALLEL: ParallelKnn | None = None
+_PARALLEL_LOCK = threading.Lock()
+
+
+def parallel_knn() -> ParallelKnn:
+    """The process's one ParallelKnn (its threads are shared by every store, so concurrent searches share
+    the cores rather than each taking all of them), made at the first few-query search."""
+    global _PARALLEL
+    with _PARALLEL_LOCK:
+        if _PARALLEL is None:
+            _PARALLEL = ParallelKnn()
+        return _PARALLEL
+
+
 class VectorStore:
     """Exact-L2 k-NN over string ids with metadata; thread-safe (concurrent reads, exclusive writes).
 
     Memory per item is kept close to its vector: a plain `IndexFlatL2` whose row n belongs to
-    `_ids[n]` (no FAISS id map), an id -> row dict, and metadata as compact JSON bytes (None when
-    empty). A replaced item keeps its row; a deleted one's row is refilled from the last row."""
+    `_ids[n]` (no FAISS id map; the ids packed in one buffer, index_service/idmap.py), an id -> row hash
+    table in arrays, and metadata as compact JSON bytes (None when empty). A replaced item keeps its row;
+    a deleted one's row is refilled from the last rows."""
 
     def __init__(
         self,
@@ -87,8 +136,8 @@ class VectorStore:
         self._model_version = ""
         self._model_name = model_name
         self._index: faiss.IndexFlatL2 | None = None
-        self._ids: list[str] = []  # row -> id
-        self._row_of: dict[str, int] = {}  # id -> row
+        self._ids = PackedIds()  # row -> id, packed in one buffer
+        self._row_of = RowMap(self._ids)  # id -> row, a hash table in arrays
         self._metadata: list[bytes | None] = []  # row -> JSON of its metadata, None when empty
         self._text_bytes = 0
         self._columns: OrderedDict[str, Column] = OrderedDict()  # metadata keys filters named (columns.py)
@@ -190,50 +239,63 @@ class VectorStore:
         if self._index is None or not self._ids:
             self._reset(operation.vectors.shape[1], operation.model_version)
         assert self._index is not None
+        ids = operation.ids
+        if not len(self._row_of):
+            held = np.full(len(ids), -1, np.int64)
+        elif len(ids) >= BULK_LOOKUP_FROM:
+            held = self._row_of.rows_array(ids)
+        else:
+            held = np.array([self._row_of.get(i, -1) for i in ids], np.int64)
         rows = self._rows()
-        new_positions = []
-        for position, (item_id, entries) in enumerate(zip(operation.ids, operation.metadata, strict=True)):
+        for position in np.flatnonzero(held >= 0).tolist():  # replaced: each keeps its row
+            row, entries = int(held[position]), operation.metadata[position]
             encoded = encode_metadata(entries)
-            row = self._row_of.get(item_id)
-            if row is None:
-                new_positions.append(position)
-                self._row_of[item_id] = len(self._ids)
-                self._ids.append(item_id)
-                self._metadata.append(encoded)
-                self._text_bytes += len(item_id.encode()) + len(encoded or b"")
-            else:
-                rows[row] = operation.vectors[position]
-                self._text_bytes += len(encoded or b"") - len(self._metadata[row] or b"")
-                self._metadata[row] = encoded
-                for key, column in self._columns.items():
-                    column.set(row, entries.get(key))
+            rows[row] = operation.vectors[position]
+            self._text_bytes += len(encoded or b"") - len(self._metadata[row] or b"")
+            self._metadata[row] = encoded
+            for key, column in self._columns.items():
+                column.set(row, entries.get(key))
+        new_positions = np.flatnonzero(held < 0)
+        if not new_positions.size:
+            return
+        every = new_positions.size == len(ids)
+        picked = new_positions.tolist()
+        new_ids = list(ids) if every else [ids[p] for p in picked]
+        first, id_bytes = len(self._ids), self._ids.id_bytes
+        self._ids.extend(new_ids)
+        self._row_of.extend(new_ids, first)
+        encoded_new = [encode_metadata(operation.metadata[p]) for p in picked]
+        self._metadata.extend(encoded_new)
+        self._text_bytes += self._ids.id_bytes - id_bytes + sum(len(e) for e in encoded_new if e is not None)
         for key, column in self._columns.items():
-            column.append([operation.metadata[p].get(key) for p in new_positions])
-        if new_positions:
-            self._index.add(np.ascontiguousarray(operation.vectors[new_positions]))
+            column.append([operation.metadata[p].get(key) for p in picked])
+        vectors = operation.vectors if every else operation.vectors[new_positions]
+        self._index.add(np.ascontiguousarray(vectors))
 
     def _remove(self, ids: Sequence[str]) -> None:
-        """Deletes rows by moving the last live row into each gap, then cutting the tail off."""
+        """Deletes rows by moving the last live rows into the gaps (idmap.fill_from_tail: the layout one
+        move at a time would give), then cutting the tail off."""
         if not ids or self._index is None:
             return
         count = len(self._ids)
+        gone = self._row_of.pop_many(ids)
+        self._text_bytes -= sum(len(self._metadata[r] or b"") for r in gone.tolist())
+        id_bytes = self._ids.id_bytes
+        sources, targets = self._ids.remove_rows(gone)
+        self._text_bytes -= id_bytes - self._ids.id_bytes
+        self._row_of.remap(sources, targets)
         rows = self._rows()
-        last = count - 1
-        for row in sorted((self._row_of.pop(i) for i in ids), reverse=True):
-            self._text_bytes -= len(self._ids[row].encode()) + len(self._metadata[row] or b"")
-            if row != last:
-                moved = self._ids[last]
-                rows[row] = rows[last]
-                self._ids[row], self._metadata[row] = moved, self._metadata[last]
-                self._row_of[moved] = row
-                for column in self._columns.values():
-                    column.move(last, row)
-            self._ids.pop()
-            self._metadata.pop()
-            last -= 1
+        rows[targets] = rows[sources]
+        metadata = self._metadata
+        for source, target in zip(sources.tolist(), targets.tolist(), strict=True):
+            metadata[target] = metadata[source]
+            for column in self._columns.values():
+                column.move(source, target)
+        keep = count - gone.size
+        del metadata[keep:]
         for column in self._columns.values():
-            column.truncate(last + 1)
-        self._index.remove_ids(faiss.IDSelectorRange(last + 1, count))
+            column.truncate(keep)
+        self._index.remove_ids(faiss.IDSelectorRange(keep, count))
 
     def _rows(self) -> np.ndarray:
         """Returns a writable [count, dim] view of the vectors inside the FAISS index."""
@@ -322,10 +384,10 @@ class VectorStore:
             if self._index is None or not self._ids:
                 return [], 0, 0
             if mask is None:
-                ids, vectors = list(self._ids), self._rows().copy()
+                ids, vectors = self._ids.tolist(), self._rows().copy()
             else:
                 rows = np.flatnonzero(mask)
-                ids, vectors = [self._ids[r] for r in rows.tolist()], self._rows()[rows]
+                ids, vectors = self._ids.take(rows), self._rows()[rows]
         groups, pairs = duplicate_groups(ids, vectors, max_distance, check=check, max_pairs=max_pairs)
         return groups, pairs, len(ids)
 
@@ -404,7 +466,7 @@ class VectorStore:
         return StoreCopy(
             dim=self._dim,
             model_version=self._model_version,
-            ids=list(self._ids),
+            ids=self._ids.tolist(),
             encoded_metadata=list(self._metadata),
             vectors=(
                 self._rows().copy()
@@ -427,6 +489,43 @@ class VectorStore:
     def _metadata_of(self, row: int) -> dict[str, str]:
         return decode_metadata(self._metadata[row])
 
+    def search_columns(
+        self,
+        queries: np.ndarray,
+        k: int,
+        model_version: str = "",
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
+    ) -> SearchColumns:
+        """`search`'s answer as arrays, made without a Match per match: what the columnar reply sends."""
+        self._check_k(k)
+        with self._lock.read():
+            array = check_queries(queries, model_version, self._model_version, self._dim)
+            return self._search_columns(array, k, None, check, self._mask(conditions), max_distance)
+
+    def search_by_id_columns(
+        self,
+        ids: Sequence[str],
+        k: int,
+        *,
+        check: Check | None = None,
+        conditions: Filter = (),
+        max_distance: float | None = None,
+    ) -> SearchColumns:
+        """`search_by_id`'s answer as arrays (each item excluded from its own matches)."""
+        self._check_k(k)
+        checked_ids = check_id_batch(ids, unique=False)
+        with self._lock.read():
+            missing = [i for i in checked_ids if i not in self._row_of]
+            if missing:
+                raise NotFound(f"id {missing[0]!r} is not in the index")
+            rows = [self._row_of[i] for i in checked_ids]
+            return self._search_columns(
+                self._copy(rows), k, rows, check, self._mask(conditions), max_distance
+            )
+
     def _search(
         self,
         queries: np.ndarray,
@@ -436,21 +535,43 @@ class VectorStore:
         mask: np.ndarray | None = None,
         max_distance: float | None = None,
     ) -> list[list[Match]]:
-        """Exact k-NN of each query among the rows `mask` selects (every row when None).
+        """`_search_columns` as one list of Matches per query: what `search` and `search_by_id` return."""
+        return self._matches(self._search_columns(queries, k, exclude, check, mask, max_distance))
+
+    def _search_columns(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[int] | None,
+        check: Check | None = None,
+        mask: np.ndarray | None = None,
+        max_distance: float | None = None,
+    ) -> SearchColumns:
+        """Exact k-NN of each query among the rows `mask` selects (every row when None), as arrays; `exclude`
+        gives one row per query to leave out of its matches. Runs under the read lock.
 
         A selection of few rows (at most SUBSET_FRACTION of them) is copied and searched as it is; a larger
         one is searched in the whole index through a bitmap selector. Either way each query gets exactly its
         k nearest selected rows, at every selectivity: nothing is cut from a fixed top-k afterwards."""
         count = len(self._ids)
-        if self._index is None or count == 0 or queries.shape[0] == 0:
-            return [[] for _ in range(queries.shape[0])]
+        queried, dim = queries.shape
+        if self._index is None or count == 0 or queried == 0:
+            return SearchColumns.empty(queried)
+        if queried < BATCH_THREADS_FROM:  # a few queries: every core through per-core shards, exactly
+            selected = count if mask is None else int(np.count_nonzero(mask))
+            if selected == 0:
+                return SearchColumns.empty(queried)
+            fetch = min(k + (1 if exclude is not None else 0), selected)
+            squared, rows = parallel_knn().search(self._rows(), queries, fetch, mask)
+            excluded = np.asarray(exclude, np.int64) if exclude is not None else None
+            return self._columns_of(*_kept(squared, rows, k, excluded, max_distance))
         subset: np.ndarray | None = None  # the selected rows, when they are searched as a copy
         params = None
         selected = count
         if mask is not None:
             selected = int(mask.sum())
             if selected == 0:
-                return [[] for _ in range(queries.shape[0])]
+                return SearchColumns.empty(queried)
             if selected <= SUBSET_FRACTION * count:
                 subset = np.flatnonzero(mask)
             elif selected < count:
@@ -459,48 +580,168 @@ class VectorStore:
                 params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         fetch = min(k + (1 if exclude is not None else 0), selected)
         # One query is fastest on one thread; a batch wants every core. OpenMP keeps this per thread.
-        faiss.omp_set_num_threads(1 if queries.shape[0] < BATCH_THREADS_FROM else _CORES)
-        chunk = max(BATCH_THREADS_FROM, CHUNK_DISTANCES // selected)
-        base = self._rows()[subset] if subset is not None else None
-        results: list[list[Match]] = []
+        faiss.omp_set_num_threads(1 if queried < BATCH_THREADS_FROM else _CORES)
+        threshold = faiss.cvar.distance_compute_blas_threshold
+        blas = params is None and queried * dim >= threshold  # FAISS never uses BLAS under a selector
+        least = -(-threshold // dim)  # the fewest queries FAISS searches with BLAS
+        if blas:  # chunks big enough for BLAS to pay, and for FAISS to keep to it
+            chunk = max(BLAS_CHUNK_DISTANCES // selected, BLAS_CHUNK_QUERIES, least)
+        else:
+            chunk = max(BATCH_THREADS_FROM, CHUNK_DISTANCES // selected)
+        searched = self._rows()[subset] if subset is not None else self._rows()
+        norms = _squared_norms(searched) if blas else None  # once, not in every chunk and part
+        excluded = np.asarray(exclude, np.int64) if exclude is not None else None
+        counts: list[np.ndarray] = []
+        found: list[np.ndarray] = []
+        distances: list[np.ndarray] = []
         try:
-            for start in range(0, queries.shape[0], chunk):
+            for start in range(0, queried, chunk):
                 if start and check is not None:
                     check()
-                stop = min(start + chunk, queries.shape[0])
-                if base is not None and subset is not None:
-                    squared, found = faiss.knn(queries[start:stop], base, fetch)
-                    rows = np.where(found >= 0, subset[np.maximum(found, 0)], -1)
-                elif params is not None:
+                stop = min(start + chunk, queried)
+                if params is not None:
                     squared, rows = self._index.search(queries[start:stop], fetch, params=params)
+                elif blas:
+                    squared, rows = _blas_knn(queries[start:stop], searched, fetch, norms, least)
                 else:
-                    squared, rows = self._index.search(queries[start:stop], fetch)
-                excluded = exclude[start:stop] if exclude is not None else None
-                distances = np.sqrt(np.maximum(squared, 0.0))
-                results += self._matches(distances, rows, k, excluded, max_distance)
+                    squared, rows = _knn(queries[start:stop], searched, fetch, norms)
+                if subset is not None:
+                    rows = np.where(rows >= 0, subset[np.maximum(rows, 0)], -1)
+                kept = _kept(
+                    squared, rows, k, excluded[start:stop] if excluded is not None else None, max_distance
+                )
+                counts.append(kept[0])
+                found.append(kept[1])
+                distances.append(kept[2])
         except BaseException:
-            results.clear()  # the traceback keeps this frame: let the partial answer go now
+            counts.clear()  # the traceback keeps this frame: let the partial answer go now
+            found.clear()
+            distances.clear()
             raise
-        return results
+        return self._columns_of(np.concatenate(counts), np.concatenate(found), np.concatenate(distances))
 
-    def _matches(
-        self,
-        distances: np.ndarray,
-        rows: np.ndarray,
-        k: int,
-        exclude: list[int] | None,
-        max_distance: float | None = None,
-    ) -> list[list[Match]]:
-        results = []
-        for query, (row_distances, row_rows) in enumerate(
-            zip(distances.tolist(), rows.tolist(), strict=True)
-        ):
-            matches = []
-            for distance, row in zip(row_distances, row_rows, strict=True):
-                if row < 0 or (exclude is not None and row == exclude[query]):
-                    continue
-                if max_distance is not None and distance > max_distance:
-                    break  # nearest first: the rest are farther still
-                matches.append(Match(self._ids[row], distance, self._metadata_of(row)))
-            results.append(matches[:k])
-        return results
+    def _columns_of(self, counts: np.ndarray, rows: np.ndarray, distances: np.ndarray) -> SearchColumns:
+        """The matches' ids and stored metadata looked up by row (under the read lock)."""
+        metadata = self._metadata
+        return SearchColumns(counts, self._ids.take(rows), distances, [metadata[r] for r in rows.tolist()])
+
+    def _matches(self, columns: SearchColumns) -> list[list[Match]]:
+        """The columns as one list of Matches per query, each match's metadata decoded."""
+        matches = [
+            Match(item_id, distance, decode_metadata(metadata))
+            for item_id, distance, metadata in zip(
+                columns.ids, columns.distances.tolist(), columns.metadata, strict=True
+            )
+        ]
+        bounds = [0, *np.cumsum(columns.counts).tolist()]
+        return [matches[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+@dataclass(frozen=True)
+class SearchColumns:
+    """A search's matches as arrays, query after query, each query's nearest first: what `search_columns`
+    returns for the columnar SearchResponse, without a Match (nor a decoded metadata dict) per match."""
+
+    counts: np.ndarray  # int64 [queries]: each query's number of matches
+    ids: list[str]  # [matches]
+    distances: np.ndarray  # float32 [matches]: Euclidean, not squared
+    metadata: list[bytes | None]  # [matches]: as the store keeps it, compact JSON; None when it has none
+
+    @classmethod
+    def empty(cls, queries: int) -> SearchColumns:
+        return cls(np.zeros(queries, np.int64), [], np.zeros(0, np.float32), [])
+
+
+def _squared_norms(rows: np.ndarray) -> np.ndarray:
+    """The rows' squared L2 norms as FAISS's BLAS search computes them for itself (once per call)."""
+    norms = np.empty(rows.shape[0], np.float32)
+    faiss.fvec_norms_L2sqr(  # type: ignore[attr-defined]
+        faiss.swig_ptr(norms), faiss.swig_ptr(rows), rows.shape[1], rows.shape[0]
+    )
+    return norms
+
+
+def _knn(
+    queries: np.ndarray, rows: np.ndarray, k: int, norms: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's exact L2 search of C-contiguous float32 rows (what IndexFlatL2.search runs on its storage, and
+    faiss.knn on an array): (squared distances [nq, k], row numbers [nq, k], -1 past the rows). `norms`,
+    when given, spares a BLAS search computing the rows' norms again."""
+    queries = np.ascontiguousarray(queries, np.float32)
+    squared = np.empty((queries.shape[0], k), np.float32)
+    found = np.empty((queries.shape[0], k), np.int64)
+    faiss.knn_L2sqr(
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(rows),
+        rows.shape[1],
+        queries.shape[0],
+        rows.shape[0],
+        k,
+        faiss.swig_ptr(squared),
+        faiss.swig_ptr(found),
+        None if norms is None else faiss.swig_ptr(norms),
+    )
+    return squared, found
+
+
+_BATCH_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid it was made in, the pool)
+_BATCH_POOL_LOCK = threading.Lock()
+
+
+def _batch_pool() -> ThreadPoolExecutor:
+    """The process's threads for the parts of BLAS searches (one fewer than the cores: the searching thread
+    takes a part too), each at one OpenMP thread; made at the first, again in a forked child."""
+    global _BATCH_POOL
+    with _BATCH_POOL_LOCK:
+        if _BATCH_POOL is None or _BATCH_POOL[0] != os.getpid():
+            pool = ThreadPoolExecutor(
+                max(1, _CORES - 1),
+                thread_name_prefix="faiss-batch",
+                initializer=faiss.omp_set_num_threads,
+                initargs=(1,),
+            )
+            _BATCH_POOL = (os.getpid(), pool)
+        return _BATCH_POOL[1]
+
+
+def _blas_knn(
+    queries: np.ndarray, rows: np.ndarray, k: int, norms: np.ndarray | None, part_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_knn` with BLAS, the queries split in up to one part a core of at least `part_queries` each (FAISS
+    keeps to BLAS for each), each part searched by single-threaded FAISS in its own thread, this one
+    included: the same answer, without FAISS's OpenMP barriers (see BLAS_CHUNK_DISTANCES)."""
+    parts = max(1, min(_CORES, queries.shape[0] // part_queries))
+    if parts == 1:
+        return _knn(queries, rows, k, norms)
+    cuts = [queries.shape[0] * part // parts for part in range(parts + 1)]
+    pool = _batch_pool()
+    futures: list[Future[tuple[np.ndarray, np.ndarray]]] = []
+    threads = faiss.omp_get_max_threads()
+    try:
+        futures = [pool.submit(_knn, queries[a:b], rows, k, norms) for a, b in itertools.pairwise(cuts[1:])]
+        faiss.omp_set_num_threads(1)
+        answers = [_knn(queries[: cuts[1]], rows, k, norms), *(future.result() for future in futures)]
+    finally:
+        faiss.omp_set_num_threads(threads)
+        wait(futures)  # no part may still read the rows once this returns (the caller's lock goes next)
+    return np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
+
+
+def _kept(
+    squared: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    exclude: np.ndarray | None,
+    max_distance: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(matches per query, their rows, their distances) of one chunk's FAISS answer: the rows FAISS found
+    (not -1), less each query's excluded row, none farther than max_distance, at most k a query."""
+    distances = np.sqrt(np.maximum(squared, 0.0))
+    keep = rows >= 0
+    if exclude is not None:
+        keep &= rows != exclude[:, None]
+    if max_distance is not None:
+        keep &= distances <= np.float64(max_distance)  # compared in float64, as a Python float would be
+    if keep.shape[1] > k:  # one more was fetched for the excluded row, which was not among them
+        keep &= np.cumsum(keep, axis=1) <= k
+    return keep.sum(axis=1), rows[keep], distances[keep]

@@ -12,6 +12,7 @@ from imgsearch.v1 import index_pb2, index_pb2_grpc
 from imgsearch_server.errors import RequestError, call_gone, grpc_errors
 from imgsearch_server.memory import release_free_memory
 from index_service.duplicates import DEFAULT_MAX_PAIRS, TooManyPairs
+from index_service.faiss_store import SearchColumns
 from index_service.filters import (
     ANY_OF,
     EQUALS,
@@ -39,6 +40,7 @@ from index_service.store import (
     StorageUnavailable,
     Store,
     StoreCopy,
+    encode_metadata,
 )
 
 DEFAULT_SCAN_PAGE = 1000  # items per Scan page when the request leaves page_size at 0
@@ -46,6 +48,11 @@ ITEM_OVERHEAD_BYTES = 16  # a page's framing per item, beyond the item's own enc
 # A match's encoded size beyond its id and metadata: the distance, field tags and lengths, and the
 # metadata map's framing (each entry's key and value are counted in the store's text bytes).
 MATCH_OVERHEAD_BYTES = 24
+# In a columnar reply (SearchResponse.counts and on) a match costs its id and its metadata's JSON (both
+# counted in the store's text bytes) and 12 bytes: its id's end, its distance and its metadata's end; a
+# query costs 4 (its count). The fields' framing is a few bytes a reply.
+COLUMNAR_MATCH_OVERHEAD_BYTES = 12
+COLUMNAR_QUERY_OVERHEAD_BYTES = 4
 RELEASE_AFTER_RESULTS = 50_000  # a search this large hands its heap back to the system afterwards
 
 ERRORS: dict[type[Exception], grpc.StatusCode] = {
@@ -106,6 +113,57 @@ def _neighbors(results: list[list[Match]]) -> index_pb2.SearchResponse:
             )
             for row in results
         ]
+    )
+
+
+def _columns_of(results: list[list[Match]]) -> SearchColumns:
+    """Match lists (what a backend without `search_columns` gives: Milvus) as the columns of a reply."""
+    flat = [match for row in results for match in row]
+    return SearchColumns(
+        np.fromiter(map(len, results), np.int64, len(results)),
+        [match.id for match in flat],
+        np.array([match.distance for match in flat], np.float32),
+        [encode_metadata(match.metadata) for match in flat],
+    )
+
+
+def _ends(lengths: np.ndarray) -> bytes:
+    """uint32 little-endian end offsets of consecutive parts of these lengths (SearchResponse.id_ends)."""
+    return np.cumsum(lengths, dtype=np.int64).astype("<u4").tobytes()
+
+
+def _columnar(columns: SearchColumns, max_bytes: int) -> index_pb2.SearchResponse:
+    """The columnar SearchResponse (index.proto says each field): every match's id and metadata (the
+    store's own JSON bytes, sent as they are) concatenated with their end offsets, distances as float32.
+    Over max_bytes of ids and metadata it is refused (RESOURCE_EXHAUSTED) before any is joined."""
+    ids, metadata = columns.ids, columns.metadata
+    joined = "".join(ids)
+    if joined.isascii():  # one byte a character (CPython knows without looking): no id encoded on its own
+        id_bytes = joined.encode("ascii")
+        id_lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    else:
+        encoded = [item_id.encode() for item_id in ids]
+        id_bytes = b"".join(encoded)
+        id_lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    del joined
+    parts: list[bytes] = []
+    if metadata.count(None) < len(metadata):  # none at all when no match has any
+        parts = [entry or b"" for entry in metadata]
+    metadata_lengths = np.fromiter(map(len, parts), np.int64, len(parts))
+    size = len(id_bytes) + int(metadata_lengths.sum())
+    if size > max_bytes:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the reply holds {size} bytes of ids and metadata, over the limit of {max_bytes} bytes per "
+            "message (--max-message-bytes); ask for fewer results or items per call",
+        )
+    return index_pb2.SearchResponse(
+        counts=columns.counts.astype("<u4").tobytes(),
+        ids=id_bytes,
+        id_ends=_ends(id_lengths),
+        distances=columns.distances.astype("<f4").tobytes(),
+        metadata=b"".join(parts),
+        metadata_ends=_ends(metadata_lengths),
     )
 
 
@@ -229,11 +287,12 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         items, vectors, missing = store.get(list(request.ids))
         return _got(items, vectors, missing, request.with_vectors)
 
-    def _check_results(self, store: Store, queries: int, k: int) -> None:
+    def _check_results(self, store: Store, queries: int, k: int, columnar: bool = False) -> None:
         """Refuses, before any work, a search whose answer is over the results budget or could not fit
-        in a reply. The reply's size is estimated from the average stored item (its id and metadata),
-        where the store can say cheaply; a reply that turns out larger all the same is refused after the
-        work, by the request interceptor, with RESOURCE_EXHAUSTED."""
+        in a reply (in the form asked for: `columnar` or the Match messages). The reply's size is
+        estimated from the average stored item (its id and metadata), where the store can say cheaply; a
+        reply that turns out larger all the same is refused after the work, with RESOURCE_EXHAUSTED (by
+        `_columnar` before it joins the ids, by the request interceptor for the Match messages)."""
         results = queries * k
         if results > self.max_results:
             raise RequestError(
@@ -245,7 +304,11 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         if sizes is None or not sizes[0]:
             return
         count, text_bytes = sizes
-        estimate = int(queries * min(k, count) * (text_bytes + MATCH_OVERHEAD_BYTES))
+        if columnar:
+            estimate = int(queries * min(k, count) * (text_bytes + COLUMNAR_MATCH_OVERHEAD_BYTES))
+            estimate += queries * COLUMNAR_QUERY_OVERHEAD_BYTES
+        else:
+            estimate = int(queries * min(k, count) * (text_bytes + MATCH_OVERHEAD_BYTES))
         if estimate > self.max_message_bytes:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -261,11 +324,14 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         store: Store,
         queries: int,
         k: int,
-        search: Callable[[Check], list[list[Match]]],
+        columnar: bool,
+        search: Callable[[Check], list[list[Match]] | SearchColumns],
     ) -> index_pb2.SearchResponse:
         """Runs a search checked against the budgets, stopped between chunks once its caller has gone,
-        and hands a large one's heap back to the system afterwards."""
-        self._check_results(store, queries, k)
+        and hands a large one's heap back to the system afterwards. The reply is columnar when the
+        request asked for it (from the store's columns where it gives them, else from its Matches), else
+        the Match messages of `results`."""
+        self._check_results(store, queries, k, columnar)
         self._skip_if_gone(context)
 
         def check() -> None:
@@ -274,7 +340,13 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
                 raise RequestError(code, f"abandoned while searching: {code.name.lower().replace('_', ' ')}")
 
         try:
-            return _neighbors(search(check))
+            found = search(check)
+            if not columnar:
+                assert isinstance(found, list)
+                return _neighbors(found)
+            columns = found if isinstance(found, SearchColumns) else _columns_of(found)
+            del found
+            return _columnar(columns, self.max_message_bytes)
         finally:
             if queries * k >= RELEASE_AFTER_RESULTS:
                 release_free_memory()
@@ -287,12 +359,15 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         self._check_batch(queries.shape[0], "queries")
         _, store = self.collections.lookup(request.collection)
         conditions, max_distance = _filter(request.filter), _max_distance(request)
+        # The store's arrays for a columnar reply, where it gives them (FAISS); else its Matches.
+        search = getattr(store, "search_columns", None) if request.columnar else None
         return self._search(
             context,
             store,
             queries.shape[0],
             request.k,
-            lambda check: store.search(
+            request.columnar,
+            lambda check: (search or store.search)(
                 queries,
                 request.k,
                 request.model_version,
@@ -310,12 +385,14 @@ class IndexServicer(index_pb2_grpc.IndexServicer):
         ids = list(request.ids)
         _, store = self.collections.lookup(request.collection)
         conditions, max_distance = _filter(request.filter), _max_distance(request)
+        search = getattr(store, "search_by_id_columns", None) if request.columnar else None
         return self._search(
             context,
             store,
             len(ids),
             request.k,
-            lambda check: store.search_by_id(
+            request.columnar,
+            lambda check: (search or store.search_by_id)(
                 ids, request.k, check=check, conditions=conditions, max_distance=max_distance
             ),
         )
