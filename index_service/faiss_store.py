@@ -262,8 +262,13 @@ class VectorStore:
         picked = new_positions.tolist()
         new_ids = list(ids) if every else [ids[p] for p in picked]
         first, id_bytes = len(self._ids), self._ids.id_bytes
-        self._ids.extend(new_ids)
-        self._row_of.extend(new_ids, first)
+        if len(new_ids) >= BULK_LOOKUP_FROM:
+            self._ids.extend(new_ids)
+            self._row_of.extend(new_ids, first)
+        else:  # a few: per item is cheaper than a bulk call's fixed ~40-100 us
+            for row, item_id in enumerate(new_ids, first):
+                self._ids.append(item_id)
+                self._row_of[item_id] = row
         encoded_new = [encode_metadata(operation.metadata[p]) for p in picked]
         self._metadata.extend(encoded_new)
         self._text_bytes += self._ids.id_bytes - id_bytes + sum(len(e) for e in encoded_new if e is not None)
