@@ -27,7 +27,7 @@ from index_service.columns import MAX_COLUMNS, Column
 from index_service.duplicates import DEFAULT_MAX_PAIRS, Group, duplicate_groups
 from index_service.filters import Filter
 from index_service.idmap import PackedIds, RowMap
-from index_service.parallel_knn import ParallelKnn
+from index_service.parallel_knn import ParallelKnn, knn_l2sqr
 from index_service.rwlock import ReadWriteLock
 from index_service.store import (
     DEFAULT_COLLECTION,
@@ -350,10 +350,10 @@ class VectorStore:
     ) -> list[list[Match]]:
         """Returns the k nearest stored items of each query that match the filter, nearest first, none
         farther than max_distance; `check` runs between chunks of queries and may raise to stop."""
-        self._check_k(k)
-        with self._lock.read():
-            array = check_queries(queries, model_version, self._model_version, self._dim)
-            return self._search(array, k, None, check, self._mask(conditions), max_distance)
+        columns = self.search_columns(
+            queries, k, model_version, check=check, conditions=conditions, max_distance=max_distance
+        )
+        return self._matches(columns)  # decoded after the lock: the columns hold all it needs
 
     def search_by_id(
         self,
@@ -365,14 +365,10 @@ class VectorStore:
         max_distance: float | None = None,
     ) -> list[list[Match]]:
         """Returns the k nearest items to each stored id, the item itself excluded."""
-        self._check_k(k)
-        checked_ids = check_id_batch(ids, unique=False)
-        with self._lock.read():
-            missing = [i for i in checked_ids if i not in self._row_of]
-            if missing:
-                raise NotFound(f"id {missing[0]!r} is not in the index")
-            rows = [self._row_of[i] for i in checked_ids]
-            return self._search(self._copy(rows), k, rows, check, self._mask(conditions), max_distance)
+        columns = self.search_by_id_columns(
+            ids, k, check=check, conditions=conditions, max_distance=max_distance
+        )
+        return self._matches(columns)
 
     def duplicates(
         self,
@@ -531,18 +527,6 @@ class VectorStore:
                 self._copy(rows), k, rows, check, self._mask(conditions), max_distance
             )
 
-    def _search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        exclude: list[int] | None,
-        check: Check | None = None,
-        mask: np.ndarray | None = None,
-        max_distance: float | None = None,
-    ) -> list[list[Match]]:
-        """`_search_columns` as one list of Matches per query: what `search` and `search_by_id` return."""
-        return self._matches(self._search_columns(queries, k, exclude, check, mask, max_distance))
-
     def _search_columns(
         self,
         queries: np.ndarray,
@@ -669,24 +653,9 @@ def _squared_norms(rows: np.ndarray) -> np.ndarray:
 def _knn(
     queries: np.ndarray, rows: np.ndarray, k: int, norms: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS's exact L2 search of C-contiguous float32 rows (what IndexFlatL2.search runs on its storage, and
-    faiss.knn on an array): (squared distances [nq, k], row numbers [nq, k], -1 past the rows). `norms`,
-    when given, spares a BLAS search computing the rows' norms again."""
-    queries = np.ascontiguousarray(queries, np.float32)
-    squared = np.empty((queries.shape[0], k), np.float32)
-    found = np.empty((queries.shape[0], k), np.int64)
-    faiss.knn_L2sqr(
-        faiss.swig_ptr(queries),
-        faiss.swig_ptr(rows),
-        rows.shape[1],
-        queries.shape[0],
-        rows.shape[0],
-        k,
-        faiss.swig_ptr(squared),
-        faiss.swig_ptr(found),
-        None if norms is None else faiss.swig_ptr(norms),
-    )
-    return squared, found
+    """FAISS's exact L2 search of C-contiguous float32 rows (parallel_knn.knn_l2sqr), queries made
+    contiguous first."""
+    return knn_l2sqr(np.ascontiguousarray(queries, np.float32), rows, k, norms)
 
 
 _BATCH_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid it was made in, the pool)

@@ -226,10 +226,10 @@ def _batch(rows: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | Non
     (FAISS's threads and BLAS do better there): a few selected rows copied, many through a bitmap."""
     count = rows.shape[0]
     if mask is None or selected == count:
-        return _knn(queries, rows, k)
+        return knn_l2sqr(queries, rows, k)
     if selected <= BATCH_SUBSET_FRACTION * count:
         subset = np.flatnonzero(mask)
-        squared, found = _knn(queries, rows[subset], k)
+        squared, found = knn_l2sqr(queries, rows[subset], k)
         return squared, np.where(found >= 0, subset[np.maximum(found, 0)], PAD_ROW)
     return _bitmap_shard(queries, rows, _bitmap(mask), 0, count, k)
 
@@ -266,8 +266,10 @@ def _balanced_bounds(bits: np.ndarray, count: int, shards: int) -> list[int]:
     return [0, *np.minimum(cuts, count).tolist(), count]
 
 
-def _knn(queries: np.ndarray, base: np.ndarray, k: int) -> Result:
-    """One FAISS flat search of `base` (what IndexFlatL2.search runs on its storage)."""
+def knn_l2sqr(queries: np.ndarray, base: np.ndarray, k: int, norms: np.ndarray | None = None) -> Result:
+    """One FAISS flat search of `base` (what IndexFlatL2.search runs on its storage): (squared distances,
+    rows, -1 past the rows). `norms`, the rows' squared norms when given, spares a BLAS search computing
+    them again."""
     squared = np.empty((queries.shape[0], k), np.float32)
     found = np.empty((queries.shape[0], k), np.int64)
     faiss.knn_L2sqr(
@@ -279,12 +281,13 @@ def _knn(queries: np.ndarray, base: np.ndarray, k: int) -> Result:
         k,
         faiss.swig_ptr(squared),
         faiss.swig_ptr(found),
+        None if norms is None else faiss.swig_ptr(norms),
     )
     return squared, found
 
 
 def _knn_shard(queries: np.ndarray, rows: np.ndarray, a: int, b: int, k: int) -> Result:
-    squared, found = _knn(queries, rows[a:b], k)
+    squared, found = knn_l2sqr(queries, rows[a:b], k)
     if a:
         np.add(found, a, out=found, where=found >= 0)
     return squared, found
