@@ -53,6 +53,7 @@ MAX_LOAD = 0.7  # the hash table doubles when more than this share of its slots 
 _MIN_BYTES = 256
 _MIN_ROWS = 16
 _MIN_SLOTS = 8
+TAKE_ONE_BY_ONE = 32  # take() of at most this many rows reads each on its own
 _GATHER_ROWS = 1 << 16  # rows per chunk of a vectorised gather (bounds its index arrays to a few MB)
 _TAG_MASK = 0xFFFFFFFF
 _MAX_ROW = 0x7FFFFFFF  # rows are int32
@@ -319,7 +320,13 @@ class PackedIds:
     # ---- bulk reads ---------------------------------------------------------------------
 
     def take(self, rows: np.ndarray | Sequence[int]) -> list[str]:
-        """The ids of many rows (negative rows count from the end), vectorised: ~0.25 s for 1M."""
+        """The ids of many rows (negative rows count from the end), vectorised: ~0.25 s for 1M. A few
+        rows (a search's matches) are read one by one: 4 us for 10 against 17 vectorised."""
+        if isinstance(rows, np.ndarray):
+            if rows.ndim == 1 and rows.size <= TAKE_ONE_BY_ONE:
+                return [self[row] for row in rows.tolist()]
+        elif len(rows) <= TAKE_ONE_BY_ONE:
+            return [self[int(row)] for row in rows]
         blob, ends = self._blob(rows)
         return _split(blob, ends)
 

@@ -10,10 +10,11 @@ float32 squared distances, ties to the lower row, padded with (FLT_MAX, -1) when
 selected. Checked against FAISS 1.15.1 (tests/unit/test_parallel_knn.py):
 
 - FAISS has two L2 kernels. The sequential one (`fvec_L2sqr` per row) runs for a single thread with
-  nq * d < `faiss.cvar.distance_compute_blas_threshold` (128000), always under an IDSelector (except
-  IDSelectorRange, which FAISS turns into a plain slice), and in `knn_L2sqr_by_idx`. The BLAS one
-  (|x|^2 + |y|^2 - 2 x.y, clamped at 0) runs for nq * d >= 128000 and, with OpenMP threads > nq and
-  ny >= max(10000, threads * 1024), in FAISS's database-parallel search: there distances differ from the
+  nq * d < `faiss.cvar.distance_compute_blas_threshold` (128000 by default; faiss_store lowers it to
+  8192), always under an IDSelector (except IDSelectorRange, which FAISS turns into a plain slice), and
+  in `knn_L2sqr_by_idx`. The BLAS one (|x|^2 + |y|^2 - 2 x.y, clamped at 0) runs for nq * d at or over
+  the threshold and, with OpenMP threads > nq and ny >= max(10000, threads * 1024), in FAISS's
+  database-parallel search: there distances differ from the
   sequential kernel in the last bits (ids the same in what we tried). Every search here that splits runs
   the sequential kernel: its threads, and the calling thread while it searches a shard, run with
   OpenMP at 1 thread, and only nq * d below the BLAS threshold is split. A row's distance then does not
@@ -200,6 +201,14 @@ class ParallelKnn:
 
     def _run(self, tasks: list[Task], k: int) -> Result:
         """Runs the shards' searches (the last in this thread, at one OpenMP thread) and merges them."""
+        if len(tasks) == 1:  # one shard: no hand-off, no futures to wait for
+            function, args = tasks[0]
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                return function(*args)
+            finally:
+                faiss.omp_set_num_threads(threads)
         futures: list[Future[Result]] = []
         try:
             if len(tasks) > 1:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from index_service.idmap import PackedIds, RowMap, fill_from_tail
+from index_service.idmap import TAKE_ONE_BY_ONE, PackedIds, RowMap, fill_from_tail
 from index_service.store import MAX_ID_BYTES
 
 # Ids of every awkward shape: 1 byte, MAX_ID_BYTES bytes (ASCII, 2-, 3- and 4-byte characters), prefixes
@@ -418,3 +418,17 @@ def test_bulk_removal_refuses_missing_or_repeated_keys_and_changes_nothing() -> 
     assert everything.tolist() == list(range(99, -1, -1)) and len(rows) == 0 and len(rows._rows) == 8
     ids.truncate(0)
     assert ids.tolist() == [] and ids.id_bytes == 0
+
+
+@pytest.mark.parametrize("count", [0, 1, 10, TAKE_ONE_BY_ONE, TAKE_ONE_BY_ONE + 1])
+def test_take_of_few_rows_reads_them_as_the_vectorised_path_does(count: int) -> None:
+    ids = PackedIds([f"id-{i}-é" if i % 3 else f"img-{i:07d}" for i in range(200)])
+    rows = np.array([(i * 37) % 200 for i in range(count)], np.int64)
+    expected = [ids[int(row)] for row in rows]
+    assert ids.take(rows) == expected
+    assert ids.take(rows.tolist()) == expected
+    assert ids.take(-1 - rows) == [ids[199 - int(row)] for row in rows]
+    with pytest.raises(IndexError):
+        ids.take(np.array([*rows.tolist(), 200], np.int64))
+    with pytest.raises(ValueError):
+        ids.take(np.zeros((1, 2), np.int64))
