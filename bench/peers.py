@@ -518,13 +518,12 @@ def run(out: Path, quick: bool) -> list[Section]:
     saved_threads = faiss.omp_get_max_threads()
     try:
         with contextlib.ExitStack() as stack:
-            # Two phases, so that no system is timed beside another's idle server: the Milvus server
-            # (its time ticks, every 20 ms) and Milvus Lite's threads keep 0.1 cores busy when idle, in
-            # bursts that take the second core from a search split across both (the run of 2026-12-01:
-            # the service's 100k query 4.81 ms beside them, 3.92 in the filters section). Phase 1: FAISS,
-            # the service and qdrant's local mode (plain Python in this process, idle when not called);
-            # phase 2: the Milvus
-            # systems, started only then, with FAISS again as the reference in their company.
+            # Two phases, so that no system is timed beside another's idle server: the Milvus server (its
+            # time ticks, every 20 ms) keeps ~0.1 cores busy when idle. Phase 1: FAISS, the service and
+            # qdrant's local mode (plain Python in this process, idle when not called); phase 2: the
+            # Milvus systems, started only then, with FAISS again as the reference in their company.
+            # (The run of 2026-12-01, all at once: the service's 100k query 4.81 ms here, 3.92 in the
+            # filters section; the next, in phases: 5.9 ms, so the gap has another cause too.)
             first = [faiss1, faiss2, service, qdrant]
             searches: dict[str, Search | None] = {
                 faiss1.name: stack.enter_context(faiss_flat(faiss1, vectors, 1)),
@@ -620,9 +619,8 @@ def run(out: Path, quick: bool) -> list[Section]:
     section.notes += [
         f"The same {n:,} seeded 128-d vectors and the same queries as the index section (bench/index.py), "
         "timed in turns in two phases: FAISS, the index service and qdrant's local mode first, then the "
-        "Milvus systems, started only after the first phase (idle, the Milvus server and Milvus Lite keep "
-        "about 0.1 cores busy in bursts, which take the second core from the service's search split across "
-        "both), with FAISS timed again among them. The truth is `faiss.knn` (exact). *Ids as FAISS's*: "
+        "Milvus systems, started only after the first phase (idle, the Milvus server keeps about 0.1 cores "
+        "busy), with FAISS timed again among them. The truth is `faiss.knn` (exact). *Ids as FAISS's*: "
         "the k ids of a query are FAISS's, as a set; *ties allowed* also counts a query whose k distances "
         "(float64, recomputed from the vectors) equal FAISS's, so an id swapped for another at exactly the "
         "same distance still agrees.",

@@ -202,32 +202,27 @@ class ParallelKnn:
     def _run(self, tasks: list[Task], k: int) -> Result:
         """Runs the shards' searches (the last in this thread, at one OpenMP thread) and merges them."""
         if len(tasks) == 1:  # one shard: no hand-off, no futures to wait for
-            function, args = tasks[0]
-            threads = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(1)
-            try:
-                return function(*args)
-            finally:
-                faiss.omp_set_num_threads(threads)
+            return _on_one_thread(*tasks[0])
+        assert self._pool is not None
         futures: list[Future[Result]] = []
         try:
-            if len(tasks) > 1:
-                assert self._pool is not None
-                futures = [self._pool.submit(f, *args) for f, args in tasks[:-1]]
-            function, args = tasks[-1]
-            threads = faiss.omp_get_max_threads()
-            faiss.omp_set_num_threads(1)
-            try:
-                last = function(*args)
-            finally:
-                faiss.omp_set_num_threads(threads)
+            futures = [self._pool.submit(f, *args) for f, args in tasks[:-1]]
+            last = _on_one_thread(*tasks[-1])
             parts = [f.result() for f in futures]
         finally:
             wait(futures)  # never leave a shard reading rows the caller may change once this returns
-        if not parts:
-            return last
         parts.append(last)
         return _merge(parts, k)
+
+
+def _on_one_thread(function: Callable[..., Result], args: tuple[object, ...]) -> Result:
+    """Runs one shard's search in this thread with OpenMP at 1 thread, its setting restored after."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return function(*args)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _batch(rows: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None, selected: int) -> Result:
