@@ -546,7 +546,7 @@ class VectorStore:
         queried, dim = queries.shape
         if self._index is None or count == 0 or queried == 0:
             return SearchColumns.empty(queried)
-        if queried < BATCH_THREADS_FROM:  # a few queries: every core through per-core shards, exactly
+        if queried < BATCH_THREADS_FROM:  # a few queries: every core through shared pieces, exactly
             selected = count if mask is None else int(np.count_nonzero(mask))
             if selected == 0:
                 return SearchColumns.empty(queried)

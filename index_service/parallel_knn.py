@@ -59,22 +59,41 @@ with the second core free, likely memory bandwidth: 512 MB a query at 1M, ~24 GB
 two (at 100k each of two concurrent half-shards took 75 % of the whole one's time).
 
 When not to split: handing a shard to a thread costs 40-200 us here (more when the cores are busy), so a
-shard gets at least `min_rows` rows (`min_subset_rows` selected rows for the subset), and fewer run in one
-call in the calling thread; so does a batch of `split_below_queries` queries or more (faiss_store gives
-those every core through FAISS's own OpenMP and BLAS: BATCH_THREADS_FROM = 8), and any batch with nq * d
-at or over FAISS's BLAS threshold. A search started while others are in flight in the same instance takes
-only its share of the workers (workers // searches in flight), so concurrent searches do not queue behind
-each other's shards.
+search splits only when every thread gets at least `min_rows` rows (`min_subset_rows` selected rows for
+the subset); fewer run in one call in the calling thread; so does a batch of `split_below_queries`
+queries or more (faiss_store gives those every core through FAISS's own OpenMP and BLAS:
+BATCH_THREADS_FROM = 8), and any batch with nq * d at or over FAISS's BLAS threshold. A search started
+while others are in flight in the same instance takes only its share of the workers (workers // searches
+in flight), so concurrent searches do not queue behind each other's shards.
+
+Work shared, helpers pinned: a search that splits cuts its rows into `pieces_per_thread` pieces per
+thread, and the calling thread and its helpers take the next piece as each finishes one. Each helper is
+one thread pinned to one core, and a search hands pieces to helpers on cores other than its own. Between
+calls (the service's case: a query every few ms) a fixed two-shard split lost its gain here: the helper,
+woken on the caller's own core, pre-empted the caller, and the other (idle, halted) vCPU took 1-3 ms to
+run either. One query at 100k, ms (x one-thread FAISS), median of 120 calls, the three in one process
+on 2026-12-02 (fixed shards: this module before the change):
+
+    rest between calls    fixed shards    pinned, shared    bitmap 50 %: fixed    shared
+    none                  1.51 (0.63)     1.71 (0.72)       3.24                  3.26
+    5 ms                  2.69 (0.89)     2.14 (0.71)       5.88                  3.45
+    20 ms                 3.04 (1.14)     2.32 (0.87)       6.04                  3.69
+
+At 1M the two are the same within the noise (0.64-0.72x unfiltered, 27-30 ms at 50 %). A helper still
+busy with another search's pieces, or slow to wake, only leaves more pieces to the caller: no search
+waits for a helper that has not started.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from types import TracebackType
+from typing import TypeVar, cast
 
 import faiss
 import numpy as np
@@ -83,7 +102,9 @@ PAD_DISTANCE = float(np.finfo(np.float32).max)  # what FAISS writes where fewer 
 PAD_ROW = -1
 Result = tuple[np.ndarray, np.ndarray]  # (squared distances float32 [nq, k], row numbers int64 [nq, k])
 Task = tuple[Callable[..., Result], tuple[object, ...]]
+T = TypeVar("T")
 BLOCK = 512  # shard starts are multiples of this many rows: whole bytes (64 of them) of the bitmap
+PIECES_PER_THREAD = 4  # a split search's pieces per thread taking part, each at least min_rows / 4 rows
 SPLIT_BELOW_QUERIES = 8  # faiss_store.BATCH_THREADS_FROM: from this many queries FAISS's OpenMP takes over
 # A shard gets at least this many rows (unfiltered, bitmap) or selected row numbers (subset); fewer run
 # in one call in the calling thread. One query, d=128, 2 shards vs 1 call, median of 31, under nice -10 (to
@@ -102,15 +123,44 @@ SUBSET_FRACTION = 0.4
 BATCH_SUBSET_FRACTION = 0.1  # faiss_store.SUBSET_FRACTION: a batch copies at most this share of the rows
 
 
-def _set_one_omp_thread() -> None:
-    faiss.omp_set_num_threads(1)  # OpenMP's thread count is per thread: this pool's threads run 1 each
+def _current_cpu() -> Callable[[], int]:
+    """glibc's sched_getcpu (the core this thread runs on now; Python 3.11 has no os.sched_getcpu), or a
+    function answering -1 where there is none."""
+    try:
+        getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return lambda: -1
+    getcpu.restype = ctypes.c_int
+    getcpu.argtypes = []
+    return cast(Callable[[], int], getcpu)
+
+
+current_cpu = _current_cpu()
+
+
+class _Helper:
+    """One thread, pinned to one core (when `cpu` is not None and the system lets it), that takes pieces
+    of searches handed to it; its thread starts at its first piece."""
+
+    def __init__(self, cpu: int | None) -> None:
+        self.cpu = cpu
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="parallel-knn", initializer=self._start)
+
+    def _start(self) -> None:
+        faiss.omp_set_num_threads(1)  # OpenMP's thread count is per thread: a helper runs 1
+        if self.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {self.cpu})  # 0: this thread only
+            except OSError:  # a core taken away since, or a sandbox that refuses: run unpinned
+                self.cpu = None
 
 
 class ParallelKnn:
-    """Exact L2 k-NN of a few queries over a FAISS IndexFlatL2's rows, one contiguous shard per core.
+    """Exact L2 k-NN of a few queries over a FAISS IndexFlatL2's rows, split across the cores.
 
-    One instance serves concurrent searches (its pool is shared; a search waits for its own shards
-    only). The calling thread searches the last shard itself, so the pool has `workers - 1` threads."""
+    One instance serves concurrent searches (its helpers are shared; a search waits only for the pieces
+    its helpers took). The calling thread takes pieces too, so a search of `workers` threads uses
+    `workers - 1` helpers; there is one helper per worker, pinned to the cores in turn (`pin`)."""
 
     def __init__(
         self,
@@ -120,26 +170,31 @@ class ParallelKnn:
         min_subset_rows: int = MIN_SUBSET_ROWS,
         subset_fraction: float = SUBSET_FRACTION,
         split_below_queries: int = SPLIT_BELOW_QUERIES,
+        pieces_per_thread: int = PIECES_PER_THREAD,
+        pin: bool = True,
     ) -> None:
-        self.workers = max(1, workers if workers is not None else len(os.sched_getaffinity(0)))
+        cores = sorted(os.sched_getaffinity(0))
+        self.workers = max(1, workers if workers is not None else len(cores))
         self.min_rows = max(1, min_rows)
         self.min_subset_rows = max(1, min_subset_rows)
         self.subset_fraction = subset_fraction
         self.split_below_queries = split_below_queries
+        self.pieces_per_thread = max(1, pieces_per_thread)
         self._closed = False
         self._in_flight = 0  # searches in this instance now: they share the cores
         self._in_flight_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        if self.workers > 1:
-            self._pool = ThreadPoolExecutor(
-                self.workers - 1, thread_name_prefix="parallel-knn", initializer=_set_one_omp_thread
-            )
+        pinned = pin and len(cores) > 1
+        self._helpers: list[_Helper] = (
+            [_Helper(cores[i % len(cores)] if pinned else None) for i in range(self.workers)]
+            if self.workers > 1
+            else []
+        )
 
     def close(self) -> None:
         """Stops the threads (after the searches in flight); later searches raise RuntimeError."""
         self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for helper in self._helpers:
+            helper.pool.shutdown(wait=True)
 
     def __enter__(self) -> ParallelKnn:
         return self
@@ -183,39 +238,68 @@ class ParallelKnn:
         if nq >= self.split_below_queries or nq * dim >= faiss.cvar.distance_compute_blas_threshold:
             return _batch(rows, queries, k, mask, selected)
         if mask is None or selected == count:
-            bounds = _even_bounds(count, self._shards(count, self.min_rows))
-            return self._run([(_knn_shard, (queries, rows, a, b, k)) for a, b in _pairs(bounds)], k)
+            threads = self._shards(count, self.min_rows)
+            bounds = _even_bounds(count, self._pieces(threads, count, self.min_rows))
+            tasks: list[Task] = [(_knn_shard, (queries, rows, a, b, k)) for a, b in _pairs(bounds)]
+            return self._run(tasks, threads, k)
         if selected <= self.subset_fraction * count:
             subset = np.flatnonzero(mask).astype(np.int64, copy=False)
-            shards = self._shards(selected, self.min_subset_rows)
-            cuts = [selected * s // shards for s in range(shards + 1)]
-            return self._run([(_subset_shard, (queries, rows, subset[a:b], k)) for a, b in _pairs(cuts)], k)
+            threads = self._shards(selected, self.min_subset_rows)
+            pieces = self._pieces(threads, selected, self.min_subset_rows)
+            cuts = [selected * s // pieces for s in range(pieces + 1)]
+            tasks = [(_subset_shard, (queries, rows, subset[a:b], k)) for a, b in _pairs(cuts)]
+            return self._run(tasks, threads, k)
         bits = _bitmap(mask)
-        bounds = _balanced_bounds(bits, count, self._shards(count, self.min_rows))
-        return self._run([(_bitmap_shard, (queries, rows, bits, a, b, k)) for a, b in _pairs(bounds)], k)
+        threads = self._shards(count, self.min_rows)
+        bounds = _balanced_bounds(bits, count, self._pieces(threads, count, self.min_rows))
+        tasks = [(_bitmap_shard, (queries, rows, bits, a, b, k)) for a, b in _pairs(bounds)]
+        return self._run(tasks, threads, k)
 
     def _shards(self, work: int, min_rows: int) -> int:
-        """As many shards as the cores this search may take (the others' searches keep theirs busy), each
-        of at least min_rows."""
+        """How many threads a search takes: as many as the cores this search may take (the others'
+        searches keep theirs busy), each with at least min_rows of the work."""
         return max(1, min(self.workers // max(1, self._in_flight), work // min_rows))
 
-    def _run(self, tasks: list[Task], k: int) -> Result:
-        """Runs the shards' searches (the last in this thread, at one OpenMP thread) and merges them."""
-        if len(tasks) == 1:  # one shard: no hand-off, no futures to wait for
+    def _pieces(self, threads: int, work: int, min_rows: int) -> int:
+        """How many pieces the threads share: pieces_per_thread each, of at least min_rows / that many."""
+        if threads == 1:
+            return 1
+        smallest = max(1, min_rows // self.pieces_per_thread)
+        return max(threads, min(threads * self.pieces_per_thread, work // smallest))
+
+    def _run(self, tasks: list[Task], threads: int, k: int) -> Result:
+        """Runs the pieces' searches, shared by this thread (at one OpenMP thread) and `threads - 1`
+        helpers on other cores, and merges them."""
+        if len(tasks) == 1:  # one thread, one piece: no hand-off, no futures to wait for
             return _on_one_thread(*tasks[0])
-        assert self._pool is not None
-        futures: list[Future[Result]] = []
+        pieces = iter(tasks)  # shared: next() on a list iterator is atomic under the GIL
+        futures: list[Future[list[Result]]] = [
+            helper.pool.submit(_take_all, pieces) for helper in self._helpers_for(threads - 1)
+        ]
+        parts: list[Result] = []
         try:
-            futures = [self._pool.submit(f, *args) for f, args in tasks[:-1]]
-            last = _on_one_thread(*tasks[-1])
-            parts = [f.result() for f in futures]
+            parts = _on_one_thread(_take_all, (pieces,))
         finally:
-            wait(futures)  # never leave a shard reading rows the caller may change once this returns
-        parts.append(last)
+            # A helper that has not started never will (cancel); one that took pieces is waited for:
+            # never leave a piece reading rows the caller may change once this returns.
+            taken = [future for future in futures if not future.cancel()]
+            wait(taken)
+            for future in taken:
+                parts.extend(future.result())
         return _merge(parts, k)
 
+    def _helpers_for(self, count: int) -> list[_Helper]:
+        """`count` helpers, those pinned to other cores than this thread's first."""
+        here = current_cpu()
+        return sorted(self._helpers, key=lambda helper: helper.cpu == here)[:count]
 
-def _on_one_thread(function: Callable[..., Result], args: tuple[object, ...]) -> Result:
+
+def _take_all(pieces: Iterator[Task]) -> list[Result]:
+    """Searches pieces until none is left: the next one, whoever asks first."""
+    return [function(*args) for function, args in pieces]
+
+
+def _on_one_thread(function: Callable[..., T], args: tuple[object, ...]) -> T:
     """Runs one shard's search in this thread with OpenMP at 1 thread, its setting restored after."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)

@@ -5,6 +5,7 @@ every path runs in several shards: unfiltered, bitmap-filtered, subset-filtered.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -12,7 +13,14 @@ import faiss
 import numpy as np
 import pytest
 
-from index_service.parallel_knn import BLOCK, PAD_DISTANCE, PAD_ROW, SUBSET_FRACTION, ParallelKnn
+from index_service.parallel_knn import (
+    BLOCK,
+    PAD_DISTANCE,
+    PAD_ROW,
+    SUBSET_FRACTION,
+    ParallelKnn,
+    current_cpu,
+)
 
 WORKERS = 3
 
@@ -250,6 +258,54 @@ def test_searches_in_flight_share_the_cores(knn: ParallelKnn) -> None:
     knn._in_flight = WORKERS + 1
     assert knn._shards(10**6, 1) == 1
     knn._in_flight = 0
+
+
+def test_pieces_are_shared_by_the_threads_taking_part(knn: ParallelKnn) -> None:
+    """A split search cuts pieces_per_thread pieces per thread, none under min_rows / that many rows."""
+    assert knn._pieces(1, 10**6, 1) == 1
+    assert knn._pieces(WORKERS, 10**6, 1) == WORKERS * knn.pieces_per_thread
+    searcher = ParallelKnn(2, min_rows=4096)
+    try:
+        assert searcher._pieces(2, 5_000, 4096) == 4  # 5,000 rows // 1,024 a piece, within 2 to 8
+        assert searcher._pieces(2, 3_000, 4096) == 2  # at least one piece a thread
+        assert searcher._pieces(2, 10**6, 4096) == 8
+    finally:
+        searcher.close()
+
+
+def test_a_search_does_not_wait_for_busy_helpers() -> None:
+    """With every helper busy elsewhere, the calling thread takes every piece and answers exactly; the
+    pieces handed to the busy helpers are withdrawn, never run later on rows that may have changed."""
+    vectors, queries = random_case(8 * BLOCK, 8, seed=21)
+    index, rows = flat(vectors)
+    release = threading.Event()
+    with ParallelKnn(WORKERS, min_rows=1, min_subset_rows=1) as searcher:
+        blockers = [helper.pool.submit(release.wait, 30) for helper in searcher._helpers]
+        try:
+            for mask in masks(len(vectors), seed=22).values():
+                squared, found = searcher.search(rows, queries[:1], 10, mask)
+                expected_squared, expected_rows = faiss_search(index, queries[:1], 10, mask)
+                np.testing.assert_array_equal(found, expected_rows)
+                np.testing.assert_array_equal(squared, expected_squared)
+            assert not any(blocker.done() for blocker in blockers)  # answered while they were busy
+        finally:
+            release.set()
+        for helper in searcher._helpers:
+            assert helper.pool.submit(lambda: None).result(timeout=30) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_helpers_are_pinned_one_core_each_and_skip_the_callers() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    with ParallelKnn(len(cores)) as searcher:
+        pinned = [h.pool.submit(os.sched_getaffinity, 0).result(timeout=30) for h in searcher._helpers]
+        assert pinned == [{core} for core in cores]
+        here = current_cpu()
+        if here >= 0:  # glibc's sched_getcpu: the first helpers chosen run elsewhere
+            assert all(helper.cpu != here for helper in searcher._helpers_for(len(cores) - 1))
+    with ParallelKnn(len(cores), pin=False) as searcher:
+        unpinned = searcher._helpers[0].pool.submit(os.sched_getaffinity, 0).result(timeout=30)
+        assert unpinned == set(cores)
 
 
 def test_close_stops_every_thread() -> None:
