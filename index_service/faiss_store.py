@@ -467,7 +467,7 @@ class VectorStore:
         return StoreCopy(
             dim=self._dim,
             model_version=self._model_version,
-            ids=self._ids.tolist(),
+            ids=self._ids.copy(),  # decoded by its reader, after the lock
             encoded_metadata=list(self._metadata),
             vectors=(
                 self._rows().copy()

@@ -149,7 +149,7 @@ def fill_from_tail(count: int, rows: np.ndarray | Sequence[int]) -> tuple[np.nda
     return came_from[: count - tail.size - keep], np.sort(gone[gone < keep])
 
 
-class PackedIds:
+class PackedIds(Sequence[str]):
     """A list of ids (row -> id) kept as UTF-8 in one byte buffer: about 21 B per 11-byte id.
 
     `ids[row]`, `append`, `pop` and `ids[row] = id` work as on a list (ids must be 1 to MAX_ID_BYTES
@@ -175,7 +175,13 @@ class PackedIds:
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, row: int) -> str:
+    @overload
+    def __getitem__(self, row: int) -> str: ...
+    @overload
+    def __getitem__(self, row: slice) -> list[str]: ...
+    def __getitem__(self, row: int | slice) -> str | list[str]:
+        if isinstance(row, slice):  # a scan's page: only those rows decoded
+            return self.take(np.arange(*row.indices(self._n)))
         if row < 0:
             row += self._n
         if not 0 <= row < self._n:

@@ -164,6 +164,8 @@ class Model:
             assert self.ids[-1] == self.list[-1]
         copied = self.ids.copy()
         assert copied.tolist() == self.list and copied.id_bytes == self.ids.id_bytes
+        start, stop = sorted(rnd.randrange(-len(self.list) - 2, len(self.list) + 3) for _ in range(2))
+        assert copied[start:stop] == self.list[start:stop] and copied[::3] == self.list[::3]
         copied.append("only-in-the-copy")
         assert len(self.ids) == len(self.list)
         self.check_lookups(list(self.dict))

@@ -177,6 +177,23 @@ def test_a_damaged_snapshot_falls_back_to_the_previous_one(tmp_path: Path) -> No
     assert state is not None and state.lsn == 10 and len(state.collections["default"].ids) == 50
 
 
+def test_a_copy_keeps_what_it_saw_while_the_store_changes() -> None:
+    """copy() hands out the ids packed (decoded by the reader, after the lock): later upserts, deletes
+    and the row moves a delete makes must not show through."""
+    store = VectorStore()
+    vectors = np.arange(40, dtype=np.float32).reshape(10, 4)
+    ids = [f"item-{n}" for n in range(10)]
+    store.upsert(ids, vectors, [{"n": str(n)} for n in range(10)])
+    copied = store.copy()
+    store.delete(["item-0", "item-3"])  # the last rows move into the gaps
+    store.upsert(["item-0", "new"], vectors[:2] + 100)
+    assert list(copied.ids) == ids and len(copied.ids) == 10
+    assert copied.ids[2:5] == ids[2:5] and copied.ids[-1] == "item-9"
+    assert copied.metadata(3, 4) == [{"n": "3"}]
+    np.testing.assert_array_equal(copied.vectors, vectors)
+    assert copied.as_state().ids == ids
+
+
 def test_searches_never_see_half_a_batch() -> None:
     """Writers replace all ids at once with vectors of one value; readers must never see two values."""
     dim, count = 8, 200
