@@ -69,12 +69,16 @@ TARGETS = (
 )
 
 
-def samples_s(call: Callable[[], object], repeat: int, warmup: int = 3) -> np.ndarray:
-    """Returns the wall time of each of `repeat` calls, in seconds, after `warmup` untimed calls."""
+def samples_s(call: Callable[[], object], repeat: int, warmup: int = 3, rest_s: float = 0.0) -> np.ndarray:
+    """Returns the wall time of each of `repeat` calls, in seconds, after `warmup` untimed calls; with
+    `rest_s`, each call comes after that long asleep (untimed), as a service's calls come between idle
+    spells."""
     for _ in range(warmup):
         call()
     times = np.empty(repeat)
     for n in range(repeat):
+        if rest_s:
+            time.sleep(rest_s)
         started = time.perf_counter()
         call()
         times[n] = time.perf_counter() - started
