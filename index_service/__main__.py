@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 
+from imgsearch_server.memory import limit_arenas
 from imgsearch_server.serving import configure_logging, describe, run_until_signal
 from index_service.service import open_service, parse_config
 
@@ -13,6 +14,7 @@ log = logging.getLogger("index_service")
 
 
 def main() -> None:
+    limit_arenas()  # before any server thread: each thread's arena would keep its own freed buffers
     config = parse_config()
     configure_logging(config.server.log_format, config.server.log_level)
     log.info("index_service starting with %s", describe(config))

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from imgsearch.wire import MetadataBatch
-from imgsearch_server.memory import release_free_memory
+from imgsearch_server.memory import release_free_memory, release_free_memory_soon
 from index_service.columns import MAX_COLUMNS, Column
 from index_service.duplicates import DEFAULT_MAX_PAIRS, Group, duplicate_groups
 from index_service.filters import Filter
@@ -166,6 +166,7 @@ class VectorStore:
         if len(checked_ids) >= BULK_ITEMS:
             del operation, array  # the batch's own copies go first, then their pages too
             release_free_memory()
+            release_free_memory_soon()  # and the request's buffers, freed once its handler has returned
         return count
 
     def delete(self, ids: Sequence[str]) -> tuple[int, int]:
