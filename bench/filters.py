@@ -40,8 +40,9 @@ from imgsearch import wire
 from imgsearch.filters import Condition as ClientCondition
 from imgsearch.filters import filter_message
 from imgsearch.v1 import index_pb2
-from index_service.faiss_store import SUBSET_FRACTION, VectorStore
+from index_service.faiss_store import VectorStore
 from index_service.filters import Condition
+from index_service.parallel_knn import SUBSET_FRACTION
 
 SELECTIVITIES = (100.0, 50.0, 10.0, 1.0, 0.1)  # percent of the items the filter keeps
 TARGET_PERCENT = 1.0  # issue 18: a filter keeping 1 % costs <= 0.2x the unfiltered search, at 100k
@@ -224,8 +225,9 @@ def report(plan: Plan, rows: list[Row], load_s: float) -> Section:
         "*FAISS bitmap*: `IndexFlatL2.search` with `SearchParameters(sel=IDSelectorBitmap)` of the matching "
         "rows; *FAISS subset*: `faiss.knn` over a copy of the matching rows made before the timing (so it "
         "leaves the copy out); both in this process, 1 thread. *VectorStore*: the service's store in this "
-        f"process (a selection of at most {SUBSET_FRACTION:.0%} of the rows is copied per search and "
-        "searched with `faiss.knn`, a larger one through a bitmap). *Service*: `python -m index_service`, "
+        "process (one query: index_service/parallel_knn.py on every core, the rows read in place: a "
+        f"selection of at most {SUBSET_FRACTION:.0%} of the rows as a list of row numbers, a larger one "
+        "with every row's distance computed and the others masked). *Service*: `python -m index_service`, "
         f"a child process, through `IndexClient.search(filter=...)`; loaded over gRPC in {load_s:.1f} s. "
         "The reference is the echo floor (a bare gRPC echo, bench/echo.py, of the request's and the "
         "reply's sizes: the mean of their p50s) plus the better of the two in-process FAISS ways (no "

@@ -540,9 +540,10 @@ class VectorStore:
         """Exact k-NN of each query among the rows `mask` selects (every row when None), as arrays; `exclude`
         gives one row per query to leave out of its matches. Runs under the read lock.
 
-        A selection of few rows (at most SUBSET_FRACTION of them) is copied and searched as it is; a larger
-        one is searched in the whole index through a bitmap selector. Either way each query gets exactly its
-        k nearest selected rows, at every selectivity: nothing is cut from a fixed top-k afterwards."""
+        A few queries go to ParallelKnn (its paths: every core, rows read in place). In a batch, a selection
+        of few rows (at most SUBSET_FRACTION of them) is copied and searched as it is; a larger one is
+        searched in the whole index through a bitmap selector. Either way each query gets exactly its k
+        nearest selected rows, at every selectivity: nothing is cut from a fixed top-k afterwards."""
         count = len(self._ids)
         queried, dim = queries.shape
         if self._index is None or count == 0 or queried == 0:

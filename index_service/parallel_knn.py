@@ -18,25 +18,34 @@ selected. Checked against FAISS 1.15.1 (tests/unit/test_parallel_knn.py):
   sequential kernel in the last bits (ids the same in what we tried). Every search here that splits runs
   the sequential kernel: its threads, and the calling thread while it searches a shard, run with
   OpenMP at 1 thread, and only nq * d below the BLAS threshold is split. A row's distance then does not
-  depend on which shard or which path (slice, bitmap, row list) reads it.
+  depend on which shard or which path (slice, dense, bitmap, row list) reads it.
 - FAISS breaks ties by the lower row (its heaps compare ids on equal distances, at every k, including
   the k = 1 and k >= 100 result handlers), so the merge sorts on (distance, row).
 
 Paths, all of them exact (a filtered search returns the k nearest *selected* rows, nothing cut after):
 
 - unfiltered: shard i is `rows[a:b]` (a view) through `faiss.knn_L2sqr`, offsets added after.
-- bitmap (a mask selecting more than `subset_fraction` of the rows): the mask packed once into a bitmap;
-  shard i gets an `IDSelectorBitmap` over its own rows only, pointing into the whole bitmap at byte a/8
-  (so shard starts are multiples of `BLOCK` rows). Its membership test costs one bit read per row,
-  nothing measurable at 1M next to the distance (an all-ones bitmap: 0.91x `index.search`, as fast as
-  `faiss.knn` unfiltered), where IDSelectorAnd(IDSelectorRange, bitmap over the whole index) per shard
-  took 1.87x (two virtual calls a row, and every shard tests every row of the index); a 50 % random
-  bitmap costs 1.2-1.5x unfiltered (the branch on each bit mispredicts). Shards are cut at equal
-  counts of selected rows (popcounts per block), not of rows, so a mask whose selected rows bunch
-  together still splits the work evenly.
-- subset (a mask selecting at most `subset_fraction` of the rows): `faiss.knn_L2sqr_by_idx` over the
-  selected row numbers, reading the rows in place: no copy of the selected rows (faiss_store copies them
-  and then searches the copy, 2x slower for one query). The row numbers are split evenly across shards.
+- dense (a mask selecting more than `dense_subset_fraction` of the rows, the rows at least
+  `dense_from_bytes`, where they are read from memory, not cache): every row's distance computed with
+  FAISS's batched row kernel (`fvec_L2sqr_ny`, bitwise `fvec_L2sqr`'s outside ROW_BY_ROW_DIMS), +inf
+  added to the rows not selected, the k smallest kept in FAISS's own heaps (`float_maxheap_array_t.addn`,
+  ties to the lower row as in a search). A bitmap search computes only the selected rows' distances but
+  one row at a time behind a branch on its bit, which mispredicts at mixed masks: one thread at 1M, 50 %
+  selected, took 34-48 ms against 20-23 unfiltered; computing every distance and masking takes about
+  1.2x unfiltered at any selectivity. Shards are even: every row costs the same.
+- bitmap (a mask selecting more than `subset_fraction` of fewer rows, or at ROW_BY_ROW_DIMS): the mask
+  packed once into a bitmap; shard i gets an `IDSelectorBitmap` over its own rows only, pointing into the
+  whole bitmap at byte a/8 (so shard starts are multiples of `BLOCK` rows). Its membership test costs one
+  bit read per row, nothing measurable at 1M next to the distance (an all-ones bitmap: 0.91x `index.search`,
+  as fast as `faiss.knn` unfiltered), where IDSelectorAnd(IDSelectorRange, bitmap over the whole index) per
+  shard took 1.87x (two virtual calls a row, and every shard tests every row of the index); a 50 % random
+  bitmap costs 1.2-1.9x unfiltered (the branch on each bit mispredicts). Shards are cut at equal counts of
+  selected rows (popcounts per block), not of rows, so a mask whose selected rows bunch together still
+  splits the work evenly.
+- subset (a mask selecting at most `subset_fraction` of the rows, `dense_subset_fraction` where the dense
+  path would run): `faiss.knn_L2sqr_by_idx` over the selected row numbers, reading the rows in place: no
+  copy of the selected rows (faiss_store copies them and then searches the copy, 2x slower for one query).
+  The row numbers are split evenly across shards.
 
 Measured on this machine: 2 vCPUs (AMD EPYC), shared with other work, so the second core is often not
 free. One query, k=10, d=128, standard-normal float32 rows (seed 0), random masks; median of 41 calls at 1M
@@ -51,6 +60,10 @@ default thresholds, two workers, a quiet spell (load average ~1):
     100k  unfiltered       2.82       2.11     0.75    0.95, 0.97
     100k  bitmap 50 %      3.89       2.66     0.68    0.93, 1.30 (both just after an OpenMP search)
     100k  subset 5 %       1.19       0.57     0.48    5k selected rows: not split; in place, one thread
+
+Those 50 % rows ran through bitmaps. The dense path, 2026-12-02, one query with 50 % selected, 5 ms
+asleep before each call, median of 31 at 1M (61 at 100k), ms: FAISS with a bitmap on one thread 48.5
+(4.89), ParallelKnn 17.8 (2.55): 0.37x (0.52x); unfiltered one-thread FAISS 20.8 (2.19).
 
 FAISS's own OpenMP at 2 threads on one query: 1.9-3.5x the one-thread time at 1M, 2-5.6x at 100k. With
 both cores busy with other work (load average 4-6) splitting gains nothing: 1M unfiltered 0.95-1.11, bitmap
@@ -114,12 +127,27 @@ SPLIT_BELOW_QUERIES = 8  # faiss_store.BATCH_THREADS_FROM: from this many querie
 MIN_ROWS = 32768
 MIN_SUBSET_ROWS = 8192
 # A mask selecting at most this share of the rows is searched as a list of row numbers, in place
-# (knn_L2sqr_by_idx); more, through a bitmap. One query, one thread, median of 31 (15 at 1M), ms:
-#   100k: 5 % 0.48 vs bitmap 1.53 (faiss_store's copy 0.70); 10 % 0.72 vs 1.92; 20 % 1.10 vs 3.05;
-#         30 % 1.76 vs 2.70; 40 % 2.08 vs 4.35; 50 % 4.12 vs 3.79
-#   1M:   5 % 8.1 vs 23.3 (copy 13.2); 10 % 13.2 vs 30.8; 20 % 23.4 vs 39.6; 30 % 29.6 vs 54.6;
-#         40 % 36.0 vs 47.0; 50 % 42.8 vs 51.6 (copy 266)
+# (knn_L2sqr_by_idx); more, through a bitmap (indexes under DENSE_FROM_BYTES) or densely (every distance,
+# the rest masked). One query, one thread, median of 41 (15 at 1M), ms, 2026-12-02 (`python -m
+# bench.knn_paths --n N --repeat R`), row list vs dense (bitmap):
+#   1M (unfiltered 21.6): 10 % 10.8 vs 22.6 (18.9); 20 % 17.3 vs 21.2 (23.8); 30 % 24.0 vs 20.7 (30.1);
+#         40 % 29.8 vs 20.1 (35.2); 50 % 37.0 vs 22.0 (41.4); 90 % 45.5 vs 23.3 (23.2)
+#   100k (unfiltered 1.56): 10 % 0.92 vs 2.50 (1.68); 20 % 2.10 vs 2.79 (3.36); 30 % 2.90 vs 2.75 (4.00);
+#         40 % 3.60 vs 2.55 (4.53); 50 % 3.98 vs 2.28 (4.68); 90 % 3.68 vs 1.91 (1.78)
+#   50k (0.69, median of 21): 30 % 0.33 vs 0.80 (0.58); 40 % 0.53 vs 0.82 (0.80); 50 % 0.87 vs 0.87
+#         (1.08); 90 % 1.35 vs 0.87 (0.85)
+#   30k (0.25): 40 % 0.25 vs 0.45 (0.37); 50 % 0.29 vs 0.44 (0.41); 90 % 0.43 vs 0.42 (0.42)
+# Rows that fit in the cache (50k x 128 floats, 25 MB, and fewer) are read at its speed by every path,
+# and the dense path's fixed costs (three passes over each chunk) lose there; beyond, every path waits on
+# memory, and the dense path's one sequential read of every row wins from about a quarter selected.
 SUBSET_FRACTION = 0.4
+DENSE_SUBSET_FRACTION = 0.25
+DENSE_FROM_BYTES = 48 << 20  # 98,304 rows of 128 floats
+# FAISS's fvec_L2sqr_ny has kernels of its own for these dimensions, whose float32 sums differ from
+# fvec_L2sqr's in the last bits: a filtered search there goes through the bitmap, row by row.
+ROW_BY_ROW_DIMS = frozenset({2, 4, 8, 12})
+DENSE_CHUNK = 16384  # rows a dense piece computes at a time: 64 KiB of distances
+INFINITY_BITS = np.uint32(0x7F800000)  # float32 +inf, as an integer
 BATCH_SUBSET_FRACTION = 0.1  # faiss_store.SUBSET_FRACTION: a batch copies at most this share of the rows
 
 
@@ -169,6 +197,8 @@ class ParallelKnn:
         min_rows: int = MIN_ROWS,
         min_subset_rows: int = MIN_SUBSET_ROWS,
         subset_fraction: float = SUBSET_FRACTION,
+        dense_subset_fraction: float = DENSE_SUBSET_FRACTION,
+        dense_from_bytes: int = DENSE_FROM_BYTES,
         split_below_queries: int = SPLIT_BELOW_QUERIES,
         pieces_per_thread: int = PIECES_PER_THREAD,
         pin: bool = True,
@@ -178,6 +208,8 @@ class ParallelKnn:
         self.min_rows = max(1, min_rows)
         self.min_subset_rows = max(1, min_subset_rows)
         self.subset_fraction = subset_fraction
+        self.dense_subset_fraction = dense_subset_fraction
+        self.dense_from_bytes = dense_from_bytes
         self.split_below_queries = split_below_queries
         self.pieces_per_thread = max(1, pieces_per_thread)
         self._closed = False
@@ -242,16 +274,23 @@ class ParallelKnn:
             bounds = _even_bounds(count, self._pieces(threads, count, self.min_rows))
             tasks: list[Task] = [(_knn_shard, (queries, rows, a, b, k)) for a, b in _pairs(bounds)]
             return self._run(tasks, threads, k)
-        if selected <= self.subset_fraction * count:
+        dense = rows.nbytes >= self.dense_from_bytes and dim not in ROW_BY_ROW_DIMS
+        if selected <= (self.dense_subset_fraction if dense else self.subset_fraction) * count:
             subset = np.flatnonzero(mask).astype(np.int64, copy=False)
             threads = self._shards(selected, self.min_subset_rows)
             pieces = self._pieces(threads, selected, self.min_subset_rows)
             cuts = [selected * s // pieces for s in range(pieces + 1)]
             tasks = [(_subset_shard, (queries, rows, subset[a:b], k)) for a, b in _pairs(cuts)]
             return self._run(tasks, threads, k)
-        bits = _bitmap(mask)
         threads = self._shards(count, self.min_rows)
-        bounds = _balanced_bounds(bits, count, self._pieces(threads, count, self.min_rows))
+        pieces = self._pieces(threads, count, self.min_rows)
+        if dense:
+            unselected = ~mask  # once for every piece
+            bounds = _even_bounds(count, pieces)  # every row costs one distance
+            tasks = [(_dense_shard, (queries, rows, unselected, a, b, k)) for a, b in _pairs(bounds)]
+            return self._run(tasks, threads, k)
+        bits = _bitmap(mask)
+        bounds = _balanced_bounds(bits, count, pieces)
         tasks = [(_bitmap_shard, (queries, rows, bits, a, b, k)) for a, b in _pairs(bounds)]
         return self._run(tasks, threads, k)
 
@@ -402,6 +441,42 @@ def _bitmap_shard(queries: np.ndarray, rows: np.ndarray, bits: np.ndarray, a: in
     del selector, own_bits
     if a:
         np.add(found, a, out=found, where=found >= 0)
+    return squared, found
+
+
+def _dense_shard(
+    queries: np.ndarray, rows: np.ndarray, unselected: np.ndarray, a: int, b: int, k: int
+) -> Result:
+    """Rows a:b, every distance computed (FAISS's batched row kernel), +inf added to those `unselected`
+    (a bool array over every row) and the k smallest kept in FAISS's heaps. In chunks of DENSE_CHUNK
+    rows, so the distances stay in cache between the three passes. Adding 0.0 leaves a distance as it
+    is; +inf never enters a heap (its empty slots hold FLT_MAX); rows come in ascending order, so an
+    equal distance never displaces a lower row: what FAISS's bitmap search keeps, bitwise (outside
+    ROW_BY_ROW_DIMS). The +inf comes from the mask's bytes times the bits of +inf, two SIMD passes
+    (np.copyto(..., where=) took 4 ns a row, 20 % of the distances' time)."""
+    nq, dim = queries.shape
+    squared = np.empty((nq, k), np.float32)
+    found = np.empty((nq, k), np.int64)
+    heaps = faiss.float_maxheap_array_t()
+    heaps.k, heaps.nh = k, nq
+    heaps.val, heaps.ids = faiss.swig_ptr(squared), faiss.swig_ptr(found)
+    heaps.heapify()
+    flags = unselected.view(np.uint8)  # 1 where not selected
+    size = min(DENSE_CHUNK, b - a)
+    distances = np.empty(size, np.float32)
+    penalty = np.empty(size, np.uint32)
+    for start in range(a, b, DENSE_CHUNK):
+        stop = min(b, start + DENSE_CHUNK)
+        chunk, extra = distances[: stop - start], penalty[: stop - start].view(np.float32)
+        np.multiply(flags[start:stop], INFINITY_BITS, out=penalty[: stop - start])
+        block = faiss.swig_ptr(rows[start:stop])
+        for query in range(nq):
+            faiss.fvec_L2sqr_ny(  # type: ignore[attr-defined]
+                faiss.swig_ptr(chunk), faiss.swig_ptr(queries[query]), block, dim, stop - start
+            )
+            np.add(chunk, extra, out=chunk)
+            heaps.addn(stop - start, faiss.swig_ptr(chunk), start, query, 1)  # type: ignore[call-arg]
+    heaps.reorder()
     return squared, found
 
 

@@ -1,7 +1,8 @@
 """ParallelKnn against numpy and against one single-threaded FAISS search: bitwise the same answers.
 
 Splitting is forced (min_rows=1) on small indexes, with more workers than this machine may have cores, so
-every path runs in several shards: unfiltered, bitmap-filtered, subset-filtered."""
+every path runs in several shards: unfiltered, and filtered ones: many rows selected (dense: every distance
+computed, the others masked; at ROW_BY_ROW_DIMS through a bitmap) and few (a list of row numbers)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from index_service.parallel_knn import (
     BLOCK,
+    DENSE_SUBSET_FRACTION,
     PAD_DISTANCE,
     PAD_ROW,
     SUBSET_FRACTION,
@@ -27,7 +29,7 @@ WORKERS = 3
 
 @pytest.fixture
 def knn() -> Iterator[ParallelKnn]:
-    with ParallelKnn(WORKERS, min_rows=1, min_subset_rows=1) as searcher:
+    with ParallelKnn(WORKERS, min_rows=1, min_subset_rows=1, dense_from_bytes=0) as searcher:
         yield searcher
 
 
@@ -85,29 +87,37 @@ def random_case(count: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray
 def masks(count: int, seed: int) -> dict[str, np.ndarray | None]:
     rng = np.random.default_rng(seed)
     clustered = np.zeros(count, bool)
-    clustered[count // 2 : count // 2 + count * 9 // 20] = True  # 45 %: the bitmap, bunched in the end
+    clustered[count // 2 : count // 2 + count * 9 // 20] = (
+        True  # 45 %: a dense or bitmap search, bunched in the end
+    )
     few_at_end = np.zeros(count, bool)
-    few_at_end[-count // 50 :] = True  # subset path, every selected row in the last block or two
+    few_at_end[-count // 50 :] = (
+        True  # subset path (row numbers), every selected row in the last block or two
+    )
     return {
         "unfiltered": None,
-        "bitmap-50%": rng.random(count) < 0.5,
-        "subset-5%": rng.random(count) < 0.05,
-        "bitmap-clustered": clustered,
-        "subset-at-end": few_at_end,
+        "many-50%": rng.random(count) < 0.5,
+        "few-5%": rng.random(count) < 0.05,
+        "many-clustered": clustered,
+        "few-at-end": few_at_end,
     }
 
 
 def test_the_masks_take_the_paths_they_are_named_for() -> None:
     for name, mask in masks(20_000, 0).items():
         if mask is not None:
-            assert (mask.mean() <= SUBSET_FRACTION) == name.startswith("subset"), name
+            for fraction in (SUBSET_FRACTION, DENSE_SUBSET_FRACTION):
+                assert (mask.mean() <= fraction) == name.startswith("few"), name
 
 
+@pytest.mark.parametrize("dim", [32, 8], ids=["dense", "bitmap"])
 @pytest.mark.parametrize("k", [1, 10, 100])
 @pytest.mark.parametrize("nq", [1, 5])
 @pytest.mark.parametrize("name", list(masks(1, 0)))
-def test_equals_single_threaded_faiss_and_numpy(knn: ParallelKnn, name: str, nq: int, k: int) -> None:
-    vectors, queries = random_case(20_000, 32, seed=k)
+def test_equals_single_threaded_faiss_and_numpy(
+    knn: ParallelKnn, name: str, nq: int, k: int, dim: int
+) -> None:
+    vectors, queries = random_case(20_000, dim, seed=k)
     mask = masks(len(vectors), seed=nq)[name]
     index, rows = flat(vectors)
     squared, found = knn.search(rows, queries[:nq], k, mask)
@@ -147,20 +157,23 @@ def test_every_shard_is_merged(knn: ParallelKnn, name: str) -> None:
     assert found[:, 0].tolist() == targets
 
 
+@pytest.mark.parametrize("dim", [16, 8], ids=["dense", "bitmap"])
 @pytest.mark.parametrize("name", list(masks(1, 0)))
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_exact_ties_across_shard_borders_go_to_the_lower_row(knn: ParallelKnn, name: str, k: int) -> None:
+def test_exact_ties_across_shard_borders_go_to_the_lower_row(
+    knn: ParallelKnn, name: str, k: int, dim: int
+) -> None:
     """Integer vectors give exact float32 distances, and many of them equal: copies of one vector in the
     first, a middle and the last shard (two in the last), and thousands of ties besides."""
     rng = np.random.default_rng(k)
     count = 8 * BLOCK
-    vectors = rng.integers(-2, 3, (count, 8)).astype(np.float32)
+    vectors = rng.integers(-2, 3, (count, dim)).astype(np.float32)
     copies = [5, count // 2 + 1, count - 3, count - 1]
     vectors[copies] = 3  # no other row is this vector: exactly these four at distance 0 from it
     mask = masks(count, seed=8)[name]
     if mask is not None:
         mask[copies] = True
-    queries = np.vstack([vectors[copies[:1]], rng.integers(-2, 3, (3, 8)).astype(np.float32)])
+    queries = np.vstack([vectors[copies[:1]], rng.integers(-2, 3, (3, dim)).astype(np.float32)])
     index, rows = flat(vectors)
     squared, found = knn.search(rows, queries, k, mask)
     expected_squared, expected_rows = brute_force(vectors, queries, k, mask)
@@ -172,9 +185,10 @@ def test_exact_ties_across_shard_borders_go_to_the_lower_row(knn: ParallelKnn, n
     assert found[0, : min(k, 4)].tolist() == copies[:k]
 
 
+@pytest.mark.parametrize("dim", [16, 8], ids=["dense", "bitmap"])
 @pytest.mark.parametrize("name", list(masks(1, 0)))
-def test_k_beyond_a_shard_and_beyond_the_selection_is_padded(knn: ParallelKnn, name: str) -> None:
-    vectors, queries = random_case(3 * BLOCK, 8, seed=9)
+def test_k_beyond_a_shard_and_beyond_the_selection_is_padded(knn: ParallelKnn, name: str, dim: int) -> None:
+    vectors, queries = random_case(3 * BLOCK, dim, seed=9)
     mask = masks(len(vectors), seed=10)[name]
     selected = len(vectors) if mask is None else int(mask.sum())
     index, rows = flat(vectors)
@@ -198,13 +212,22 @@ def test_nothing_selected_or_stored_gives_padding(knn: ParallelKnn) -> None:
     assert knn.search(rows, queries[:0], 4)[1].shape == (0, 4)
 
 
-@pytest.mark.parametrize("subset_fraction", [0.0, 1.0], ids=["bitmap", "subset"])
-def test_shards_with_nothing_selected(subset_fraction: float) -> None:
+@pytest.mark.parametrize(
+    ("subset_fraction", "dim"), [(0.0, 8), (0.0, 16), (1.0, 8)], ids=["bitmap", "dense", "subset"]
+)
+def test_shards_with_nothing_selected(subset_fraction: float, dim: int) -> None:
     """Selected rows all in one block: the bitmap's shards cut at equal selected counts leave the
-    others without a selected row; the subset's split its few rows."""
-    vectors, queries = random_case(6 * BLOCK, 8, seed=12)
+    others without a selected row, so do the dense one's even shards; the subset's split its few rows."""
+    vectors, queries = random_case(6 * BLOCK, dim, seed=12)
     index, rows = flat(vectors)
-    with ParallelKnn(WORKERS, min_rows=1, min_subset_rows=1, subset_fraction=subset_fraction) as searcher:
+    with ParallelKnn(
+        WORKERS,
+        min_rows=1,
+        min_subset_rows=1,
+        subset_fraction=subset_fraction,
+        dense_subset_fraction=subset_fraction,
+        dense_from_bytes=0,
+    ) as searcher:
         for selected in ([0], [3 * BLOCK + 1], [len(vectors) - 1], [7, 9], range(2 * BLOCK, 3 * BLOCK)):
             mask = np.zeros(len(vectors), bool)
             mask[list(selected)] = True
@@ -232,7 +255,7 @@ def test_unsplit_searches_give_the_same_answers() -> None:
 def test_concurrent_searches_share_the_pool(knn: ParallelKnn) -> None:
     vectors, queries = random_case(10_000, 16, seed=15)
     index, rows = flat(vectors)
-    mask = masks(len(vectors), seed=16)["bitmap-50%"]
+    mask = masks(len(vectors), seed=16)["many-50%"]
     expected = [faiss_search(index, queries[i : i + 1], 5, mask)[1] for i in range(len(queries))]
     answers: dict[int, np.ndarray] = {}
 
