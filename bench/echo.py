@@ -17,6 +17,8 @@ from concurrent import futures
 import grpc
 
 from bench.report import p50_p99_ms, samples_s
+from imgsearch_server import cpus
+from imgsearch_server.pools import LastIdleFirstPool
 
 _METHOD = "/bench.Echo/Echo"
 _LIMITS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
@@ -28,9 +30,9 @@ class EchoServer:
 
     `echo(payload)` returns the payload's bytes; `close()` stops the child (and waits for it)."""
 
-    def __init__(self, workers: int = 8) -> None:
+    def __init__(self, workers: int = 8, io_core: str = "none") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.echo", "--workers", str(workers)],
+            [sys.executable, "-m", "bench.echo", "--workers", str(workers), "--io-core", io_core],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -67,16 +69,26 @@ class EchoServer:
             self.process.stdout.close()
 
 
-def serve(workers: int) -> None:
-    """Serves the echo on a free port, prints `port N`, and stops on SIGTERM or SIGINT."""
+def serve(workers: int, io_core: str = "none") -> None:
+    """Serves the echo on a free port, prints `port N`, and stops on SIGTERM or SIGINT. With an io_core
+    other than none, its threads are held as the services' are (imgsearch_server.cpus, pools): the
+    same hand-offs, without the services' handlers."""
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
         {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request)},
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_LIMITS)
+    core = cpus.io_core(io_core)
+    pool = (
+        futures.ThreadPoolExecutor(max_workers=workers)
+        if core is None
+        else LastIdleFirstPool(workers, "echo", place=True)
+    )
+    server = grpc.server(pool, options=_LIMITS)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    if core is not None:
+        cpus.hold_io_threads(core)
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())
@@ -88,7 +100,9 @@ def serve(workers: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__)
     parser.add_argument("--workers", type=int, default=8)
-    serve(parser.parse_args(argv).workers)
+    parser.add_argument("--io-core", default="none", help="auto, none or a core: as the services' flag")
+    args = parser.parse_args(argv)
+    serve(args.workers, cpus.check_io_core(args.io_core))
     return 0
 
 

@@ -474,6 +474,10 @@ def _sweep(plan: Plan, images: Images, litert: Runtime, service: Service) -> dic
 # this VM work after an idle spell runs 2-4x slower than back to back (cold caches, a halted vCPU woken),
 # and a service's worker always starts a call after one. Shown beside the floor, not used as it.
 PACED_REST_S = 0.0005
+HELD_ECHO = (
+    "bare gRPC echo, its threads held as the services' are (`--io-core auto`; not the floor, which is "
+    "the plain echo above)"
+)
 PACED = (
     f"in process: decode + LiteRT, each call after {PACED_REST_S * 1e3:g} ms asleep (as between a service's "
     "calls)"
@@ -530,9 +534,11 @@ def _decomposition(
         servers.append(server)
         clients[name] = EncoderClient(f"127.0.0.1:{server.port}", timeout_s=30)
     echo = EchoServer()
+    held_echo = EchoServer(io_core="auto")
     data = b"x" * payload
     systems = {
         "bare gRPC echo of the request's bytes": lambda: echo.echo(data, timeout=30),
+        HELD_ECHO: lambda: held_echo.echo(data, timeout=30),
         "in process: decode": lambda: decode_image(images.pngs[images.take(1)][0]),
         "in process: decode + LiteRT": lambda: litert.embed(decode_batch(images.pngs[images.take(1)])),
         PACED: lambda: litert.embed(decode_batch(images.pngs[images.take(1)])),
@@ -551,6 +557,7 @@ def _decomposition(
         for server in servers:
             server.stop(0)
         echo.close()
+        held_echo.close()
     return {name: p50_p99_ms(np.concatenate(parts)) for name, parts in samples.items()}
 
 
@@ -628,6 +635,11 @@ def _figures(
                 f"in process, decode + LiteRT takes {decomposition['in process: decode + LiteRT'][0]:.3f} ms "
                 f"back to back and {decomposition[PACED][0]:.3f} ms each after {PACED_REST_S * 1e3:g} ms "
                 "asleep (the step table)",
+            )
+            + (
+                f"; the service holds gRPC's I/O threads to one core (`--io-core auto`); an echo held the "
+                f"same way takes {decomposition[HELD_ECHO][0]:.3f} ms (the step table), against that floor "
+                f"{service_p50 / (decomposition[HELD_ECHO][0] + one['in-process decode + LiteRT'][0]):.2f}"
             ),
             headline="encoder-one",
         ),

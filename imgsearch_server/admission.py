@@ -19,12 +19,13 @@ before it submits the call: the decision and the count cannot drift apart.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
 import grpc
+
+from imgsearch_server.pools import LastIdleFirstPool
 
 # What a server interceptor is handed: the rest of the chain, giving the call's handler.
 Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
@@ -39,34 +40,6 @@ FOR_LOAD = "for load"
 def refused_for_load(handler: grpc.RpcMethodHandler) -> bool:
     """Whether the handler is admission's refusal of a call past its bound (a call that never ran)."""
     return getattr(behavior_of(handler), _REFUSAL, None) == FOR_LOAD
-
-
-class CountingPool(futures.ThreadPoolExecutor):
-    """A thread pool that knows how many of its tasks are queued or running."""
-
-    def __init__(self, max_workers: int, name: str) -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=name)
-        self._count_lock = threading.Lock()
-        self._pending = 0
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
-        with self._count_lock:
-            self._pending += 1
-        try:
-            future = super().submit(fn, *args, **kwargs)
-        except BaseException:
-            self._finished(None)
-            raise
-        future.add_done_callback(self._finished)
-        return future
-
-    def _finished(self, _future: futures.Future[Any] | None) -> None:
-        with self._count_lock:
-            self._pending -= 1
 
 
 def behavior_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any] | None:
@@ -149,12 +122,14 @@ class Admission(grpc.ServerInterceptor):
         max_calls: int,
         max_streams: int,
         on_refused: Callable[[str, str], None] = lambda _path, _reason: None,
+        place: bool = False,
     ) -> None:
-        self.workers = CountingPool(workers, "grpc")
-        self.streams = CountingPool(max_streams, "grpc-stream")
-        self.watches = CountingPool(max_streams, "grpc-watch")
-        self.health = CountingPool(SMALL_POOL_THREADS, "grpc-health")
-        self.refusals = CountingPool(SMALL_POOL_THREADS, "grpc-refusal")
+        """`place`: a lone call's thread is held to the core that submitted it (pools.py)."""
+        self.workers = LastIdleFirstPool(workers, "grpc", place=place)
+        self.streams = LastIdleFirstPool(max_streams, "grpc-stream", place=place)
+        self.watches = LastIdleFirstPool(max_streams, "grpc-watch", place=place)
+        self.health = LastIdleFirstPool(SMALL_POOL_THREADS, "grpc-health", place=place)
+        self.refusals = LastIdleFirstPool(SMALL_POOL_THREADS, "grpc-refusal", place=place)
         self.max_calls = max_calls
         self.max_streams = max_streams
         self._on_refused = on_refused

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from imgsearch import security
 from imgsearch.flags import Entry, Flag, SecretFlag, add_flags, secret
-from imgsearch_server import admission, auth, metrics
+from imgsearch_server import admission, auth, cpus, metrics
 
 log = logging.getLogger("imgsearch")
 # Reflection only describes the services: a read-only token may use it (grpcurl's first call).
@@ -51,6 +51,9 @@ class ServerSettings:
     # Prometheus metrics over HTTP on this port (0: a free one); None: no metrics server. The host: --host's.
     metrics_port: int | None = None
     metrics_host: str = ""
+    # The core gRPC's I/O threads (and a lone call's worker) are held to: "auto", "none" or a core number.
+    # "none" here, for servers inside another program; the services' flag defaults to "auto".
+    io_core: str = "none"
 
     def security_summary(self) -> str:
         """Returns e.g. "TLS, bearer token" for the start-up line."""
@@ -147,6 +150,14 @@ def server_flags(*, env_prefix: str, default_port: int) -> list[Entry]:
         AUTH_TOKEN,
         READ_TOKEN,
         Flag(
+            "--io-core",
+            "the core gRPC's I/O threads are held to, and a call's worker while it is the only call, so "
+            "its hand-offs stay on one core: auto (one of this process's cores, by its pid), none, or a "
+            "core number",
+            "IMGSEARCH_IO_CORE",
+            "auto",
+        ),
+        Flag(
             "--metrics-port",
             "serve Prometheus metrics over HTTP on this port at /metrics, 0 picks a free one",
             f"{env_prefix}_METRICS_PORT",
@@ -213,6 +224,13 @@ def _tls_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return cert, key
 
 
+def _io_core(setting: str) -> str:
+    try:
+        return cpus.check_io_core(setting.strip().lower())
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
 def _connection_age_options(settings: ServerSettings) -> list[tuple[str, int]]:
     if settings.max_connection_age_s <= 0:
         return []
@@ -244,6 +262,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_connection_age_grace_s=args.max_connection_age_grace_s,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host or "",
+        io_core=_io_core(args.io_core),
     )
     if settings.max_connection_age_s < 0 or settings.max_connection_age_grace_s < 0:
         raise SystemExit("--max-connection-age-s and --max-connection-age-grace-s must be 0 or more")
@@ -316,6 +335,7 @@ class GrpcServer:
             max_calls=settings.max_concurrent_rpcs,
             max_streams=settings.max_streams,
             on_refused=self.metrics.refused,
+            place=cpus.io_core(settings.io_core) is not None,
         )
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [self.metrics.interceptor, self.admission]
         if settings.auth_token:
@@ -378,6 +398,10 @@ class GrpcServer:
             self.metrics_port = self.metrics_server.port
             log.info("metrics on %s", self.metrics_server.url)
         self._server.start()
+        core = cpus.io_core(self.settings.io_core)
+        if core is not None:
+            held = cpus.hold_io_threads(core)
+            log.info("gRPC I/O threads held to core %d (%d threads; --io-core)", core, held)
         self._set_status(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 

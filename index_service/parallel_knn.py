@@ -99,17 +99,18 @@ waits for a helper that has not started.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import faiss
 import numpy as np
+
+from imgsearch_server.cpus import current_cpu
 
 PAD_DISTANCE = float(np.finfo(np.float32).max)  # what FAISS writes where fewer than k rows are selected
 PAD_ROW = -1
@@ -149,21 +150,6 @@ ROW_BY_ROW_DIMS = frozenset({2, 4, 8, 12})
 DENSE_CHUNK = 16384  # rows a dense piece computes at a time: 64 KiB of distances
 INFINITY_BITS = np.uint32(0x7F800000)  # float32 +inf, as an integer
 BATCH_SUBSET_FRACTION = 0.1  # faiss_store.SUBSET_FRACTION: a batch copies at most this share of the rows
-
-
-def _current_cpu() -> Callable[[], int]:
-    """glibc's sched_getcpu (the core this thread runs on now; Python 3.11 has no os.sched_getcpu), or a
-    function answering -1 where there is none."""
-    try:
-        getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
-    except (OSError, AttributeError):
-        return lambda: -1
-    getcpu.restype = ctypes.c_int
-    getcpu.argtypes = []
-    return cast(Callable[[], int], getcpu)
-
-
-current_cpu = _current_cpu()
 
 
 class _Helper:
