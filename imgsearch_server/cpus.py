@@ -6,7 +6,9 @@ same way. On this project's 2-vCPU VM each hand-off to a thread on the other cor
 vCPU, which takes a while to run it. Held to one core, those threads hand off on it: a one-PNG Embed went
 from 1.22 to 1.04 ms p50 (echo 0.57), a one-query search at 60k from 2.74 to 2.20 ms (echo 0.48), the
 services side by side in one run each (2026-12-02). The workers are not held, but a call that is the only
-one in flight runs on the I/O core (pools.py): concurrent calls still get every core."""
+one in flight runs on the I/O core (pools.py): concurrent calls still get every core. The index service
+defaults to none: threads a held worker starts inherit its one core, and FAISS's OpenMP threads for a
+batch or `duplicates` then shared it (make bench: batches at 1M 0.48 of in-process instead of 0.93)."""
 
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ class ServerSettings:
     metrics_port: int | None = None
     metrics_host: str = ""
     # The core gRPC's I/O threads (and a lone call's worker) are held to: "auto", "none" or a core number.
-    # "none" here, for servers inside another program; the services' flag defaults to "auto".
+    # "none" here, for servers inside another program; the encoder's flag defaults to "auto", the index's
+    # to "none": a held worker's OpenMP threads (FAISS batches, duplicates) inherit its one core.
     io_core: str = "none"
 
     def security_summary(self) -> str:
@@ -75,7 +76,7 @@ READ_TOKEN = SecretFlag(
 )
 
 
-def server_flags(*, env_prefix: str, default_port: int) -> list[Entry]:
+def server_flags(*, env_prefix: str, default_port: int, io_core: str = "none") -> list[Entry]:
     """The flags every service takes; those of one service's own (its port, workers, metrics port) read
     the env vars under its prefix."""
     return [
@@ -154,8 +155,8 @@ def server_flags(*, env_prefix: str, default_port: int) -> list[Entry]:
             "the core gRPC's I/O threads are held to, and a call's worker while it is the only call, so "
             "its hand-offs stay on one core: auto (one of this process's cores, by its pid), none, or a "
             "core number",
-            "IMGSEARCH_IO_CORE",
-            "auto",
+            f"{env_prefix}_IO_CORE",
+            io_core,
         ),
         Flag(
             "--metrics-port",
@@ -176,12 +177,19 @@ def server_flags(*, env_prefix: str, default_port: int) -> list[Entry]:
 
 
 def service_parser(
-    prog: str, description: str, *, env_prefix: str, default_port: int, own: Sequence[Entry]
+    prog: str,
+    description: str,
+    *,
+    env_prefix: str,
+    default_port: int,
+    own: Sequence[Entry],
+    io_core: str = "none",
 ) -> argparse.ArgumentParser:
     """A service's parser: the flags every service takes, then its `own`; each defaults to an env var,
-    then to a built-in value."""
+    then to a built-in value (`io_core`: --io-core's)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_flags(parser, [*server_flags(env_prefix=env_prefix, default_port=default_port), *own])
+    flags = server_flags(env_prefix=env_prefix, default_port=default_port, io_core=io_core)
+    add_flags(parser, [*flags, *own])
     return parser
 
 

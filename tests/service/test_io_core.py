@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from encoder_service.service import parse_config as encoder_config
 from imgsearch.client import IndexClient
 from index_service.service import parse_config
 from tools.local import ServiceProcess, free_port
@@ -16,7 +17,8 @@ CORES = sorted(os.sched_getaffinity(0))
 
 
 def test_the_flag_takes_auto_none_or_a_core_of_this_process() -> None:
-    assert parse_config([]).server.io_core == "auto"
+    assert parse_config([]).server.io_core == "none"  # the index: its OpenMP threads need every core
+    assert encoder_config([]).server.io_core == "auto"
     assert parse_config(["--io-core", "NONE"]).server.io_core == "none"
     assert parse_config(["--io-core", str(CORES[-1])]).server.io_core == str(CORES[-1])
     for bad in ("fast", "-1", str(max(CORES) + 1), "1.5"):
