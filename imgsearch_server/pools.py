@@ -122,19 +122,19 @@ class LastIdleFirstPool(futures.ThreadPoolExecutor):
         return cpu if cpu in self._cores else None
 
     def _hold(self, worker: _Worker, cpu: int | None) -> None:
-        """Holds the worker's thread to `cpu`, or lets it run on any of the pool's cores (None)."""
-        if worker.cpu == cpu or not worker.tid:
+        """Holds the worker's thread to `cpu`, or lets it run on any of the pool's cores (None); nothing
+        in a pool that does not place its threads."""
+        if self._cores is None or worker.cpu == cpu or not worker.tid:
             return
         try:
-            os.sched_setaffinity(worker.tid, {cpu} if cpu is not None else self._cores or set())
+            os.sched_setaffinity(worker.tid, {cpu} if cpu is not None else self._cores)
             worker.cpu = cpu
         except OSError:  # the core was taken from this process since, or the system refuses: leave it
             pass
 
     def _serve(self, worker: _Worker, work: Work | None) -> None:
         worker.tid = threading.get_native_id()
-        if self._cores is not None:
-            self._hold(worker, worker.first_cpu)
+        self._hold(worker, worker.first_cpu)
         while work is not None:
             _run(work)
             del work  # no reference to the finished call's arguments while idle
