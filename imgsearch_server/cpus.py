@@ -6,9 +6,10 @@ same way. On this project's 2-vCPU VM each hand-off to a thread on the other cor
 vCPU, which takes a while to run it. Held to one core, those threads hand off on it: a one-PNG Embed went
 from 1.22 to 1.04 ms p50 (echo 0.57), a one-query search at 60k from 2.74 to 2.20 ms (echo 0.48), the
 services side by side in one run each (2026-12-02). The workers are not held, but a call that is the only
-one in flight runs on the I/O core (pools.py): concurrent calls still get every core. The index service
-defaults to none: threads a held worker starts inherit its one core, and FAISS's OpenMP threads for a
-batch or `duplicates` then shared it (make bench: batches at 1M 0.48 of in-process instead of 0.93)."""
+one in flight runs on the I/O core (pools.py): concurrent calls still get every core. Threads a held
+worker starts inherit its one core, so work that starts threads (FAISS's OpenMP team for a batch or
+`duplicates`) first calls pools.run_on_every_core(). The index service still defaults to none: with that
+fix, auto measured the same as none within noise (one query at 60k 2.37-2.75 ms against 2.49-2.63)."""
 
 from __future__ import annotations
 

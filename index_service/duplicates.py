@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
+from imgsearch_server.pools import run_on_every_core
 from index_service.store import Check, StoreError
 
 CHUNK_DISTANCES = 1 << 25  # distances per range-search chunk: tens of ms, then `check` runs
@@ -49,6 +50,7 @@ def duplicate_groups(
     seconds: list[np.ndarray] = []
     distances: list[np.ndarray] = []
     pairs = 0
+    run_on_every_core()  # OpenMP's team, started here, inherits this thread's cores
     faiss.omp_set_num_threads(_CORES)
     chunk = max(64, CHUNK_DISTANCES // count)
     for start in range(0, count, chunk):

@@ -23,6 +23,7 @@ import numpy as np
 
 from imgsearch.wire import MetadataBatch
 from imgsearch_server.memory import release_free_memory, release_free_memory_soon
+from imgsearch_server.pools import run_on_every_core
 from index_service.columns import MAX_COLUMNS, Column
 from index_service.duplicates import DEFAULT_MAX_PAIRS, Group, duplicate_groups
 from index_service.filters import Filter
@@ -570,8 +571,9 @@ class VectorStore:
                 selector = faiss.IDSelectorBitmap(count, faiss.swig_ptr(bits))
                 params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         fetch = min(k + (1 if exclude is not None else 0), selected)
-        # One query is fastest on one thread; a batch wants every core. OpenMP keeps this per thread.
-        faiss.omp_set_num_threads(1 if queried < BATCH_THREADS_FROM else _CORES)
+        # A batch wants every core (OpenMP keeps its thread count per thread), and its threads too.
+        run_on_every_core()
+        faiss.omp_set_num_threads(_CORES)
         threshold = faiss.cvar.distance_compute_blas_threshold
         blas = params is None and queried * dim >= threshold  # FAISS never uses BLAS under a selector
         least = -(-threshold // dim)  # the fewest queries FAISS searches with BLAS

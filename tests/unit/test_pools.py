@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from imgsearch_server.pools import LastIdleFirstPool
+from imgsearch_server.pools import LastIdleFirstPool, run_on_every_core
 
 
 def busy_threads(pool: LastIdleFirstPool, count: int) -> tuple[list[threading.Event], list[str]]:
@@ -130,3 +130,29 @@ def test_placed_a_lone_call_runs_on_one_core_and_a_concurrent_one_on_any() -> No
         assert unplaced.submit(lambda: os.sched_getaffinity(0)).result(10) == every
     finally:
         unplaced.shutdown()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: nothing to hold")
+def test_run_on_every_core_frees_a_held_worker_and_the_threads_it_starts() -> None:
+    every = os.sched_getaffinity(0)
+
+    def held_then_freed() -> tuple[set[int], set[int], set[int]]:
+        held = os.sched_getaffinity(0)
+        run_on_every_core()
+        started: list[set[int]] = []
+        helper = threading.Thread(target=lambda: started.append(os.sched_getaffinity(0)))
+        helper.start()
+        helper.join(10)
+        return held, os.sched_getaffinity(0), started[0]
+
+    pool = LastIdleFirstPool(1, "test-every", place=True)
+    try:
+        held, freed, inherited = pool.submit(held_then_freed).result(10)
+        assert len(held) == 1
+        assert freed == every and inherited == every
+        again = pool.submit(lambda: os.sched_getaffinity(0)).result(10)
+        assert len(again) == 1  # the next lone call is held again
+    finally:
+        pool.shutdown()
+    run_on_every_core()  # outside a placing pool: nothing to do, and no error
+    assert os.sched_getaffinity(0) == every
