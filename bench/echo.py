@@ -41,12 +41,22 @@ class EchoServer:
             if not line.startswith("port "):
                 raise RuntimeError(f"the echo server did not start (exit {self.process.poll()}): {line!r}")
             self.port = int(line.split()[1])
-            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=_LIMITS)
-            grpc.channel_ready_future(self.channel).result(timeout=_READY_S)
+            self.channel = self.new_channel()
         except BaseException:
             self._stop()
             raise
-        self.echo = self.channel.unary_unary(_METHOD, request_serializer=None, response_deserializer=None)
+        self.echo = self.method(self.channel)
+
+    def new_channel(self) -> grpc.Channel:
+        """A channel of its own to the echo server, connected (for concurrent callers, as clients are)."""
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=_LIMITS)
+        grpc.channel_ready_future(channel).result(timeout=_READY_S)
+        return channel
+
+    @staticmethod
+    def method(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+        """The echo call on `channel`: bytes in, the same bytes back."""
+        return channel.unary_unary(_METHOD, request_serializer=None, response_deserializer=None)
 
     def latency_ms(self, payload_bytes: int, repeat: int = 500) -> tuple[float, float]:
         """Returns (p50, p99) in ms of echoing a payload of that many bytes."""

@@ -174,11 +174,26 @@ def test_the_writers_report() -> None:
         return [writers.Run(1, int(rate), 1.0, np.full(10, 1e-3)) for _ in range(2)]
 
     by_count = {count: runs(500.0 * min(count, 5)) for count in writers.WRITERS}
-    section = writers.report(writers.QUICK, by_count, 1.0, "ext4")
+    echoes = {1: runs(2000.0), 8: runs(4000.0)}
+    section = writers.report(writers.QUICK, by_count, 1.0, "ext4", echoes, 560)
     (target,) = section.figures
     assert target.headline == "writers" and (target.value, target.reference_value) == (2500.0, 500.0)
     assert target.ratio == 5.0 and target.met is True and target.target == "ratio >= 4"
     assert "| 8 | 2,500 | 312 | 5.00 |" in section.tables[0][1]
+    assert "| 8, bare echo (floor) | 4,000 calls/s | 500 | 2.00 |" in section.tables[0][1]
+    assert "echo of the same payload scales 2.00x" in target.note and "560 bytes" in section.notes[-1]
+
+
+def test_an_unmet_writers_target_below_the_echo_s_own_scaling_says_so() -> None:
+    def runs(rate: float) -> list[writers.Run]:
+        return [writers.Run(1, int(rate), 1.0, np.full(10, 1e-3)) for _ in range(2)]
+
+    by_count = {count: runs(500.0 + 100.0 * count) for count in writers.WRITERS}
+    slow_floor = writers.report(writers.QUICK, by_count, 1.0, "ext4", {1: runs(2e3), 8: runs(4e3)}, 560)
+    assert slow_floor.figures[0].met is False
+    assert "more than the echo itself scales to here (1,200 at its ratio)" in slow_floor.figures[0].note
+    fast_floor = writers.report(writers.QUICK, by_count, 1.0, "ext4", {1: runs(2e3), 8: runs(9e3)}, 560)
+    assert "group commit" in fast_floor.figures[0].note
 
 
 def test_the_collections_report() -> None:
