@@ -52,6 +52,10 @@ def test_the_filters_report() -> None:
     target = filters.report(filters.QUICK, rows, 1.0).figures[0]
     assert target.headline == "filtered-1pct" and target.target == "ratio <= 0.2"
     assert (target.value, target.reference_value, target.ratio, target.met) == (1.0, 4.0, 0.25, False)
+    assert "under 0.80 ms" in target.note and "`Stats`" not in target.note
+    one.times["service_stats"] = np.full(10, 0.9e-3)
+    target = filters.report(filters.QUICK, rows, 1.0).figures[0]
+    assert "the service's lightest call, `Stats` through the same client, 0.90 ms)" in target.note
 
 
 def test_duplicates_target_is_issue_18s() -> None:
