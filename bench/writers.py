@@ -37,6 +37,7 @@ WRITERS = (1, 2, 4, 8)
 TARGET_WRITERS = 8
 ECHO_THREADS = (1, TARGET_WRITERS)  # the floor's own scaling, timed in the same rounds
 TARGET_RATIO = 4.0
+SERVER_THREADS = max(8, max(WRITERS))  # the service's --workers, and the echo's: one per writer at least
 POOL = 4_096  # distinct vectors the writers cycle through (each call a new id)
 
 
@@ -193,12 +194,12 @@ def run(out: Path, quick: bool) -> list[Section]:
             scratch / "data",
             None,
             scratch / "index.log",
-            ["--snapshot-every-ops", str(10**9), "--workers", str(max(8, max(WRITERS)))],
+            ["--snapshot-every-ops", str(10**9), "--workers", str(SERVER_THREADS)],
         )
         service.client.upsert(index.item_ids(0, plan.preload), vectors[: plan.preload])
         address = service.process.address
         pool = vectors[:POOL]
-        echo = EchoServer(workers=max(8, max(WRITERS)))
+        echo = EchoServer(workers=SERVER_THREADS)
         for round_ in range(plan.rounds):
             order = WRITERS if round_ % 2 == 0 else tuple(reversed(WRITERS))
             for count in order:
